@@ -1,0 +1,180 @@
+//! What each `tentacle` verb does.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use tentacle_agent::config::{AgentConfig, Home};
+use tentacle_agent::runtime::Agent;
+use tentacle_proto::{Identity, Thumbprint};
+
+pub fn create_instance(home: &Path) -> anyhow::Result<()> {
+    let home = Home::new(home);
+    if home.exists() {
+        bail!(
+            "an instance already exists at {}; use `tentacle configure` to change it",
+            home.dir().display()
+        );
+    }
+    let config = AgentConfig::default();
+    home.save(&config)?;
+    for dir in [&config.scripts.work_dir, &config.files.root] {
+        let path = home.resolve(dir);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+    }
+    println!("Created an instance at {}", home.dir().display());
+    println!(
+        "Next: `tentacle new-certificate`, then `tentacle configure --trust <server thumbprint>`."
+    );
+    Ok(())
+}
+
+pub fn new_certificate(home: &Path, if_blank: bool, force: bool) -> anyhow::Result<()> {
+    let home = Home::new(home);
+    let config = home.load()?;
+    let certificate = home.resolve(&config.certificate.certificate);
+    let key = home.resolve(&config.certificate.key);
+    if certificate.exists() {
+        if if_blank {
+            println!(
+                "A certificate already exists at {}; left as it is.",
+                certificate.display()
+            );
+            return Ok(());
+        }
+        if !force {
+            bail!(
+                "a certificate already exists at {}; pass --force to replace it (servers that trust the old thumbprint will then refuse this agent)",
+                certificate.display()
+            );
+        }
+    }
+    let identity = Identity::generate("Tentacle")?;
+    identity.save(&certificate, &key)?;
+    println!("{}", identity.thumbprint());
+    Ok(())
+}
+
+fn load_identity(home: &Home) -> anyhow::Result<Identity> {
+    let config = home.load()?;
+    Ok(Identity::load(
+        &home.resolve(&config.certificate.certificate),
+        &home.resolve(&config.certificate.key),
+    )?)
+}
+
+pub fn show_thumbprint(home: &Path) -> anyhow::Result<()> {
+    println!("{}", load_identity(&Home::new(home))?.thumbprint());
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigureArgs {
+    /// The port to listen on.
+    #[arg(long)]
+    port: Option<u16>,
+    /// The address to listen on, e.g. 0.0.0.0 or 127.0.0.1.
+    #[arg(long)]
+    listen_address: Option<IpAddr>,
+    /// Do not listen for connections.
+    #[arg(long, conflicts_with = "listen")]
+    no_listen: bool,
+    /// Listen for connections.
+    #[arg(long)]
+    listen: bool,
+    /// Trust a server's certificate thumbprint (repeatable).
+    #[arg(long, value_name = "THUMBPRINT")]
+    trust: Vec<Thumbprint>,
+    /// Stop trusting a thumbprint (repeatable).
+    #[arg(long, value_name = "THUMBPRINT")]
+    remove_trust: Vec<Thumbprint>,
+    /// Remove every trusted thumbprint before adding those given with --trust.
+    #[arg(long)]
+    reset_trust: bool,
+}
+
+pub fn configure(home: &Path, args: ConfigureArgs) -> anyhow::Result<()> {
+    let home = Home::new(home);
+    let mut config = home.load()?;
+    if let Some(port) = args.port {
+        config.listen.port = port;
+    }
+    if let Some(address) = args.listen_address {
+        config.listen.address = address;
+    }
+    if args.no_listen {
+        config.listen.enabled = false;
+    }
+    if args.listen {
+        config.listen.enabled = true;
+    }
+    let trusted = &mut config.trust.thumbprints;
+    if args.reset_trust {
+        trusted.clear();
+    }
+    trusted.retain(|t| !args.remove_trust.contains(t));
+    for thumbprint in args.trust {
+        if !trusted.contains(&thumbprint) {
+            trusted.push(thumbprint);
+        }
+    }
+    home.save(&config)?;
+    println!("Saved {}", home.config_path().display());
+    Ok(())
+}
+
+pub fn show_configuration(home: &Path) -> anyhow::Result<()> {
+    let home = Home::new(home);
+    let config = home.load()?;
+    println!("# {}", home.config_path().display());
+    print!("{}", toml::to_string_pretty(&config)?);
+    Ok(())
+}
+
+pub fn run(home: &Path) -> anyhow::Result<()> {
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let home = Home::new(home);
+        let agent = Agent::load(home)?;
+        if !agent.config().listen.enabled {
+            bail!("listening is disabled in the configuration and no other mode is configured; enable it with `tentacle configure --listen`");
+        }
+        if agent.trust().snapshot().is_empty() {
+            tracing::warn!("no server is trusted yet, so every connection will be refused; add one with `tentacle configure --trust <thumbprint>`");
+        }
+        let listener = agent.bind().await?;
+        agent.serve_listening(listener, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch for SIGTERM; only Ctrl-C stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,78 @@
+//! `tentacle`: the agent's command line. Verbs follow the original Tentacle's
+//! where they fit.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Tentacle deployment agent.
+#[derive(Debug, Parser)]
+#[command(name = "tentacle", version, about, propagate_version = true)]
+struct Cli {
+    /// The instance home: configuration, certificate, work and files.
+    #[arg(
+        long,
+        global = true,
+        env = "TENTACLE_HOME",
+        default_value = "/var/lib/tentacle"
+    )]
+    home: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Creates the instance home and a default tentacle.toml.
+    CreateInstance,
+    /// Makes a new self-signed certificate (ECDSA P-256) for this agent.
+    NewCertificate {
+        /// Do nothing if a certificate already exists.
+        #[arg(long, conflicts_with = "force")]
+        if_blank: bool,
+        /// Replace an existing certificate. Servers that trust the old
+        /// thumbprint will refuse the new one until they are told.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Prints the SHA-256 thumbprint of this agent's certificate.
+    ShowThumbprint,
+    /// Changes settings in tentacle.toml. A running agent applies trust
+    /// changes within a second; other changes at the next start.
+    Configure(commands::ConfigureArgs),
+    /// Prints the effective configuration.
+    ShowConfiguration,
+    /// Runs the agent in the foreground until SIGTERM or SIGINT.
+    #[command(alias = "agent")]
+    Run,
+    /// Prints the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CreateInstance => commands::create_instance(&cli.home),
+        Command::NewCertificate { if_blank, force } => {
+            commands::new_certificate(&cli.home, if_blank, force)
+        }
+        Command::ShowThumbprint => commands::show_thumbprint(&cli.home),
+        Command::Configure(args) => commands::configure(&cli.home, args),
+        Command::ShowConfiguration => commands::show_configuration(&cli.home),
+        Command::Run => commands::run(&cli.home),
+        Command::Version => {
+            println!("tentacle {}", tentacle_agent::VERSION);
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tentacle: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

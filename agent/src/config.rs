@@ -1,0 +1,304 @@
+//! The instance home and its `tentacle.toml`.
+//!
+//! Every setting has a safe default, so a new instance's file only needs what
+//! the user changed. Relative paths are relative to the home.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tentacle_proto::Thumbprint;
+
+use crate::files::FileSettings;
+use crate::scripts::ScriptSettings;
+use crate::scripts::process::ProcessSettings;
+
+/// The file name of the configuration inside the home.
+pub const CONFIG_FILE: &str = "tentacle.toml";
+
+/// Why the configuration could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no instance at {0}: run `tentacle create-instance --home {0}` first")]
+    NoInstance(PathBuf),
+    #[error("could not read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path} is not a valid configuration: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("could not write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+/// An instance home directory.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+impl Home {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+
+    /// `path` made absolute against the home.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.dir.join(path)
+        }
+    }
+
+    pub fn exists(&self) -> bool {
+        self.config_path().is_file()
+    }
+
+    pub fn load(&self) -> Result<AgentConfig, ConfigError> {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                ConfigError::NoInstance(self.dir.clone())
+            } else {
+                ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        AgentConfig::parse(&text).map_err(|message| ConfigError::Parse { path, message })
+    }
+
+    /// Writes through a temporary file and a rename, so a running agent that
+    /// reloads the file never reads half of it.
+    pub fn save(&self, config: &AgentConfig) -> Result<(), ConfigError> {
+        let path = self.config_path();
+        let err = |source| ConfigError::Write {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(err)?;
+        let text = toml::to_string_pretty(config).map_err(|e| err(io::Error::other(e)))?;
+        let temp = self
+            .dir
+            .join(format!(".{CONFIG_FILE}.tmp-{}", std::process::id()));
+        std::fs::write(&temp, text).map_err(err)?;
+        std::fs::rename(&temp, &path).map_err(err)
+    }
+}
+
+/// `tentacle.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    pub listen: ListenConfig,
+    pub trust: TrustConfig,
+    pub certificate: CertificateConfig,
+    pub scripts: ScriptsConfig,
+    pub files: FilesConfig,
+    pub server: ServerConfig,
+}
+
+impl AgentConfig {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.message().to_owned() + &span_hint(&e))
+    }
+
+    pub fn script_settings(&self, home: &Home) -> ScriptSettings {
+        let mut settings = ScriptSettings::new(home.resolve(&self.scripts.work_dir));
+        settings.default_mutex_timeout = self.scripts.default_mutex_timeout;
+        settings.workspace_max_age = self.scripts.workspace_max_age;
+        settings.cleanup_interval = self.scripts.cleanup_interval;
+        settings
+    }
+
+    pub fn process_settings(&self) -> ProcessSettings {
+        ProcessSettings {
+            kill_grace: self.scripts.kill_grace,
+            output_drain_timeout: self.scripts.output_drain_timeout,
+            max_line_bytes: self.scripts.max_line_bytes,
+        }
+    }
+
+    pub fn file_settings(&self, home: &Home) -> FileSettings {
+        let mut settings = FileSettings::new(home.resolve(&self.files.root));
+        settings.max_upload_bytes = self.files.max_upload_bytes;
+        settings.min_free_bytes = self.files.min_free_bytes;
+        settings
+    }
+}
+
+fn span_hint(error: &toml::de::Error) -> String {
+    error
+        .span()
+        .map(|span| format!(" (at byte {})", span.start))
+        .unwrap_or_default()
+}
+
+/// Listening mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    pub enabled: bool,
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port: tentacle_proto::dial::DEFAULT_LISTENING_PORT,
+        }
+    }
+}
+
+/// Servers whose certificates this agent accepts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrustConfig {
+    pub thumbprints: Vec<Thumbprint>,
+}
+
+/// Where this agent's own certificate and key are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CertificateConfig {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Default for CertificateConfig {
+    fn default() -> Self {
+        Self {
+            certificate: PathBuf::from("tentacle.crt.pem"),
+            key: PathBuf::from("tentacle.key.pem"),
+        }
+    }
+}
+
+/// Script execution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScriptsConfig {
+    pub work_dir: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub default_mutex_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub kill_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub output_drain_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub workspace_max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+    pub max_line_bytes: usize,
+}
+
+impl Default for ScriptsConfig {
+    fn default() -> Self {
+        let scripts = ScriptSettings::new(PathBuf::new());
+        let process = ProcessSettings::default();
+        Self {
+            work_dir: PathBuf::from("work"),
+            default_mutex_timeout: scripts.default_mutex_timeout,
+            kill_grace: process.kill_grace,
+            output_drain_timeout: process.output_drain_timeout,
+            workspace_max_age: scripts.workspace_max_age,
+            cleanup_interval: scripts.cleanup_interval,
+            max_line_bytes: process.max_line_bytes,
+        }
+    }
+}
+
+/// File transfer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesConfig {
+    pub root: PathBuf,
+    pub max_upload_bytes: u64,
+    pub min_free_bytes: u64,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        let files = FileSettings::new(PathBuf::new());
+        Self {
+            root: PathBuf::from("files"),
+            max_upload_bytes: files.max_upload_bytes,
+            min_free_bytes: files.min_free_bytes,
+        }
+    }
+}
+
+/// Network limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// The largest gRPC message accepted (StartScript carries extra files).
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    /// How long running calls may take to finish after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How often the configuration is re-read for trust changes.
+    #[serde(with = "humantime_serde")]
+    pub trust_reload_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            max_message_bytes: 16 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+            shutdown_grace: Duration::from_secs(30),
+            trust_reload_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_partial_files_fill_in() {
+        let config = AgentConfig::default();
+        let text = toml::to_string_pretty(&config).expect("serialize");
+        assert_eq!(AgentConfig::parse(&text), Ok(config));
+        let partial = AgentConfig::parse("[listen]\nport = 1234\n").expect("parse");
+        assert_eq!(partial.listen.port, 1234);
+        assert!(partial.listen.enabled);
+        assert_eq!(partial.scripts.kill_grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_thumbprints_are_reported() {
+        let unknown = AgentConfig::parse("[listen]\nprot = 1\n").expect_err("typo");
+        assert!(unknown.contains("prot"), "{unknown}");
+        let bad = AgentConfig::parse("[trust]\nthumbprints = [\"abc\"]\n").expect_err("bad");
+        assert!(bad.contains("64 hex"), "{bad}");
+    }
+
+    #[test]
+    fn a_missing_instance_says_how_to_make_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Home::new(dir.path().join("nope"))
+            .load()
+            .expect_err("missing");
+        assert!(err.to_string().contains("create-instance"), "{err}");
+    }
+}

@@ -1,0 +1,381 @@
+//! File transfer under the agent's files root.
+//!
+//! Architecture Invariant: an upload is written to a temporary file beside
+//! its destination, checked for size and SHA-256, fsynced and renamed into
+//! place. A broken, short, long or corrupt upload never leaves anything at
+//! the destination, and memory use does not grow with the file's size.
+
+mod disk;
+pub mod paths;
+
+use std::io::{self, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+pub use paths::PathError;
+
+/// Limits for file transfer.
+#[derive(Debug, Clone)]
+pub struct FileSettings {
+    /// Every path resolves inside this directory.
+    pub root: PathBuf,
+    /// Larger uploads are refused before anything is written.
+    pub max_upload_bytes: u64,
+    /// Uploads that would leave less free space than this are refused.
+    pub min_free_bytes: u64,
+    /// Size of each download chunk.
+    pub chunk_bytes: usize,
+}
+
+impl FileSettings {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            max_upload_bytes: 64 * 1024 * 1024 * 1024,
+            min_free_bytes: 256 * 1024 * 1024,
+            chunk_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Why a transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(
+        "upload of {size} bytes exceeds the agent's limit of {limit} bytes (files.max_upload_bytes)"
+    )]
+    TooLarge { size: u64, limit: u64 },
+    #[error(
+        "not enough disk space for {size} bytes at {path}: {available} bytes free and {reserve} must stay free"
+    )]
+    DiskFull {
+        path: PathBuf,
+        size: u64,
+        available: u64,
+        reserve: u64,
+    },
+    #[error("no file at `{0}`")]
+    NotFound(String),
+    #[error("offset {offset} is beyond the end of `{path}` ({size} bytes)")]
+    OffsetBeyondEnd {
+        path: String,
+        offset: u64,
+        size: u64,
+    },
+    #[error("upload ended after {received} of {expected} bytes; nothing was written")]
+    SizeMismatch { received: u64, expected: u64 },
+    #[error("the uploaded bytes hash to {actual}, not {expected}; nothing was written")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("{action} `{}` failed: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FileError + 'a {
+    move |source| FileError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What an upload declares before its bytes.
+#[derive(Debug, Clone)]
+pub struct UploadHeader {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A file that is in place, or about to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    pub path: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A download that has been opened: its header, then its chunks.
+#[derive(Debug)]
+pub struct Download {
+    pub info: FileInfo,
+    pub offset: u64,
+    pub chunks: mpsc::Receiver<Result<Vec<u8>, FileError>>,
+}
+
+/// The files root and the transfers in and out of it.
+#[derive(Debug, Clone)]
+pub struct Files {
+    settings: FileSettings,
+    root: PathBuf,
+}
+
+impl Files {
+    /// Creates the root if needed.
+    pub fn new(settings: FileSettings) -> io::Result<Self> {
+        std::fs::create_dir_all(&settings.root)?;
+        let root = settings.root.canonicalize()?;
+        Ok(Self { settings, root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Stores the chunks at the header's path once they match its size and
+    /// digest.
+    pub async fn upload<S>(
+        &self,
+        header: UploadHeader,
+        mut chunks: S,
+    ) -> Result<FileInfo, FileError>
+    where
+        S: Stream<Item = Result<Vec<u8>, FileError>> + Unpin,
+    {
+        let expected_digest = parse_digest(&header.sha256)?;
+        if header.size > self.settings.max_upload_bytes {
+            return Err(FileError::TooLarge {
+                size: header.size,
+                limit: self.settings.max_upload_bytes,
+            });
+        }
+        let destination = paths::resolve(&self.root, &header.path)?;
+        paths::check_no_escape(&self.root, &destination, &header.path)?;
+        let parent = destination
+            .parent()
+            .ok_or_else(|| PathError::IsRoot(header.path.clone()))?
+            .to_owned();
+        tokio::fs::create_dir_all(&parent)
+            .await
+            .map_err(io_error("creating directory", &parent))?;
+        // Check again now that the directories exist: one of them may be a
+        // link created in between.
+        paths::check_no_escape(&self.root, &parent, &header.path)?;
+        if destination.is_dir() {
+            return Err(FileError::BadRequest(format!(
+                "`{}` is a directory; give a file path",
+                header.path
+            )));
+        }
+        let available =
+            disk::available_bytes(&parent).map_err(io_error("checking free space on", &parent))?;
+        if available < header.size.saturating_add(self.settings.min_free_bytes) {
+            return Err(FileError::DiskFull {
+                path: parent,
+                size: header.size,
+                available,
+                reserve: self.settings.min_free_bytes,
+            });
+        }
+
+        let temp = TempFile::new(&parent, &destination);
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(temp.path())
+            .await
+            .map_err(io_error("creating", temp.path()))?;
+        let mut hasher = Sha256::new();
+        let mut received = 0u64;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            received += chunk.len() as u64;
+            if received > header.size {
+                return Err(FileError::BadRequest(format!(
+                    "upload sent more than the {} bytes its header declared; nothing was written",
+                    header.size
+                )));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .map_err(io_error("writing", temp.path()))?;
+        }
+        if received != header.size {
+            return Err(FileError::SizeMismatch {
+                received,
+                expected: header.size,
+            });
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual != expected_digest {
+            return Err(FileError::DigestMismatch {
+                expected: expected_digest,
+                actual,
+            });
+        }
+        file.sync_all()
+            .await
+            .map_err(io_error("syncing", temp.path()))?;
+        drop(file);
+        temp.persist(&destination).await?;
+        tracing::info!(path = %destination.display(), bytes = received, "file stored");
+        Ok(FileInfo {
+            path: destination,
+            size: received,
+            sha256: actual,
+        })
+    }
+
+    /// Opens `path` for download from `offset`. The whole file's digest is
+    /// computed first so a resumed download can be verified end to end.
+    pub async fn download(&self, path: &str, offset: u64) -> Result<Download, FileError> {
+        let resolved = paths::resolve(&self.root, path)?;
+        let real = match resolved.canonicalize() {
+            Ok(real) => real,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(FileError::NotFound(path.to_owned()));
+            }
+            Err(e) => return Err(io_error("opening", &resolved)(e)),
+        };
+        if !real.starts_with(&self.root) {
+            return Err(PathError::SymlinkEscape(path.to_owned()).into());
+        }
+        if !real.is_file() {
+            return Err(FileError::BadRequest(format!(
+                "`{path}` is not a regular file"
+            )));
+        }
+        let mut file = tokio::fs::File::open(&real)
+            .await
+            .map_err(io_error("opening", &real))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(io_error("reading", &real))?
+            .len();
+        if offset > size {
+            return Err(FileError::OffsetBeyondEnd {
+                path: path.to_owned(),
+                offset,
+                size,
+            });
+        }
+        let sha256 = hash_file(&real).await?;
+        file.seek(SeekFrom::Start(offset))
+            .await
+            .map_err(io_error("reading", &real))?;
+        // Two chunks in flight at most, so memory stays flat.
+        let (tx, rx) = mpsc::channel(2);
+        let chunk_bytes = self.settings.chunk_bytes.max(1);
+        let source = real.clone();
+        tokio::spawn(async move {
+            let mut remaining = size - offset;
+            while remaining > 0 {
+                let want = usize::try_from(remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(chunk_bytes);
+                let mut chunk = vec![0u8; want];
+                let result = file
+                    .read_exact(&mut chunk)
+                    .await
+                    .map(|_| chunk)
+                    .map_err(io_error("reading", &source));
+                let failed = result.is_err();
+                if tx.send(result).await.is_err() || failed {
+                    return;
+                }
+                remaining -= want as u64;
+            }
+        });
+        Ok(Download {
+            info: FileInfo {
+                path: real,
+                size,
+                sha256,
+            },
+            offset,
+            chunks: rx,
+        })
+    }
+}
+
+fn parse_digest(text: &str) -> Result<String, FileError> {
+    let lower = text.to_ascii_lowercase();
+    if lower.len() == 64 && lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(lower)
+    } else {
+        Err(FileError::BadRequest(format!(
+            "sha256 `{text}` is not valid: give the file's SHA-256 as 64 hex characters"
+        )))
+    }
+}
+
+async fn hash_file(path: &Path) -> Result<String, FileError> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&owned)?;
+        let mut hasher = Sha256::new();
+        io::copy(&mut file, &mut hasher)?;
+        Ok::<_, io::Error>(hex::encode(hasher.finalize()))
+    })
+    .await
+    .map_err(io::Error::other)
+    .and_then(|r| r)
+    .map_err(io_error("hashing", path))
+}
+
+/// A partial upload; removed unless it is persisted.
+#[derive(Debug)]
+struct TempFile {
+    path: Option<PathBuf>,
+}
+
+impl TempFile {
+    fn new(dir: &Path, destination: &Path) -> Self {
+        let name = destination
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self {
+            path: Some(dir.join(format!(".{name}.{}.partial", uuid::Uuid::new_v4().simple()))),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.path.as_deref().unwrap_or(Path::new(""))
+    }
+
+    async fn persist(mut self, destination: &Path) -> Result<(), FileError> {
+        let Some(temp) = self.path.take() else {
+            return Ok(());
+        };
+        if let Err(source) = tokio::fs::rename(&temp, destination).await {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(FileError::Io {
+                action: "renaming into",
+                path: destination.to_owned(),
+                source,
+            });
+        }
+        // The rename is durable only once the directory is synced.
+        if let Some(parent) = destination.parent()
+            && let Ok(dir) = tokio::fs::File::open(parent).await
+        {
+            let _ = dir.sync_all().await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,150 @@
+use super::*;
+
+fn files() -> (tempfile::TempDir, Files) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut settings = FileSettings::new(dir.path().join("files"));
+    settings.min_free_bytes = 0;
+    settings.chunk_bytes = 7;
+    let files = Files::new(settings).expect("files");
+    (dir, files)
+}
+
+fn chunks(parts: &[&[u8]]) -> impl Stream<Item = Result<Vec<u8>, FileError>> + Unpin {
+    futures::stream::iter(parts.iter().map(|p| Ok(p.to_vec())).collect::<Vec<_>>())
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn header(path: &str, bytes: &[u8]) -> UploadHeader {
+    UploadHeader {
+        path: path.into(),
+        size: bytes.len() as u64,
+        sha256: sha(bytes),
+    }
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn upload_then_download_round_trips_and_resumes() {
+    let (_dir, files) = files();
+    let body = b"hello tentacle, this is a file";
+    let stored = files
+        .upload(header("a/b.txt", body), chunks(&[&body[..10], &body[10..]]))
+        .await
+        .expect("upload");
+    assert_eq!(stored.size, body.len() as u64);
+    assert_eq!(stored.sha256, sha(body));
+    assert_eq!(
+        std::fs::read(files.root().join("a/b.txt")).expect("read"),
+        body
+    );
+
+    let mut download = files.download("a/b.txt", 6).await.expect("download");
+    assert_eq!(download.info.sha256, sha(body));
+    let mut got = Vec::new();
+    while let Some(chunk) = download.chunks.recv().await {
+        let chunk = chunk.expect("chunk");
+        assert!(chunk.len() <= 7);
+        got.extend(chunk);
+    }
+    assert_eq!(got, &body[6..]);
+}
+
+#[tokio::test]
+async fn a_wrong_digest_or_size_leaves_nothing_behind() {
+    let (_dir, files) = files();
+    let body = b"some bytes";
+    let mut wrong = header("x.bin", body);
+    wrong.sha256 = sha(b"other");
+    let err = files
+        .upload(wrong, chunks(&[body]))
+        .await
+        .expect_err("digest");
+    assert!(matches!(err, FileError::DigestMismatch { .. }), "{err}");
+    let short = files
+        .upload(header("x.bin", body), chunks(&[&body[..3]]))
+        .await;
+    assert!(matches!(
+        short,
+        Err(FileError::SizeMismatch { received: 3, .. })
+    ));
+    let long = files
+        .upload(header("x.bin", &body[..3]), chunks(&[body]))
+        .await;
+    assert!(matches!(long, Err(FileError::BadRequest(_))));
+    assert!(
+        leftovers(files.root()).is_empty(),
+        "{:?}",
+        leftovers(files.root())
+    );
+}
+
+#[tokio::test]
+async fn a_broken_stream_keeps_the_old_file() {
+    let (_dir, files) = files();
+    files
+        .upload(header("keep.txt", b"old"), chunks(&[b"old"]))
+        .await
+        .expect("first upload");
+    let broken = futures::stream::iter(vec![
+        Ok(b"new".to_vec()),
+        Err(FileError::BadRequest("client went away".into())),
+    ]);
+    let result = files.upload(header("keep.txt", b"newer"), broken).await;
+    assert!(result.is_err());
+    assert_eq!(
+        std::fs::read(files.root().join("keep.txt")).expect("read"),
+        b"old"
+    );
+    assert_eq!(leftovers(files.root()), ["keep.txt"]);
+}
+
+#[tokio::test]
+async fn limits_and_bad_requests_are_refused_clearly() {
+    let (_dir, mut files) = files();
+    files.settings.max_upload_bytes = 4;
+    let too_big = files
+        .upload(header("big", b"12345"), chunks(&[b"12345"]))
+        .await;
+    assert!(matches!(
+        too_big,
+        Err(FileError::TooLarge { size: 5, limit: 4 })
+    ));
+    let mut bad = header("f", b"x");
+    bad.sha256 = "nothex".into();
+    assert!(matches!(
+        files.upload(bad, chunks(&[b"x"])).await,
+        Err(FileError::BadRequest(_))
+    ));
+    assert!(matches!(
+        files
+            .upload(header("../escape", b"x"), chunks(&[b"x"]))
+            .await,
+        Err(FileError::Path(PathError::ParentComponent(_)))
+    ));
+    assert!(matches!(
+        files.download("missing", 0).await,
+        Err(FileError::NotFound(_))
+    ));
+    files.settings.max_upload_bytes = 100;
+    files
+        .upload(header("small", b"abc"), chunks(&[b"abc"]))
+        .await
+        .expect("upload");
+    assert!(matches!(
+        files.download("small", 4).await,
+        Err(FileError::OffsetBeyondEnd { size: 3, .. })
+    ));
+}

@@ -1,0 +1,102 @@
+//! `tentacle.v1.FileService` over [`Files`].
+
+use tentacle_proto::v1 as pb;
+use tentacle_proto::v1::file_service_server::FileService;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::files::{FileError, Files, UploadHeader};
+
+/// The file service; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct FileApi {
+    files: Files,
+}
+
+impl FileApi {
+    pub fn new(files: Files) -> Self {
+        Self { files }
+    }
+}
+
+type DownloadStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::DownloadFileResponse, Status>> + Send + 'static>,
+>;
+
+#[tonic::async_trait]
+impl FileService for FileApi {
+    async fn upload_file(
+        &self,
+        request: Request<Streaming<pb::UploadFileRequest>>,
+    ) -> Result<Response<pb::UploadFileResponse>, Status> {
+        use pb::upload_file_request::Part;
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::UploadFileRequest {
+                part: Some(Part::Header(header)),
+            }) => header,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "an upload must start with a header (path, size, sha256)",
+                ));
+            }
+        };
+        let chunks = stream.map(|message| match message {
+            Ok(pb::UploadFileRequest {
+                part: Some(Part::Chunk(bytes)),
+            }) => Ok(bytes),
+            Ok(_) => Err(FileError::BadRequest(
+                "only the first upload message may be a header; the rest must be chunks".into(),
+            )),
+            Err(status) => Err(FileError::BadRequest(format!(
+                "the upload stream broke: {}",
+                status.message()
+            ))),
+        });
+        let stored = self
+            .files
+            .upload(
+                UploadHeader {
+                    path: header.path,
+                    size: header.size,
+                    sha256: header.sha256,
+                },
+                chunks,
+            )
+            .await?;
+        Ok(Response::new(pb::UploadFileResponse {
+            path: stored.path.display().to_string(),
+            size: stored.size,
+            sha256: stored.sha256,
+        }))
+    }
+
+    type DownloadFileStream = DownloadStream;
+
+    async fn download_file(
+        &self,
+        request: Request<pb::DownloadFileRequest>,
+    ) -> Result<Response<Self::DownloadFileStream>, Status> {
+        use pb::download_file_response::Part;
+        let request = request.into_inner();
+        let download = self.files.download(&request.path, request.offset).await?;
+        let header = pb::DownloadFileResponse {
+            part: Some(Part::Header(pb::DownloadHeader {
+                path: download.info.path.display().to_string(),
+                size: download.info.size,
+                sha256: download.info.sha256,
+                offset: download.offset,
+            })),
+        };
+        let chunks = ReceiverStream::new(download.chunks).map(|chunk| {
+            chunk
+                .map(|bytes| pb::DownloadFileResponse {
+                    part: Some(Part::Chunk(bytes)),
+                })
+                .map_err(Status::from)
+        });
+        let stream = tokio_stream::once(Ok(header)).chain(chunks);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,108 @@
+//! The agent's gRPC routes, built once and served by any transport.
+//!
+//! Architecture Invariant: there is exactly one set of handlers. Listening
+//! mode serves these routes over pinned-TLS TCP connections; any other
+//! transport (an in-memory pipe in tests, a tunnel) serves the same routes.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tentacle_proto::v1 as pb;
+use tentacle_proto::v1::capabilities_service_server::CapabilitiesServiceServer;
+use tentacle_proto::v1::file_service_server::FileServiceServer;
+use tentacle_proto::v1::script_service_server::ScriptServiceServer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_stream::Stream;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::Connected;
+use tonic_health::server::HealthReporter;
+
+use crate::grpc::{CapabilitiesApi, FileApi, ScriptApi};
+
+/// HTTP/2 and message limits for serving.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A route table could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("could not build the reflection service: {0}")]
+pub struct RoutesError(#[from] tonic_reflection::server::Error);
+
+/// The agent's services plus `grpc.health.v1.Health` and server reflection.
+pub async fn routes(
+    scripts: ScriptApi,
+    files: FileApi,
+    capabilities: CapabilitiesApi,
+    settings: &ServeSettings,
+) -> Result<(Routes, HealthReporter), RoutesError> {
+    let limit = settings.max_message_bytes;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ScriptServiceServer<ScriptApi>>().await;
+    health.set_serving::<FileServiceServer<FileApi>>().await;
+    health
+        .set_serving::<CapabilitiesServiceServer<CapabilitiesApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let routes = Routes::new(
+        ScriptServiceServer::new(scripts)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit),
+    )
+    .add_service(
+        FileServiceServer::new(files)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit),
+    )
+    .add_service(CapabilitiesServiceServer::new(capabilities))
+    .add_service(health_service)
+    .add_service(reflection_v1)
+    .add_service(reflection_v1alpha);
+    Ok((routes, health))
+}
+
+/// Serves `routes` on every connection `incoming` yields until `shutdown`
+/// completes, then waits for open calls to finish.
+pub async fn serve<I, IO, IE>(
+    routes: Routes,
+    incoming: I,
+    shutdown: impl Future<Output = ()>,
+    settings: &ServeSettings,
+) -> Result<(), tonic::transport::Error>
+where
+    I: Stream<Item = Result<IO, IE>>,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Server::builder()
+        .http2_keepalive_interval(Some(settings.keepalive_interval))
+        .http2_keepalive_timeout(Some(settings.keepalive_timeout))
+        .max_concurrent_streams(Some(settings.max_concurrent_streams))
+        .max_frame_size(Some(256 * 1024))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

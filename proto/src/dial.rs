@@ -1,0 +1,180 @@
+//! Dials a listening agent over pinned mutual TLS and returns a tonic
+//! [`Channel`], so callers use the generated clients unchanged.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The port a listening agent uses unless told otherwise.
+pub const DEFAULT_LISTENING_PORT: u16 = 10933;
+
+/// Where a listening agent is: `https://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListeningAddress {
+    host: String,
+    port: u16,
+}
+
+/// A target that is not `https://host[:port]`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "`{0}` is not a listening target: expected https://HOST:PORT, for example https://10.0.0.5:10933"
+)]
+pub struct ParseTargetError(String);
+
+impl std::str::FromStr for ListeningAddress {
+    type Err = ParseTargetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ParseTargetError(s.to_owned());
+        let uri: Uri = s.parse().map_err(|_| bad())?;
+        if uri.scheme_str() != Some("https") || uri.path_and_query().is_some_and(|p| p != "/") {
+            return Err(bad());
+        }
+        let authority = uri.authority().ok_or_else(bad)?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port: authority.port_u16().unwrap_or(DEFAULT_LISTENING_PORT),
+        })
+    }
+}
+
+impl std::fmt::Display for ListeningAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "https://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "https://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl ListeningAddress {
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self {
+            host: host.into(),
+            port,
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// Timeouts and HTTP/2 settings for a client channel.
+#[derive(Debug, Clone)]
+pub struct DialSettings {
+    pub connect_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for DialSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Why a channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("could not connect to {target}: {source}")]
+pub struct DialError {
+    target: String,
+    #[source]
+    source: tonic::transport::Error,
+}
+
+/// Opens a TCP connection with `TCP_NODELAY` and runs the pinned handshake.
+pub async fn dial_tls(
+    address: &ListeningAddress,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> io::Result<TlsStream<TcpStream>> {
+    let server_name = ServerName::try_from(address.host().to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let connect = async {
+        let tcp = TcpStream::connect((address.host(), address.port())).await?;
+        // Without this every small call waits ~40 ms for delayed ACKs.
+        tcp.set_nodelay(true)?;
+        TlsConnector::from(tls).connect(server_name, tcp).await
+    };
+    tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// A channel to a listening agent. The first connection is made before this
+/// returns, so an unreachable agent or a refused handshake shows up here.
+pub async fn channel(
+    address: &ListeningAddress,
+    tls: Arc<rustls::ClientConfig>,
+    settings: &DialSettings,
+) -> Result<Channel, DialError> {
+    let target = address.clone();
+    let timeout = settings.connect_timeout;
+    let connector = tower::service_fn(move |_: Uri| {
+        let target = target.clone();
+        let tls = tls.clone();
+        async move { dial_tls(&target, tls, timeout).await.map(TokioIo::new) }
+    });
+    endpoint(settings)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|source| DialError {
+            target: address.to_string(),
+            source,
+        })
+}
+
+fn endpoint(settings: &DialSettings) -> Endpoint {
+    // The URI only names the HTTP/2 authority; the connector decides where
+    // the bytes go.
+    Endpoint::from_static("http://tentacle")
+        .connect_timeout(settings.connect_timeout)
+        .http2_keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listening_targets() {
+        let a: ListeningAddress = "https://127.0.0.1:1234".parse().expect("valid");
+        assert_eq!((a.host(), a.port()), ("127.0.0.1", 1234));
+        let b: ListeningAddress = "https://agent.example".parse().expect("valid");
+        assert_eq!(b.port(), DEFAULT_LISTENING_PORT);
+        let c: ListeningAddress = "https://[::1]:99".parse().expect("valid");
+        assert_eq!(c.host(), "::1");
+        assert_eq!(c.to_string(), "https://[::1]:99");
+        for bad in ["http://x:1", "x:1", "https://x:1/path", ""] {
+            assert!(bad.parse::<ListeningAddress>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Accepts TCP connections, runs each TLS handshake in its own task, and hands
+//! tonic a never-ending stream of authenticated connections.
+//!
+//! tonic's built-in TLS only verifies against CA roots, so the pinned
+//! handshake happens here and the result goes to `serve_with_incoming`.
+//! Each connection remembers its peer's thumbprint; when the trust store
+//! changes, connections whose peer is no longer trusted are closed.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::Connected;
+
+use crate::tls::peer_thumbprint;
+use crate::{Thumbprint, TrustStore};
+
+/// Limits for the accept loop.
+#[derive(Debug, Clone)]
+pub struct AcceptSettings {
+    /// A client that has not finished its handshake by then is dropped.
+    pub handshake_timeout: Duration,
+    /// Authenticated connections waiting for the server to pick them up.
+    pub backlog: usize,
+}
+
+impl Default for AcceptSettings {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            backlog: 1024,
+        }
+    }
+}
+
+/// Who is on the other end of a connection. tonic puts it into every
+/// request's extensions.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub thumbprint: Thumbprint,
+    pub remote_addr: Option<SocketAddr>,
+}
+
+/// The stream of authenticated connections for `serve_with_incoming`.
+pub type Incoming = ReceiverStream<io::Result<PeerStream<TlsStream<TcpStream>>>>;
+
+/// Starts accepting on `listener`. The loop ends when the returned stream is
+/// dropped.
+pub fn accept_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    trust: Arc<TrustStore>,
+    settings: AcceptSettings,
+) -> Incoming {
+    let (tx, rx) = mpsc::channel(settings.backlog.max(1));
+    let live = LiveConnections::default();
+    tokio::spawn(revoke_on_trust_change(trust, live.clone(), tx.clone()));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => return,
+            };
+            let (tcp, remote_addr) = match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Running out of descriptors must not end the loop:
+                    // back off briefly and try again.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let live = live.clone();
+            let timeout = settings.handshake_timeout;
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        tracing::info!(%remote_addr, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote_addr, ?timeout, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let Some(thumbprint) = peer_thumbprint(tls.get_ref().1.peer_certificates()) else {
+                    // The verifier makes client certificates mandatory, so
+                    // this means a rustls invariant broke; refuse anyway.
+                    tracing::warn!(%remote_addr, "peer presented no certificate");
+                    return;
+                };
+                tracing::debug!(%remote_addr, thumbprint = %thumbprint.short(), "peer connected");
+                let info = PeerInfo {
+                    thumbprint,
+                    remote_addr: Some(remote_addr),
+                };
+                let _ = tx.send(Ok(live.track(tls, info))).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+async fn revoke_on_trust_change<T>(
+    trust: Arc<TrustStore>,
+    live: LiveConnections,
+    server: mpsc::Sender<T>,
+) {
+    let mut changes = trust.subscribe();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = server.closed() => return,
+        }
+        let revoked = live.revoke_untrusted(&trust);
+        if revoked > 0 {
+            tracing::info!(
+                revoked,
+                "closed connections whose peer is no longer trusted"
+            );
+        }
+    }
+}
+
+/// Every open connection with its peer, so trust changes can reach them.
+#[derive(Debug, Clone, Default)]
+pub struct LiveConnections {
+    inner: Arc<LiveInner>,
+}
+
+#[derive(Debug, Default)]
+struct LiveInner {
+    next_id: AtomicU64,
+    connections: Mutex<HashMap<u64, (Thumbprint, CancellationToken)>>,
+}
+
+impl LiveConnections {
+    /// Wraps `io` so it closes when its peer's trust is revoked.
+    pub fn track<IO>(&self, io: IO, info: PeerInfo) -> PeerStream<IO> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        self.inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, (info.thumbprint, token.clone()));
+        PeerStream {
+            io,
+            info,
+            revoked: Box::pin(token.cancelled_owned()),
+            is_revoked: false,
+            _registration: Registration {
+                id,
+                live: self.clone(),
+            },
+        }
+    }
+
+    /// Closes every connection whose peer is not in `trust`; returns how many.
+    pub fn revoke_untrusted(&self, trust: &TrustStore) -> usize {
+        let connections = self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut revoked = 0;
+        for (thumbprint, token) in connections.values() {
+            if !trust.contains(thumbprint) && !token.is_cancelled() {
+                tracing::info!(%thumbprint, "closing a connection: its peer is no longer trusted");
+                token.cancel();
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug)]
+struct Registration {
+    id: u64,
+    live: LiveConnections,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.live
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// An authenticated connection that fails every read and write once its
+/// peer's trust is revoked, which makes the HTTP/2 server drop it.
+pub struct PeerStream<IO> {
+    io: IO,
+    info: PeerInfo,
+    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    is_revoked: bool,
+    _registration: Registration,
+}
+
+impl<IO> std::fmt::Debug for PeerStream<IO> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerStream")
+            .field("info", &self.info)
+            .field("is_revoked", &self.is_revoked)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<IO> PeerStream<IO> {
+    pub fn info(&self) -> &PeerInfo {
+        &self.info
+    }
+
+    fn check_revoked(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.is_revoked && self.revoked.poll_unpin(cx).is_ready() {
+            self.is_revoked = true;
+        }
+        if self.is_revoked {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer's certificate thumbprint is no longer trusted",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for PeerStream<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check_revoked(cx)?;
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for PeerStream<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check_revoked(cx)?;
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check_revoked(cx)?;
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check_revoked(cx)?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO> Connected for PeerStream<IO> {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}

@@ -1,0 +1,34 @@
+//! Tentacle's gRPC contract and the wire pieces both ends share.
+//!
+//! API Boundary: this is the only crate that knows the protobuf types and the
+//! TLS wiring. The agent and the simulator convert to their own types at their
+//! edges.
+//!
+//! - [`v1`]: the generated `tentacle.v1` messages, clients and servers.
+//! - [`thumbprint`], [`identity`], [`trust`]: who a peer is and whom we trust.
+//! - [`tls`]: rustls configurations that pin peers by thumbprint.
+//! - [`incoming`]: a TLS accept loop that feeds tonic and can drop peers
+//!   whose trust was removed.
+//! - [`dial`]: a pinned-mTLS client channel to a listening agent.
+
+pub mod dial;
+pub mod identity;
+pub mod incoming;
+pub mod thumbprint;
+pub mod tls;
+pub mod trust;
+
+/// The generated `tentacle.v1` package.
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("tentacle.v1");
+
+    /// The encoded descriptors of every `tentacle.v1` file, for server
+    /// reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("tentacle_v1_descriptor");
+}
+
+pub use identity::Identity;
+pub use thumbprint::Thumbprint;
+pub use trust::TrustStore;

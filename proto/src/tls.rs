@@ -1,0 +1,212 @@
+//! rustls configurations that authenticate both ends by pinned thumbprint.
+//!
+//! There is no CA chain and no hostname check: a peer is trusted exactly when
+//! the SHA-256 of its end-entity certificate is in the [`TrustStore`].
+//! Signatures are still verified, so a peer must hold the private key of the
+//! certificate it presents. TLS 1.2 and 1.3 only, ALPN `h2`, and the `ring`
+//! provider passed explicitly so no process-wide default is needed.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::{Identity, Thumbprint, TrustStore};
+
+/// The ALPN protocol every Tentacle endpoint speaks.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// A TLS configuration could not be built from the identity.
+#[derive(Debug, thiserror::Error)]
+#[error("could not build the TLS configuration: {0}")]
+pub struct TlsConfigError(#[from] rustls::Error);
+
+/// The crypto provider Tentacle uses everywhere.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server side: requires a client certificate whose thumbprint is trusted.
+pub fn server_config(
+    identity: &Identity,
+    trust: Arc<TrustStore>,
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedVerifier::new(trust, provider.clone()));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![identity.certificate().clone()],
+            identity.key().clone_key(),
+        )?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client side: presents `identity` and accepts only a server whose
+/// thumbprint is trusted.
+pub fn client_config(
+    identity: &Identity,
+    trust: Arc<TrustStore>,
+) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedVerifier::new(trust, provider.clone()));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(
+            vec![identity.certificate().clone()],
+            identity.key().clone_key(),
+        )?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The thumbprint of the first certificate a peer presented.
+pub fn peer_thumbprint(certificates: Option<&[CertificateDer<'_>]>) -> Option<Thumbprint> {
+    certificates
+        .and_then(|certs| certs.first())
+        .map(|cert| Thumbprint::of_der(cert))
+}
+
+/// Verifies a peer's certificate by thumbprint, for either side.
+#[derive(Debug)]
+struct PinnedVerifier {
+    trust: Arc<TrustStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PinnedVerifier {
+    fn new(trust: Arc<TrustStore>, provider: Arc<CryptoProvider>) -> Self {
+        Self { trust, provider }
+    }
+
+    fn check(&self, end_entity: &CertificateDer<'_>, role: &str) -> Result<(), rustls::Error> {
+        let thumbprint = Thumbprint::of_der(end_entity);
+        if self.trust.contains(&thumbprint) {
+            Ok(())
+        } else {
+            tracing::warn!(
+                %thumbprint,
+                peer = role,
+                "refused a TLS handshake: the peer's certificate thumbprint is not trusted"
+            );
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for PinnedVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity, "client")?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes()
+    }
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity, "server")?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes()
+    }
+}

@@ -1,0 +1,66 @@
+//! The control plane's home: its certificate and key.
+
+use std::path::{Path, PathBuf};
+
+use tentacle_proto::Identity;
+use tentacle_proto::identity::IdentityError;
+
+/// Where `tentacle-sim` keeps its identity.
+#[derive(Debug, Clone)]
+pub struct SimHome {
+    dir: PathBuf,
+}
+
+/// The home has no identity yet, or it cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error("no certificate in {0}: run `tentacle-sim new-certificate` first")]
+    NoCertificate(PathBuf),
+    #[error(
+        "a certificate already exists in {0}; pass --force to replace it (agents that trust the old thumbprint will then refuse this client)"
+    )]
+    Exists(PathBuf),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+impl SimHome {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn certificate_path(&self) -> PathBuf {
+        self.dir.join("tentacle-sim.crt.pem")
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("tentacle-sim.key.pem")
+    }
+
+    pub fn identity(&self) -> Result<Identity, HomeError> {
+        if !self.certificate_path().exists() {
+            return Err(HomeError::NoCertificate(self.dir.clone()));
+        }
+        Ok(Identity::load(&self.certificate_path(), &self.key_path())?)
+    }
+
+    /// Makes and stores a new identity. Returns `None` when one exists and
+    /// `if_blank` is set.
+    pub fn new_identity(&self, force: bool, if_blank: bool) -> Result<Option<Identity>, HomeError> {
+        if self.certificate_path().exists() {
+            if if_blank {
+                return Ok(None);
+            }
+            if !force {
+                return Err(HomeError::Exists(self.dir.clone()));
+            }
+        }
+        let identity = Identity::generate("Tentacle control plane")?;
+        identity.save(&self.certificate_path(), &self.key_path())?;
+        Ok(Some(identity))
+    }
+}

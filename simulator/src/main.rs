@@ -1,0 +1,82 @@
+//! `tentacle-sim`: a control plane for people at a shell.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Tentacle control plane and simulator.
+#[derive(Debug, Parser)]
+#[command(name = "tentacle-sim", version, about, propagate_version = true)]
+struct Cli {
+    /// Where the control plane keeps its certificate.
+    #[arg(long, global = true, env = "TENTACLE_SIM_HOME", default_value_os_t = default_home())]
+    home: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+fn default_home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".tentacle-sim")
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Makes this control plane's certificate (ECDSA P-256).
+    NewCertificate {
+        /// Do nothing if a certificate already exists.
+        #[arg(long, conflicts_with = "force")]
+        if_blank: bool,
+        /// Replace an existing certificate.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Prints this control plane's certificate thumbprint; give it to
+    /// `tentacle configure --trust`.
+    ShowThumbprint,
+    /// Runs a script on an agent, streams its output, and exits with its exit
+    /// code (124 if it timed out, 130 if it was cancelled, 1 for other agent
+    /// errors).
+    Exec(Box<commands::ExecArgs>),
+    /// Uploads a file to an agent.
+    Upload(commands::UploadArgs),
+    /// Downloads a file from an agent, resuming a partial download.
+    Download(commands::DownloadArgs),
+    /// Shows what an agent supports.
+    Capabilities(commands::TargetArgs),
+    /// Starts a listening agent with fresh certificates in a temporary home,
+    /// runs a script through it and prints the output.
+    Demo {
+        /// The script to run instead of the built-in one.
+        #[arg(long)]
+        script: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    commands::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tentacle-sim: error: could not start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(commands::dispatch(&cli.home, cli.command));
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("tentacle-sim: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
