@@ -173,7 +173,7 @@ impl Agent {
             },
         );
         tracing::info!(
-            address = ?local,
+            address = %local.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
             thumbprint = %self.identity.thumbprint(),
             trusted = self.trust.snapshot().len(),
             "listening"

@@ -67,7 +67,11 @@ pub fn accept_tls(
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(settings.backlog.max(1));
     let live = LiveConnections::default();
-    tokio::spawn(revoke_on_trust_change(trust, live.clone(), tx.clone()));
+    tokio::spawn(revoke_on_trust_change(
+        trust.clone(),
+        live.clone(),
+        tx.clone(),
+    ));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -88,6 +92,7 @@ pub fn accept_tls(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let live = live.clone();
+            let trust = trust.clone();
             let timeout = settings.handshake_timeout;
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -107,6 +112,11 @@ pub fn accept_tls(
                     tracing::warn!(%remote_addr, "peer presented no certificate");
                     return;
                 };
+                if !trust.contains(&thumbprint) {
+                    // Trust changed while the handshake ran.
+                    tracing::warn!(%remote_addr, %thumbprint, "refused a peer whose trust was removed during the handshake");
+                    return;
+                }
                 tracing::debug!(%remote_addr, thumbprint = %thumbprint.short(), "peer connected");
                 let info = PeerInfo {
                     thumbprint,

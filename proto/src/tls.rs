@@ -44,6 +44,10 @@ pub fn server_config(
             identity.key().clone_key(),
         )?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // A resumed session skips certificate verification, which would let a
+    // peer whose trust was removed back in. Every handshake is a full one.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -64,6 +68,8 @@ pub fn client_config(
             identity.key().clone_key(),
         )?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Resumption would skip the pinned check against a changed trust list.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
