@@ -100,11 +100,58 @@ impl Default for DialSettings {
 
 /// Why a channel could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("could not connect to {target}: {source}")]
+#[error("could not connect to {target}: {reason}")]
 pub struct DialError {
     target: String,
+    reason: String,
     #[source]
     source: tonic::transport::Error,
+}
+
+impl DialError {
+    fn new(target: String, source: tonic::transport::Error) -> Self {
+        Self {
+            target,
+            reason: describe_connect_error(&source),
+            source,
+        }
+    }
+}
+
+/// The most useful sentence about a failed connection: TLS failures get
+/// advice, anything else its innermost cause.
+pub fn describe_connect_error(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = Some(error);
+    let mut innermost = error.to_string();
+    while let Some(e) = current {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<io::Error>()
+                .and_then(io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            return describe_tls_error(tls);
+        }
+        innermost = e.to_string();
+        current = e.source();
+    }
+    innermost
+}
+
+fn describe_tls_error(error: &rustls::Error) -> String {
+    use rustls::{AlertDescription, CertificateError, Error};
+    match error {
+        Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => {
+            "the peer's certificate does not match the pinned thumbprint; check it with `show-thumbprint` on the peer".to_owned()
+        }
+        Error::AlertReceived(
+            AlertDescription::AccessDenied
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::BadCertificate
+            | AlertDescription::DecryptError,
+        ) => "the peer refused our certificate: it does not trust our thumbprint yet (`configure --trust`)".to_owned(),
+        other => format!("TLS handshake failed: {other}"),
+    }
 }
 
 /// Opens a TCP connection with `TCP_NODELAY` and runs the pinned handshake.
@@ -143,10 +190,7 @@ pub async fn channel(
     endpoint(settings)
         .connect_with_connector(connector)
         .await
-        .map_err(|source| DialError {
-            target: address.to_string(),
-            source,
-        })
+        .map_err(|source| DialError::new(address.to_string(), source))
 }
 
 fn endpoint(settings: &DialSettings) -> Endpoint {

@@ -97,11 +97,16 @@ impl PinnedVerifier {
         if self.trust.contains(&thumbprint) {
             Ok(())
         } else {
-            tracing::warn!(
-                %thumbprint,
-                peer = role,
-                "refused a TLS handshake: the peer's certificate thumbprint is not trusted"
-            );
+            // The accepting side has nobody else to tell; a dialling side
+            // returns the error to its caller, which reports it.
+            if role == "client" {
+                tracing::warn!(
+                    %thumbprint,
+                    "refused a TLS handshake: the client's certificate thumbprint is not trusted"
+                );
+            } else {
+                tracing::debug!(%thumbprint, "the server's certificate thumbprint is not the pinned one");
+            }
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ))

@@ -263,3 +263,42 @@ mod tests {
         assert_eq!(listening_address(line), "127.0.0.1:4321".parse().ok());
     }
 }
+
+/// A start request for a bash script under a fresh ticket.
+pub fn bash(script: &str) -> tentacle_proto::v1::StartScriptRequest {
+    tentacle_proto::v1::StartScriptRequest {
+        ticket: format!("t-{}", uuid::Uuid::new_v4().simple()),
+        script_body: script.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// Runs a script to its end and returns every line and the exit code.
+pub async fn run_to_end(
+    client: &AgentClient,
+    request: tentacle_proto::v1::StartScriptRequest,
+) -> (Vec<tentacle_proto::v1::LogLine>, i32) {
+    let mut lines = Vec::new();
+    let end = client
+        .run_script(
+            request,
+            |line| lines.push(line.clone()),
+            &tokio_util::sync::CancellationToken::new(),
+            &tentacle_sim::client::FollowSettings::default(),
+        )
+        .await
+        .expect("script runs to its end");
+    (lines, end.exit_code)
+}
+
+/// The text of the lines from one stream.
+pub fn texts(
+    lines: &[tentacle_proto::v1::LogLine],
+    stream: tentacle_proto::v1::LogStream,
+) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.stream == stream as i32)
+        .map(|l| l.text.clone())
+        .collect()
+}
