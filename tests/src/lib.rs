@@ -247,23 +247,6 @@ pub fn process_alive(pid: i32) -> bool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merges_keys_into_existing_tables() {
-        let merged = merge_toml("[a]\nx = 1\n\n[b]\ny = 2\n", "[b]\nz = 3\n[c]\nw = 4\n");
-        assert_eq!(merged, "[a]\nx = 1\n\n[b]\nz = 3\ny = 2\n\n[c]\nw = 4\n");
-    }
-
-    #[test]
-    fn finds_the_listening_address() {
-        let line = "2026-11-24T05:30:00Z  INFO tentacle_agent::runtime: listening address=127.0.0.1:4321 thumbprint=ab";
-        assert_eq!(listening_address(line), "127.0.0.1:4321".parse().ok());
-    }
-}
-
 /// A start request for a bash script under a fresh ticket.
 pub fn bash(script: &str) -> tentacle_proto::v1::StartScriptRequest {
     tentacle_proto::v1::StartScriptRequest {
@@ -301,4 +284,21 @@ pub fn texts(
         .filter(|l| l.stream == stream as i32)
         .map(|l| l.text.clone())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_keys_into_existing_tables() {
+        let merged = merge_toml("[a]\nx = 1\n\n[b]\ny = 2\n", "[b]\nz = 3\n[c]\nw = 4\n");
+        assert_eq!(merged, "[a]\nx = 1\n\n[b]\nz = 3\ny = 2\n\n[c]\nw = 4\n");
+    }
+
+    #[test]
+    fn finds_the_listening_address() {
+        let line = "2026-11-24T05:30:00Z  INFO tentacle_agent::runtime: listening address=127.0.0.1:4321 thumbprint=ab";
+        assert_eq!(listening_address(line), "127.0.0.1:4321".parse().ok());
+    }
 }
