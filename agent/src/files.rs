@@ -232,6 +232,8 @@ impl Files {
     /// computed first so a resumed download can be verified end to end.
     pub async fn download(&self, path: &str, offset: u64) -> Result<Download, FileError> {
         let resolved = paths::resolve(&self.root, path)?;
+        // Refuse an escape before saying whether anything exists there.
+        paths::check_no_escape(&self.root, &resolved, path)?;
         let real = match resolved.canonicalize() {
             Ok(real) => real,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {

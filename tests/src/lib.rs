@@ -203,28 +203,23 @@ fn listening_address(line: &str) -> Option<SocketAddr> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-/// Appends `extra` TOML: tables that already exist get the extra keys
-/// inserted right after their header.
+/// Overlays the keys of `extra` on `base`, table by table.
 fn merge_toml(base: &str, extra: &str) -> String {
-    let mut out = base.to_owned();
-    let mut table = String::new();
-    let mut pending: Vec<(String, Vec<String>)> = Vec::new();
-    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
-        if line.trim_start().starts_with('[') {
-            table = line.trim().to_owned();
-            pending.push((table.clone(), Vec::new()));
-        } else if let Some((_, lines)) = pending.iter_mut().find(|(t, _)| *t == table) {
-            lines.push(line.to_owned());
+    fn overlay(into: &mut toml::Table, from: toml::Table) {
+        for (key, value) in from {
+            match (into.get_mut(&key), value) {
+                (Some(toml::Value::Table(existing)), toml::Value::Table(more)) => {
+                    overlay(existing, more)
+                }
+                (_, value) => {
+                    into.insert(key, value);
+                }
+            }
         }
     }
-    for (table, lines) in pending {
-        let block = lines.join("\n");
-        match out.find(&format!("{table}\n")) {
-            Some(at) => out.insert_str(at + table.len() + 1, &format!("{block}\n")),
-            None => out.push_str(&format!("\n{table}\n{block}\n")),
-        }
-    }
-    out
+    let mut merged: toml::Table = base.parse().expect("base config is TOML");
+    overlay(&mut merged, extra.parse().expect("extra config is TOML"));
+    merged.to_string()
 }
 
 /// A fresh client identity.
@@ -292,8 +287,14 @@ mod tests {
 
     #[test]
     fn merges_keys_into_existing_tables() {
-        let merged = merge_toml("[a]\nx = 1\n\n[b]\ny = 2\n", "[b]\nz = 3\n[c]\nw = 4\n");
-        assert_eq!(merged, "[a]\nx = 1\n\n[b]\nz = 3\ny = 2\n\n[c]\nw = 4\n");
+        let merged: toml::Table =
+            merge_toml("[a]\nx = 1\n[b]\ny = 2\n", "[b]\ny = 3\n[c]\nw = 4\n")
+                .parse()
+                .expect("toml");
+        let expected: toml::Table = "[a]\nx = 1\n[b]\ny = 3\n[c]\nw = 4\n"
+            .parse()
+            .expect("toml");
+        assert_eq!(merged, expected);
     }
 
     #[test]

@@ -1,0 +1,107 @@
+//! A script left running by an agent that died is reported complete with
+//! the "agent restarted" code once the agent is back.
+
+use std::time::Duration;
+
+use tentacle_proto::v1 as pb;
+use tentacle_tests::{AgentProcess, bash, client_identity};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_interrupted_by_a_crash_reports_agent_restarted() {
+    let me = client_identity();
+    let mut agent = AgentProcess::start(&[me.thumbprint()], "");
+    let request = bash("echo \"pgid $$\"; echo before; sleep 60");
+    let ticket = request.ticket.clone();
+    let client = agent.client(&me).await;
+    client.scripts().start_script(request).await.expect("start");
+    let mut pgid = None;
+    for _ in 0..100 {
+        let status = client
+            .scripts()
+            .get_status(pb::GetStatusRequest {
+                ticket: ticket.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("status")
+            .into_inner();
+        pgid = status
+            .logs
+            .iter()
+            .find_map(|l| l.text.strip_prefix("pgid ")?.parse::<i32>().ok());
+        if status.logs.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pgid = pgid.expect("script started");
+    drop(client);
+
+    agent.kill();
+    // The orphaned script is not this test's concern beyond cleaning it up.
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    agent.spawn();
+
+    let client = agent.client(&me).await;
+    let status = client
+        .scripts()
+        .get_status(pb::GetStatusRequest {
+            ticket: ticket.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("status after restart")
+        .into_inner();
+    assert_eq!(status.state, pb::ScriptState::Complete as i32);
+    assert_eq!(
+        status.exit_code,
+        pb::ReservedExitCode::ExitCodeAgentRestarted as i32
+    );
+    let texts: Vec<&str> = status.logs.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts[..2], [format!("pgid {pgid}").as_str(), "before"]);
+    assert!(
+        texts.last().is_some_and(|t| t.contains("restarted")),
+        "{texts:?}"
+    );
+    let sequences: Vec<u64> = status.logs.iter().map(|l| l.sequence).collect();
+    assert_eq!(sequences, (1..=sequences.len() as u64).collect::<Vec<_>>());
+
+    // Starting the same ticket again must not run it a second time.
+    let again = client.scripts().start_script(bash("echo nope")).await;
+    assert!(again.is_ok());
+    let repeat = pb::StartScriptRequest {
+        ticket: ticket.clone(),
+        script_body: "echo should-not-run".into(),
+        ..Default::default()
+    };
+    let repeated = client
+        .scripts()
+        .start_script(repeat)
+        .await
+        .expect("repeat")
+        .into_inner();
+    assert_eq!(
+        repeated.exit_code,
+        pb::ReservedExitCode::ExitCodeAgentRestarted as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_agent_cleanly() {
+    let me = client_identity();
+    let mut agent = AgentProcess::start(&[me.thumbprint()], "");
+    agent
+        .client(&me)
+        .await
+        .capabilities()
+        .await
+        .expect("serving");
+    let status = agent
+        .terminate(Duration::from_secs(20))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(agent.log_text().contains("received SIGTERM"));
+}
