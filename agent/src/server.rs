@@ -106,3 +106,6 @@ where
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
+
+#[cfg(test)]
+mod tests;

@@ -103,17 +103,16 @@ impl Default for DialSettings {
 #[error("could not connect to {target}: {reason}")]
 pub struct DialError {
     target: String,
+    // The reason already says what the transport error chain did; keeping
+    // the chain out of `source` stops it being printed twice.
     reason: String,
-    #[source]
-    source: tonic::transport::Error,
 }
 
 impl DialError {
-    fn new(target: String, source: tonic::transport::Error) -> Self {
+    fn new(target: String, error: tonic::transport::Error) -> Self {
         Self {
             target,
-            reason: describe_connect_error(&source),
-            source,
+            reason: describe_connect_error(&error),
         }
     }
 }
@@ -135,7 +134,33 @@ pub fn describe_connect_error(error: &(dyn std::error::Error + 'static)) -> Stri
         innermost = e.to_string();
         current = e.source();
     }
+    // rustls reports an alert from the peer inside a plain I/O error whose
+    // text is all that is left of it.
+    const REFUSALS: [&str; 3] = ["AccessDenied", "CertificateUnknown", "BadCertificate"];
+    if innermost.contains("fatal alert") && REFUSALS.iter().any(|r| innermost.contains(r)) {
+        return PEER_REFUSED_US.to_owned();
+    }
+    // Under TLS 1.3 a refused client learns of it only when its first write
+    // hits a closed connection.
+    let lower = innermost.to_ascii_lowercase();
+    if lower.contains("broken pipe") || lower.contains("connection reset") {
+        return format!(
+            "{innermost}; the peer closed the connection, which on a first call usually means it does not trust our thumbprint (`configure --trust`)"
+        );
+    }
     innermost
+}
+
+const PEER_REFUSED_US: &str =
+    "the peer refused our certificate: it does not trust our thumbprint yet (`configure --trust`)";
+
+/// One line about a failed call: the transport's reason when the call never
+/// reached the peer, otherwise the peer's status.
+pub fn describe_status(status: &tonic::Status) -> String {
+    match std::error::Error::source(status) {
+        Some(source) => describe_connect_error(source),
+        None => format!("{:?}: {}", status.code(), status.message()),
+    }
 }
 
 fn describe_tls_error(error: &rustls::Error) -> String {
@@ -149,7 +174,7 @@ fn describe_tls_error(error: &rustls::Error) -> String {
             | AlertDescription::CertificateUnknown
             | AlertDescription::BadCertificate
             | AlertDescription::DecryptError,
-        ) => "the peer refused our certificate: it does not trust our thumbprint yet (`configure --trust`)".to_owned(),
+        ) => PEER_REFUSED_US.to_owned(),
         other => format!("TLS handshake failed: {other}"),
     }
 }

@@ -24,8 +24,9 @@ pub enum ClientError {
     Dial(#[from] dial::DialError),
     #[error(transparent)]
     Tls(#[from] tentacle_proto::tls::TlsConfigError),
-    #[error("the agent answered {}: {}", .0.code(), .0.message())]
-    Rpc(#[from] Status),
+    /// Not a `source`: the message already describes the status's chain.
+    #[error("the call failed: {}", dial::describe_status(.0))]
+    Rpc(Status),
     #[error("{action} {}: {source}", path.display())]
     Io {
         action: &'static str,
@@ -52,6 +53,12 @@ fn io_error<'a>(
         action,
         path: path.to_owned(),
         source,
+    }
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        Self::Rpc(status)
     }
 }
 
