@@ -190,3 +190,28 @@ async fn agent_memory_stays_flat_during_a_large_upload() {
         after - before
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_that_would_fill_the_disk_is_refused_before_writing() {
+    let me = client_identity();
+    // Demand more free space than any test machine has.
+    let agent = AgentProcess::start(
+        &[me.thumbprint()],
+        "[files]\nmin_free_bytes = 1000000000000000\n",
+    );
+    let client = agent.client(&me).await;
+    let local = tempfile::tempdir().expect("tempdir");
+    let source = random_file(local.path(), 1000);
+    match client.upload(&source, "x.bin", 4096).await {
+        Err(ClientError::Rpc(status)) => {
+            assert_eq!(status.code(), Code::ResourceExhausted);
+            assert!(
+                status.message().contains("disk space"),
+                "{}",
+                status.message()
+            );
+        }
+        other => panic!("upload was not refused: {other:?}"),
+    }
+    assert!(!agent.home().join("files/x.bin").exists());
+}
