@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 use tentacle_proto::Thumbprint;
 
 use crate::files::FileSettings;
+use crate::polling::{HubEndpoint, PollingSettings, ProxySettings};
 use crate::scripts::ScriptSettings;
 use crate::scripts::process::ProcessSettings;
+use tentacle_proto::dial::ListeningAddress;
+use tentacle_proto::tunnel::HeartbeatSettings;
 
 /// The file name of the configuration inside the home.
 pub const CONFIG_FILE: &str = "tentacle.toml";
@@ -106,6 +109,7 @@ pub struct AgentConfig {
     pub scripts: ScriptsConfig,
     pub files: FilesConfig,
     pub server: ServerConfig,
+    pub polling: PollingConfig,
 }
 
 impl AgentConfig {
@@ -135,6 +139,112 @@ impl AgentConfig {
         settings.min_free_bytes = self.files.min_free_bytes;
         settings
     }
+}
+
+impl AgentConfig {
+    /// The polling settings, or why they cannot be used.
+    pub fn polling_settings(&self) -> Result<PollingSettings, String> {
+        let polling = &self.polling;
+        if polling.agent_id.is_empty() {
+            return Err(
+                "polling needs an agent id: set one with `tentacle configure --agent-id NAME`"
+                    .into(),
+            );
+        }
+        if polling.servers.is_empty() {
+            return Err("polling is enabled but no hub is configured: add one with `tentacle configure --mode polling --server https://HOST:10943 --server-thumbprint T`".into());
+        }
+        let hubs = polling
+            .servers
+            .iter()
+            .map(|server| {
+                Ok(HubEndpoint {
+                    address: server
+                        .url
+                        .parse::<ListeningAddress>()
+                        .map_err(|e| e.to_string())?,
+                    thumbprint: server.thumbprint,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(PollingSettings {
+            agent_id: polling.agent_id.clone(),
+            hubs,
+            tunnels: polling.tunnels.max(1),
+            heartbeat: HeartbeatSettings {
+                interval: polling.heartbeat_interval,
+                timeout: polling.heartbeat_timeout,
+            },
+            reconnect_initial: polling.reconnect_initial,
+            reconnect_max: polling.reconnect_max,
+            connect_timeout: polling.connect_timeout,
+            proxy: polling.proxy.clone(),
+        })
+    }
+}
+
+/// A new random agent id: 20 lowercase letters and digits.
+pub fn new_agent_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..20)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect()
+}
+
+/// Polling mode: the agent dials its hubs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollingConfig {
+    pub enabled: bool,
+    /// The name hubs address this agent by: `poll://<agent_id>`.
+    pub agent_id: String,
+    pub servers: Vec<PollingServer>,
+    /// Tunnels kept open to each hub.
+    pub tunnels: u32,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A tunnel that hears nothing for this long is reopened.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// The first reconnect waits a random time up to this; failures double it.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// An HTTP CONNECT proxy; without one, HTTPS_PROXY is honoured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxySettings>,
+}
+
+impl Default for PollingConfig {
+    fn default() -> Self {
+        let heartbeat = HeartbeatSettings::default();
+        Self {
+            enabled: false,
+            agent_id: String::new(),
+            servers: Vec::new(),
+            tunnels: 1,
+            heartbeat_interval: heartbeat.interval,
+            heartbeat_timeout: heartbeat.timeout,
+            reconnect_initial: Duration::from_secs(5),
+            reconnect_max: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(30),
+            proxy: None,
+        }
+    }
+}
+
+/// A hub a polling agent dials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollingServer {
+    /// `https://HOST:PORT`.
+    pub url: String,
+    pub thumbprint: Thumbprint,
 }
 
 fn span_hint(error: &toml::de::Error) -> String {

@@ -43,6 +43,8 @@ pub enum AgentError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Polling(String),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -136,11 +138,12 @@ impl Agent {
             .map_err(|source| AgentError::Bind { address, source })
     }
 
-    /// Serves in listening mode on `listener` until `shutdown` completes,
-    /// then gives running calls the configured grace period.
-    pub async fn serve_listening(
+    /// Serves until `shutdown` completes: in listening mode on `listener`
+    /// (when given) and in polling mode when the configuration enables it.
+    /// After `shutdown`, running calls get the configured grace period.
+    pub async fn serve(
         self,
-        listener: TcpListener,
+        listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AgentError> {
         let background = CancellationToken::new();
@@ -161,6 +164,68 @@ impl Agent {
             &settings,
         )
         .await?;
+
+        let polling_stop = CancellationToken::new();
+        let polling = if self.config.polling.enabled {
+            let polling_settings = self
+                .config
+                .polling_settings()
+                .map_err(AgentError::Polling)?;
+            tracing::info!(
+                agent_id = %polling_settings.agent_id,
+                hubs = polling_settings.hubs.len(),
+                tunnels = polling_settings.tunnels,
+                "polling"
+            );
+            Some(tokio::spawn(crate::polling::run(
+                polling_settings,
+                self.identity.clone(),
+                routes.clone(),
+                settings.clone(),
+                polling_stop.clone(),
+            )))
+        } else {
+            None
+        };
+
+        let stopping = CancellationToken::new();
+        let signal = {
+            let stopping = stopping.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: no new connections; letting running calls finish");
+                health
+                    .set_not_serving::<tentacle_proto::v1::script_service_server::ScriptServiceServer<ScriptApi>>()
+                    .await;
+                stopping.cancel();
+            }
+        };
+        let result = match listener {
+            Some(listener) => {
+                self.serve_listening(listener, routes, signal, &stopping, &settings)
+                    .await
+            }
+            None => {
+                signal.await;
+                Ok(())
+            }
+        };
+        polling_stop.cancel();
+        if let Some(polling) = polling {
+            let _ = polling.await;
+        }
+        self.stop_scripts().await;
+        result
+    }
+
+    async fn serve_listening(
+        &self,
+        listener: TcpListener,
+        routes: tonic::service::Routes,
+        signal: impl Future<Output = ()>,
+        stopping: &CancellationToken,
+        settings: &ServeSettings,
+    ) -> Result<(), AgentError> {
         let tls = tentacle_proto::tls::server_config(&self.identity, self.trust.clone())?;
         let local = listener.local_addr().ok();
         let incoming = accept_tls(
@@ -178,29 +243,16 @@ impl Agent {
             trusted = self.trust.snapshot().len(),
             "listening"
         );
-
-        let stopping = CancellationToken::new();
-        let signal = {
-            let stopping = stopping.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("shutting down: no new connections; letting running calls finish");
-                health.set_not_serving::<tentacle_proto::v1::script_service_server::ScriptServiceServer<ScriptApi>>().await;
-                stopping.cancel();
-            }
-        };
         let grace = self.config.server.shutdown_grace;
-        let serving = server::serve(routes, incoming, signal, &settings);
+        let serving = server::serve(routes, incoming, signal, settings);
         tokio::pin!(serving);
-        let result = tokio::select! {
+        tokio::select! {
             result = &mut serving => result.map_err(AgentError::from),
             () = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(?grace, "calls still running after the shutdown grace period; closing them");
                 Ok(())
             }
-        };
-        self.stop_scripts().await;
-        result
+        }
     }
 
     /// Stops scripts that are still running so none outlives the agent

@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 pub const DEFAULT_LISTENING_PORT: u16 = 10933;
 
 /// Where a listening agent is: `https://host:port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ListeningAddress {
     host: String,
     port: u16,

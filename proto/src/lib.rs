@@ -17,6 +17,7 @@ pub mod incoming;
 pub mod thumbprint;
 pub mod tls;
 pub mod trust;
+pub mod tunnel;
 
 /// The generated `tentacle.v1` package.
 #[allow(missing_debug_implementations, clippy::all)]

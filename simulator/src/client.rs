@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::channel::AgentChannel;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
@@ -14,7 +15,6 @@ use tentacle_proto::v1::script_service_client::ScriptServiceClient;
 use tentacle_proto::{Identity, Thumbprint, TrustStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// Why a call to an agent failed.
@@ -92,10 +92,10 @@ pub fn is_transient(status: &Status) -> bool {
     )
 }
 
-/// A client for one agent.
+/// A client for one agent, over any [`AgentChannel`].
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    channel: Channel,
+    channel: AgentChannel,
 }
 
 /// The end of a script as the caller saw it.
@@ -120,17 +120,23 @@ impl AgentClient {
         Ok(Self::new(channel))
     }
 
-    pub fn new(channel: Channel) -> Self {
-        Self { channel }
+    pub fn new(channel: impl Into<AgentChannel>) -> Self {
+        Self {
+            channel: channel.into(),
+        }
     }
 
-    pub fn scripts(&self) -> ScriptServiceClient<Channel> {
+    pub fn channel(&self) -> &AgentChannel {
+        &self.channel
+    }
+
+    pub fn scripts(&self) -> ScriptServiceClient<AgentChannel> {
         ScriptServiceClient::new(self.channel.clone())
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024)
     }
 
-    pub fn files(&self) -> FileServiceClient<Channel> {
+    pub fn files(&self) -> FileServiceClient<AgentChannel> {
         FileServiceClient::new(self.channel.clone())
     }
 

@@ -62,7 +62,7 @@ pub async fn run(script: &str) -> Result<i32, DemoError> {
     let listener = agent.bind().await?;
     let port = listener.local_addr()?.port();
     let stop = CancellationToken::new();
-    let serving = tokio::spawn(agent.serve_listening(listener, stop.clone().cancelled_owned()));
+    let serving = tokio::spawn(agent.serve(Some(listener), stop.clone().cancelled_owned()));
 
     println!(
         "Started a listening agent on 127.0.0.1:{port} in {}",

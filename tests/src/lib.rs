@@ -54,15 +54,23 @@ pub fn tentacle(home: &Path, args: &[&str]) -> String {
 pub struct AgentProcess {
     pub home: tempfile::TempDir,
     pub thumbprint: Thumbprint,
-    pub address: SocketAddr,
+    /// Where it listens, when listening is enabled.
+    pub address: Option<SocketAddr>,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl AgentProcess {
     /// Creates an instance that trusts `trusted`, with `extra` settings
-    /// appended to tentacle.toml, and starts it on a free loopback port.
+    /// merged into tentacle.toml, and starts it on a free loopback port.
     pub fn start(trusted: &[Thumbprint], extra_config: &str) -> Self {
+        let mut agent = Self::prepare(trusted, extra_config);
+        agent.spawn();
+        agent
+    }
+
+    /// Creates the instance without starting it.
+    pub fn prepare(trusted: &[Thumbprint], extra_config: &str) -> Self {
         let home = tempfile::tempdir().expect("tempdir");
         tentacle(home.path(), &["create-instance"]);
         let thumbprint: Thumbprint = tentacle(home.path(), &["new-certificate"])
@@ -77,22 +85,39 @@ impl AgentProcess {
         tentacle(home.path(), &args);
         if !extra_config.is_empty() {
             let path = home.path().join("tentacle.toml");
-            let mut text = std::fs::read_to_string(&path).expect("config");
-            text = merge_toml(&text, extra_config);
-            std::fs::write(&path, text).expect("write config");
+            let text = std::fs::read_to_string(&path).expect("config");
+            std::fs::write(&path, merge_toml(&text, extra_config)).expect("write config");
         }
-        let mut agent = Self {
+        Self {
             home,
             thumbprint,
-            address: "127.0.0.1:0".parse().expect("addr"),
+            address: None,
             child: None,
             log: Arc::default(),
-        };
-        agent.spawn();
-        agent
+        }
     }
 
-    /// Starts the process again in the same home (after [`Self::kill`]).
+    /// Merges more settings into tentacle.toml.
+    pub fn configure(&self, extra_config: &str) {
+        let path = self.home.path().join("tentacle.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(&path, merge_toml(&text, extra_config)).expect("write config");
+    }
+
+    /// The agent id hubs address this instance by.
+    pub fn agent_id(&self) -> String {
+        let text = std::fs::read_to_string(self.home.path().join("tentacle.toml")).expect("config");
+        let config: toml::Table = text.parse().expect("toml");
+        config
+            .get("polling")
+            .and_then(|p| p.get("agent_id"))
+            .and_then(|v| v.as_str())
+            .expect("create-instance sets an agent id")
+            .to_owned()
+    }
+
+    /// Starts the process (again, after [`Self::kill`]) and waits until it
+    /// listens or, in polling-only mode, until a tunnel is open.
     pub fn spawn(&mut self) {
         let mut child = Command::new(bin("tentacle"))
             .arg("--home")
@@ -110,23 +135,45 @@ impl AgentProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(address) = listening_address(&line) {
-                    let _ = tx.send(address);
+                    let _ = tx.send(Some(address));
+                } else if line.contains("tunnel open") {
+                    let _ = tx.send(None);
                 }
                 log.lock().expect("log").push(line);
             }
         });
         self.child = Some(child);
-        self.address = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("agent did not start listening; log:\n{}", self.log_text()));
+        let polling_only = !self.listens();
+        self.address = loop {
+            let event = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| {
+                    panic!("agent did not start serving; log:\n{}", self.log_text())
+                });
+            if event.is_some() || polling_only {
+                break event;
+            }
+        };
     }
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).expect("running")
     }
 
+    fn listens(&self) -> bool {
+        let text =
+            std::fs::read_to_string(self.home.path().join("tentacle.toml")).unwrap_or_default();
+        let config: toml::Table = text.parse().unwrap_or_default();
+        config
+            .get("listen")
+            .and_then(|l| l.get("enabled"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true)
+    }
+
     pub fn target(&self) -> ListeningAddress {
-        ListeningAddress::new(self.address.ip().to_string(), self.address.port())
+        let address = self.address.expect("the agent listens");
+        ListeningAddress::new(address.ip().to_string(), address.port())
     }
 
     pub fn home(&self) -> &Path {
@@ -302,4 +349,192 @@ mod tests {
         let line = "2026-11-24T05:30:00Z  INFO tentacle_agent::runtime: listening address=127.0.0.1:4321 thumbprint=ab";
         assert_eq!(listening_address(line), "127.0.0.1:4321".parse().ok());
     }
+}
+
+/// A hub running in this test process on a free loopback port.
+#[derive(Debug)]
+pub struct HubFixture {
+    pub hub: Arc<tentacle_sim::hub::Hub>,
+    pub address: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Polling settings that make tests reconnect quickly.
+pub const FAST_POLLING: &str = "[polling]\nreconnect_initial = \"100ms\"\nreconnect_max = \"1s\"\n";
+
+impl HubFixture {
+    /// Starts a hub with `identity` (its thumbprint is what agents pin).
+    pub async fn start(identity: Identity) -> Self {
+        Self::start_with(
+            identity,
+            tentacle_sim::hub::HubSettings::default(),
+            "127.0.0.1:0",
+        )
+        .await
+    }
+
+    pub async fn start_with(
+        identity: Identity,
+        settings: tentacle_sim::hub::HubSettings,
+        bind: &str,
+    ) -> Self {
+        let hub = tentacle_sim::hub::Hub::new(identity, settings);
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .expect("bind the hub");
+        let address = listener.local_addr().expect("hub address");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let hub = hub.clone();
+            let stop = stop.clone();
+            async move {
+                hub.serve(listener, stop.cancelled_owned())
+                    .await
+                    .expect("hub serves");
+            }
+        });
+        Self {
+            hub,
+            address,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.address)
+    }
+
+    pub fn thumbprint(&self) -> Thumbprint {
+        self.hub.identity().thumbprint()
+    }
+
+    /// Shuts the hub down gracefully (drain) and waits for it.
+    pub async fn shutdown(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Makes a polling agent instance for this hub, trusted by it, and
+    /// starts it once its first tunnel is open.
+    pub fn polling_agent(&self, extra_config: &str) -> AgentProcess {
+        let mut agent = self.prepare_polling_agent(extra_config);
+        self.trust(&agent);
+        agent.spawn();
+        agent
+    }
+
+    /// Makes a polling agent instance for this hub without trusting or
+    /// starting it.
+    pub fn prepare_polling_agent(&self, extra_config: &str) -> AgentProcess {
+        let agent = AgentProcess::prepare(&[], FAST_POLLING);
+        let url = self.url();
+        let thumbprint = self.thumbprint().to_string();
+        tentacle(
+            agent.home(),
+            &[
+                "configure",
+                "--mode",
+                "polling",
+                "--server",
+                &url,
+                "--server-thumbprint",
+                &thumbprint,
+            ],
+        );
+        if !extra_config.is_empty() {
+            agent.configure(extra_config);
+        }
+        agent
+    }
+
+    /// Trusts `agent` as a polling agent under its agent id.
+    pub fn trust(&self, agent: &AgentProcess) {
+        self.hub.trust_agent(tentacle_sim::hub::TrustedAgent {
+            thumbprint: agent.thumbprint,
+            name: agent.agent_id(),
+            mode: tentacle_sim::hub::AgentMode::Polling,
+            address: None,
+        });
+    }
+
+    /// A client for a polling agent of this hub.
+    pub async fn client(&self, agent: &AgentProcess) -> AgentClient {
+        let target: tentacle_sim::target::Target = format!("poll://{}", agent.agent_id())
+            .parse()
+            .expect("target");
+        self.hub
+            .client(&target, agent.thumbprint)
+            .await
+            .expect("hub client")
+    }
+}
+
+impl Drop for HubFixture {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// How the test reaches the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Listening,
+    Polling,
+}
+
+/// A real agent process and a client for it, in either mode.
+#[derive(Debug)]
+pub struct Fixture {
+    pub agent: AgentProcess,
+    pub hub: Option<HubFixture>,
+    pub client: AgentClient,
+}
+
+impl Fixture {
+    pub async fn start(mode: Mode, extra_config: &str) -> Self {
+        let me = client_identity();
+        match mode {
+            Mode::Listening => {
+                let agent = AgentProcess::start(&[me.thumbprint()], extra_config);
+                let client = agent.client(&me).await;
+                Self {
+                    agent,
+                    hub: None,
+                    client,
+                }
+            }
+            Mode::Polling => {
+                let hub = HubFixture::start(me).await;
+                let agent = hub.polling_agent(extra_config);
+                let client = hub.client(&agent).await;
+                Self {
+                    agent,
+                    hub: Some(hub),
+                    client,
+                }
+            }
+        }
+    }
+}
+
+/// Declares one `#[tokio::test]` per mode that runs `$body(mode)`.
+#[macro_export]
+macro_rules! in_both_modes {
+    ($name:ident, $body:path) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn listening() {
+                $body($crate::Mode::Listening).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn polling() {
+                $body($crate::Mode::Polling).await;
+            }
+        }
+    };
 }

@@ -268,7 +268,7 @@ fn tentacle_sim_exec_prints_output_and_exits_with_the_script_code() {
         .parse()
         .expect("thumbprint");
     let agent = AgentProcess::start(&[sim_thumbprint], "");
-    let target = format!("https://{}", agent.address);
+    let target = format!("https://{}", agent.address.expect("listening"));
     let thumbprint = agent.thumbprint.to_string();
     let out = sim(&[
         "exec",

@@ -52,7 +52,7 @@ fn stock_client(agent: &AgentProcess, identity: &Identity) -> Output {
     Command::new(python)
         .arg(workspace().join("tests/python/stock_client.py"))
         .arg("--target")
-        .arg(agent.address.to_string())
+        .arg(agent.address.expect("listening").to_string())
         .arg("--server-cert")
         .arg(agent.home().join("tentacle.crt.pem"))
         .arg("--client-cert")

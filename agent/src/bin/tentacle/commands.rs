@@ -4,7 +4,8 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use tentacle_agent::config::{AgentConfig, Home};
+use tentacle_agent::config::{AgentConfig, Home, PollingServer};
+use tentacle_agent::polling::ProxySettings;
 use tentacle_agent::runtime::Agent;
 use tentacle_proto::{Identity, Thumbprint};
 
@@ -16,7 +17,8 @@ pub fn create_instance(home: &Path) -> anyhow::Result<()> {
             home.dir().display()
         );
     }
-    let config = AgentConfig::default();
+    let mut config = AgentConfig::default();
+    config.polling.agent_id = tentacle_agent::config::new_agent_id();
     home.save(&config)?;
     for dir in [&config.scripts.work_dir, &config.files.root] {
         let path = home.resolve(dir);
@@ -91,6 +93,24 @@ pub struct ConfigureArgs {
     /// Remove every trusted thumbprint before adding those given with --trust.
     #[arg(long)]
     reset_trust: bool,
+    /// listening: accept connections; polling: dial the hub; both: do both.
+    #[arg(long, value_parser = ["listening", "polling", "both"])]
+    mode: Option<String>,
+    /// A hub to poll, https://HOST:PORT (with --server-thumbprint).
+    #[arg(long, requires = "server_thumbprint")]
+    server: Option<String>,
+    /// The hub's certificate thumbprint (`tentacle-sim show-thumbprint`).
+    #[arg(long, requires = "server")]
+    server_thumbprint: Option<Thumbprint>,
+    /// Stop polling this hub URL.
+    #[arg(long, value_name = "URL")]
+    remove_server: Option<String>,
+    /// The name hubs address this agent by (poll://NAME).
+    #[arg(long)]
+    agent_id: Option<String>,
+    /// Tunnels to keep open to each hub.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    tunnels: Option<u32>,
 }
 
 pub fn configure(home: &Path, args: ConfigureArgs) -> anyhow::Result<()> {
@@ -118,6 +138,85 @@ pub fn configure(home: &Path, args: ConfigureArgs) -> anyhow::Result<()> {
             trusted.push(thumbprint);
         }
     }
+    match args.mode.as_deref() {
+        Some("listening") => {
+            config.listen.enabled = true;
+            config.polling.enabled = false;
+        }
+        Some("polling") => {
+            config.polling.enabled = true;
+            config.listen.enabled = args.listen;
+        }
+        Some("both") => {
+            config.listen.enabled = true;
+            config.polling.enabled = true;
+        }
+        _ => {}
+    }
+    if let Some(url) = &args.remove_server {
+        config.polling.servers.retain(|s| &s.url != url);
+    }
+    if let (Some(url), Some(thumbprint)) = (args.server, args.server_thumbprint) {
+        url.parse::<tentacle_proto::dial::ListeningAddress>()?;
+        config.polling.servers.retain(|s| s.url != url);
+        config
+            .polling
+            .servers
+            .push(PollingServer { url, thumbprint });
+    }
+    if let Some(id) = args.agent_id {
+        let valid = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid {
+            bail!("agent id `{id}` is not valid: use 1-128 letters, digits, `-`, `_` or `.`");
+        }
+        config.polling.agent_id = id;
+    }
+    if let Some(tunnels) = args.tunnels {
+        config.polling.tunnels = tunnels;
+    }
+    if config.polling.enabled && config.polling.agent_id.is_empty() {
+        config.polling.agent_id = tentacle_agent::config::new_agent_id();
+    }
+    home.save(&config)?;
+    println!("Saved {}", home.config_path().display());
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PollingProxyArgs {
+    /// The proxy's host name or address.
+    #[arg(long, required_unless_present = "clear")]
+    host: Option<String>,
+    /// The proxy's port.
+    #[arg(long, required_unless_present = "clear")]
+    port: Option<u16>,
+    /// For Basic authentication.
+    #[arg(long, requires = "password")]
+    username: Option<String>,
+    #[arg(long, requires = "username")]
+    password: Option<String>,
+    /// Remove the proxy (HTTPS_PROXY is honoured again).
+    #[arg(long, conflicts_with_all = ["host", "port", "username", "password"])]
+    clear: bool,
+}
+
+pub fn polling_proxy(home: &Path, args: PollingProxyArgs) -> anyhow::Result<()> {
+    let home = Home::new(home);
+    let mut config = home.load()?;
+    config.polling.proxy = match (args.clear, args.host, args.port) {
+        (true, _, _) => None,
+        (false, Some(host), Some(port)) => Some(ProxySettings {
+            host,
+            port,
+            username: args.username,
+            password: args.password,
+        }),
+        _ => bail!("give --host and --port, or --clear"),
+    };
     home.save(&config)?;
     println!("Saved {}", home.config_path().display());
     Ok(())
@@ -140,14 +239,21 @@ pub fn run(home: &Path) -> anyhow::Result<()> {
     runtime.block_on(async {
         let home = Home::new(home);
         let agent = Agent::load(home)?;
-        if !agent.config().listen.enabled {
-            bail!("listening is disabled in the configuration and no other mode is configured; enable it with `tentacle configure --listen`");
+        let (listening, polling) = (agent.config().listen.enabled, agent.config().polling.enabled);
+        if !listening && !polling {
+            bail!("neither listening nor polling is enabled; use `tentacle configure --mode listening` or `--mode polling`");
         }
-        if agent.trust().snapshot().is_empty() {
+        if polling {
+            agent.config().polling_settings().map_err(anyhow::Error::msg)?;
+        }
+        if listening && agent.trust().snapshot().is_empty() {
             tracing::warn!("no server is trusted yet, so every connection will be refused; add one with `tentacle configure --trust <thumbprint>`");
         }
-        let listener = agent.bind().await?;
-        agent.serve_listening(listener, shutdown_signal()).await?;
+        let listener = match listening {
+            true => Some(agent.bind().await?),
+            false => None,
+        };
+        agent.serve(listener, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
     })

@@ -43,6 +43,8 @@ enum Command {
     /// Changes settings in tentacle.toml. A running agent applies trust
     /// changes within a second; other changes at the next start.
     Configure(commands::ConfigureArgs),
+    /// Sets the HTTP CONNECT proxy polling connections go through.
+    PollingProxy(commands::PollingProxyArgs),
     /// Prints the effective configuration.
     ShowConfiguration,
     /// Runs the agent in the foreground until SIGTERM or SIGINT.
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         }
         Command::ShowThumbprint => commands::show_thumbprint(&cli.home),
         Command::Configure(args) => commands::configure(&cli.home, args),
+        Command::PollingProxy(args) => commands::polling_proxy(&cli.home, args),
         Command::ShowConfiguration => commands::show_configuration(&cli.home),
         Command::Run => commands::run(&cli.home),
         Command::Version => {

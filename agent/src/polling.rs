@@ -1,0 +1,324 @@
+//! Polling mode: the agent dials its hub(s), opens reverse tunnels, and
+//! serves its usual routes inside each tunnel.
+//!
+//! Each (hub, tunnel index) pair is kept open by its own task, which
+//! reconnects with exponential backoff and full jitter so that thousands of
+//! agents dropped at once (a hub restart) come back spread out over time.
+
+pub mod proxy;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rand::Rng;
+use tentacle_proto::dial::ListeningAddress;
+use tentacle_proto::incoming::PeerInfo;
+use tentacle_proto::tunnel::{self, HeartbeatSettings, SessionEnd, SessionSignals};
+use tentacle_proto::v1::tunnel_frame::Kind;
+use tentacle_proto::v1::tunnel_service_client::TunnelServiceClient;
+use tentacle_proto::v1::{TunnelFrame, TunnelHello};
+use tentacle_proto::{Identity, Thumbprint, TrustStore};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::{Endpoint, Uri};
+
+use crate::server::{self, ServeSettings};
+pub use proxy::ProxySettings;
+
+/// One hub to poll.
+#[derive(Debug, Clone)]
+pub struct HubEndpoint {
+    pub address: ListeningAddress,
+    pub thumbprint: Thumbprint,
+}
+
+/// How a polling agent behaves.
+#[derive(Debug, Clone)]
+pub struct PollingSettings {
+    pub agent_id: String,
+    pub hubs: Vec<HubEndpoint>,
+    /// Tunnels per hub.
+    pub tunnels: u32,
+    pub heartbeat: HeartbeatSettings,
+    /// The first reconnect waits a random time up to this; each failure
+    /// doubles the window.
+    pub reconnect_initial: Duration,
+    /// The reconnect window never grows beyond this.
+    pub reconnect_max: Duration,
+    pub connect_timeout: Duration,
+    /// An explicit proxy; without one, `HTTPS_PROXY` is honoured.
+    pub proxy: Option<ProxySettings>,
+}
+
+/// Why one attempt to open a tunnel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("could not reach the hub at {address}: {source}")]
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("could not open a tunnel to {address}: {reason}")]
+    Open { address: String, reason: String },
+    #[error(transparent)]
+    Tls(#[from] tentacle_proto::tls::TlsConfigError),
+}
+
+/// Keeps every configured tunnel open until `stop` fires.
+pub async fn run(
+    settings: PollingSettings,
+    identity: Identity,
+    routes: Routes,
+    serve: ServeSettings,
+    stop: CancellationToken,
+) {
+    let identity = Arc::new(identity);
+    let mut tasks = Vec::new();
+    for hub in &settings.hubs {
+        for index in 0..settings.tunnels.max(1) {
+            tasks.push(tokio::spawn(maintain(
+                settings.clone(),
+                hub.clone(),
+                index,
+                identity.clone(),
+                routes.clone(),
+                serve.clone(),
+                stop.clone(),
+            )));
+        }
+    }
+    futures::future::join_all(tasks).await;
+}
+
+/// The random wait before reconnect attempt `attempt` (0-based): uniform in
+/// `[0, min(max, initial * 2^attempt)]`.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration, rng: &mut impl Rng) -> Duration {
+    let window = initial.saturating_mul(1u32 << attempt.min(20)).min(max);
+    let millis = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rng.random_range(0..=millis))
+}
+
+async fn maintain(
+    settings: PollingSettings,
+    hub: HubEndpoint,
+    index: u32,
+    identity: Arc<Identity>,
+    routes: Routes,
+    serve: ServeSettings,
+    stop: CancellationToken,
+) {
+    let mut attempt = 0u32;
+    while !stop.is_cancelled() {
+        let opened = tokio::time::Instant::now();
+        match open_and_serve(
+            &settings,
+            &hub,
+            index,
+            &identity,
+            routes.clone(),
+            &serve,
+            &stop,
+        )
+        .await
+        {
+            Ok(end) => tracing::info!(hub = %hub.address, tunnel = index, ?end, "tunnel closed"),
+            Err(error) => tracing::warn!(tunnel = index, %error, "tunnel attempt failed"),
+        }
+        // A tunnel that stayed up a while resets the backoff.
+        if opened.elapsed() > settings.reconnect_max {
+            attempt = 0;
+        }
+        let wait = backoff(
+            attempt,
+            settings.reconnect_initial,
+            settings.reconnect_max,
+            &mut rand::rng(),
+        );
+        attempt = attempt.saturating_add(1);
+        tracing::debug!(?wait, tunnel = index, "reconnecting after a jittered wait");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn dial(settings: &PollingSettings, hub: &HubEndpoint) -> std::io::Result<TcpStream> {
+    let (host, port) = (hub.address.host(), hub.address.port());
+    let proxy = settings
+        .proxy
+        .clone()
+        .or_else(|| ProxySettings::from_env(host));
+    let tcp = match proxy {
+        Some(proxy) => proxy.connect(host, port, settings.connect_timeout).await?,
+        None => tokio::time::timeout(settings.connect_timeout, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??,
+    };
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+async fn open_and_serve(
+    settings: &PollingSettings,
+    hub: &HubEndpoint,
+    index: u32,
+    identity: &Identity,
+    routes: Routes,
+    serve: &ServeSettings,
+    stop: &CancellationToken,
+) -> Result<SessionEnd, TunnelError> {
+    let address = hub.address.to_string();
+    let tls_config =
+        tentacle_proto::tls::client_config(identity, TrustStore::new([hub.thumbprint]))?;
+    let tcp = dial(settings, hub)
+        .await
+        .map_err(|source| TunnelError::Connect {
+            address: address.clone(),
+            source,
+        })?;
+    let remote_addr = tcp.peer_addr().ok();
+    let server_name = rustls::pki_types::ServerName::try_from(hub.address.host().to_owned())
+        .map_err(|e| TunnelError::Open {
+            address: address.clone(),
+            reason: e.to_string(),
+        })?;
+    let tls = tokio::time::timeout(
+        settings.connect_timeout,
+        tokio_rustls::TlsConnector::from(tls_config).connect(server_name, tcp),
+    )
+    .await
+    .map_err(|_| TunnelError::Open {
+        address: address.clone(),
+        reason: "the TLS handshake timed out".into(),
+    })?
+    .map_err(|e| TunnelError::Open {
+        address: address.clone(),
+        reason: tentacle_proto::dial::describe_connect_error(&e),
+    })?;
+
+    // The outer HTTP/2 connection runs over exactly this one TLS stream.
+    let mut once = Some(tls);
+    let channel = Endpoint::from_static("http://tentacle-hub")
+        .http2_keep_alive_interval(settings.heartbeat.interval)
+        .keep_alive_timeout(settings.heartbeat.timeout)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let tls = once.take();
+            async move {
+                tls.map(TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the tunnel's connection is gone"))
+            }
+        }))
+        .await
+        .map_err(|e| TunnelError::Open {
+            address: address.clone(),
+            reason: tentacle_proto::dial::describe_connect_error(&e),
+        })?;
+
+    let (outgoing, outgoing_rx) = mpsc::channel(tunnel::PIPE_CHUNKS);
+    let hello = TunnelFrame {
+        kind: Some(Kind::Hello(TunnelHello {
+            agent_id: settings.agent_id.clone(),
+            agent_version: crate::VERSION.to_owned(),
+            tunnel_index: index,
+        })),
+    };
+    let _ = outgoing.send(hello).await;
+    let mut incoming = TunnelServiceClient::new(channel)
+        .open(ReceiverStream::new(outgoing_rx))
+        .await
+        .map_err(|status| TunnelError::Open {
+            address: address.clone(),
+            reason: tentacle_proto::dial::describe_status(&status),
+        })?
+        .into_inner();
+    match incoming.message().await {
+        Ok(Some(TunnelFrame {
+            kind: Some(Kind::Welcome(_)),
+        })) => {}
+        Ok(_) => {
+            return Err(TunnelError::Open {
+                address,
+                reason: "the hub did not welcome the tunnel".into(),
+            });
+        }
+        Err(status) => {
+            return Err(TunnelError::Open {
+                address,
+                reason: tentacle_proto::dial::describe_status(&status),
+            });
+        }
+    }
+    tracing::info!(hub = %hub.address, tunnel = index, agent_id = %settings.agent_id, "tunnel open");
+
+    let peer = PeerInfo {
+        thumbprint: hub.thumbprint,
+        remote_addr,
+    };
+    let (io, ends) = tunnel::pipe(Some(peer));
+    let session_over = CancellationToken::new();
+    let inner = {
+        let incoming = tokio_stream::StreamExt::chain(
+            tokio_stream::once(Ok::<_, std::io::Error>(io)),
+            tokio_stream::pending(),
+        );
+        let serve = serve.clone();
+        let done = session_over.clone();
+        tokio::spawn(async move {
+            if let Err(error) =
+                server::serve(routes, incoming, done.cancelled_owned(), &serve).await
+            {
+                tracing::warn!(%error, "the tunnel's inner server failed");
+            }
+        })
+    };
+    let signals = SessionSignals::default();
+    let end = tunnel::run_session(
+        incoming,
+        outgoing,
+        ends,
+        settings.heartbeat.clone(),
+        signals,
+        stop.child_token(),
+    )
+    .await;
+    session_over.cancel();
+    inner.abort();
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_is_jittered_within_a_doubling_window_and_capped() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let initial = Duration::from_secs(1);
+        let max = Duration::from_secs(60);
+        for attempt in 0..12 {
+            let window = initial.saturating_mul(1 << attempt).min(max);
+            let waits: Vec<Duration> = (0..200)
+                .map(|_| backoff(attempt, initial, max, &mut rng))
+                .collect();
+            assert!(waits.iter().all(|w| *w <= window));
+            // Full jitter: waits spread over the window rather than bunching.
+            let spread = waits.iter().max().copied().unwrap_or_default()
+                - waits.iter().min().copied().unwrap_or_default();
+            assert!(
+                spread > window / 2,
+                "attempt {attempt}: spread {spread:?} of {window:?}"
+            );
+        }
+    }
+}

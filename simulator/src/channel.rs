@@ -1,0 +1,241 @@
+//! [`AgentChannel`]: one tower service that reaches an agent however it is
+//! connected, so the generated tonic clients work the same for every mode.
+//!
+//! - `Direct`: a pinned-mTLS connection to a listening agent.
+//! - `Polling`: a tunnel the agent opened to this process's hub; calls wait
+//!   for the agent to connect, up to the pickup timeout.
+//! - `ViaHub`: a connection to a hub in another process, which forwards
+//!   each call to the agent named in the request's metadata.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::HeaderValue;
+use tentacle_proto::Thumbprint;
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tower::{Service, ServiceExt};
+
+use crate::hub::registry::{CallGuard, PickError, Registry};
+use crate::target::{AgentId, Target};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The metadata key naming the agent a hub should forward a call to.
+pub const TARGET_HEADER: &str = "tentacle-target";
+/// The metadata key with the agent's expected thumbprint.
+pub const TARGET_THUMBPRINT_HEADER: &str = "tentacle-target-thumbprint";
+/// The metadata key with a pickup timeout for a forwarded call, e.g. `30s`.
+pub const PICKUP_TIMEOUT_HEADER: &str = "tentacle-pickup-timeout";
+
+/// The default time a call waits for a polling agent to connect.
+pub const DEFAULT_PICKUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Put in a request's extensions to override the pickup timeout of that one
+/// call: `request.extensions_mut().insert(PickupTimeout(..))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PickupTimeout(pub Duration);
+
+/// A channel to one agent.
+#[derive(Debug, Clone)]
+pub enum AgentChannel {
+    Direct(Channel),
+    Polling(PollingChannel),
+    ViaHub(HubRouted),
+}
+
+impl From<Channel> for AgentChannel {
+    fn from(channel: Channel) -> Self {
+        Self::Direct(channel)
+    }
+}
+
+impl Service<http::Request<Body>> for AgentChannel {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self {
+            Self::Direct(channel) => channel.poll_ready(cx).map_err(Into::into),
+            Self::Polling(_) => Poll::Ready(Ok(())),
+            Self::ViaHub(routed) => routed.channel.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        match self {
+            Self::Direct(channel) => {
+                let future = channel.call(request);
+                Box::pin(async move { future.await.map_err(Into::into) })
+            }
+            Self::Polling(polling) => Box::pin(polling.clone().call(request)),
+            Self::ViaHub(routed) => {
+                let mut request = request;
+                let headers = request.headers_mut();
+                headers.insert(TARGET_HEADER, routed.target.clone());
+                headers.insert(TARGET_THUMBPRINT_HEADER, routed.thumbprint.clone());
+                if let Some(PickupTimeout(timeout)) =
+                    request.extensions().get::<PickupTimeout>().copied()
+                    && let Ok(value) =
+                        HeaderValue::from_str(&humantime::format_duration(timeout).to_string())
+                {
+                    request.headers_mut().insert(PICKUP_TIMEOUT_HEADER, value);
+                }
+                let future = routed.channel.call(request);
+                Box::pin(async move { future.await.map_err(Into::into) })
+            }
+        }
+    }
+}
+
+/// Calls to a polling agent through this process's hub.
+#[derive(Debug, Clone)]
+pub struct PollingChannel {
+    registry: Arc<Registry>,
+    agent: AgentId,
+    thumbprint: Thumbprint,
+    pickup_timeout: Duration,
+}
+
+impl PollingChannel {
+    pub fn new(
+        registry: Arc<Registry>,
+        agent: AgentId,
+        thumbprint: Thumbprint,
+        pickup_timeout: Duration,
+    ) -> Self {
+        Self {
+            registry,
+            agent,
+            thumbprint,
+            pickup_timeout,
+        }
+    }
+
+    async fn call(self, request: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+        let pickup = request
+            .extensions()
+            .get::<PickupTimeout>()
+            .map_or(self.pickup_timeout, |p| p.0);
+        let deadline = grpc_timeout(request.headers());
+        let wait = deadline.map_or(pickup, |d| d.min(pickup));
+        let tunnel = match self
+            .registry
+            .pick(&self.agent, &self.thumbprint, wait)
+            .await
+        {
+            Ok(tunnel) => tunnel,
+            Err(error @ PickError::NotConnected { .. }) => {
+                let status = match deadline {
+                    Some(d) if d <= pickup => tonic::Status::deadline_exceeded(error.to_string()),
+                    _ => tonic::Status::unavailable(error.to_string()),
+                };
+                return Ok(status.into_http());
+            }
+            Err(error) => {
+                return Ok(tonic::Status::permission_denied(error.to_string()).into_http());
+            }
+        };
+        let guard = tunnel.begin_call();
+        let mut channel = tunnel.channel.clone();
+        let response = channel.ready().await?.call(request).await?;
+        // Count the call as in flight until its response body is done.
+        Ok(response.map(|body| {
+            Body::new(GuardedBody {
+                inner: body,
+                _guard: guard,
+            })
+        }))
+    }
+}
+
+/// Calls forwarded by a hub in another process.
+#[derive(Debug, Clone)]
+pub struct HubRouted {
+    channel: Channel,
+    target: HeaderValue,
+    thumbprint: HeaderValue,
+}
+
+impl HubRouted {
+    pub fn new(hub: Channel, target: &Target, thumbprint: Thumbprint) -> Result<Self, BoxError> {
+        Ok(Self {
+            channel: hub,
+            target: HeaderValue::from_str(&target.to_string())?,
+            thumbprint: HeaderValue::from_str(&thumbprint.to_string())?,
+        })
+    }
+}
+
+/// Parses a `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value.saturating_mul(3600)),
+        "M" => Duration::from_secs(value.saturating_mul(60)),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+/// A response body that keeps its call counted until it ends.
+struct GuardedBody {
+    inner: Body,
+    _guard: CallGuard,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(grpc_timeout(&headers), None);
+        for (text, expected) in [
+            ("5S", Duration::from_secs(5)),
+            ("250m", Duration::from_millis(250)),
+            ("2M", Duration::from_secs(120)),
+            ("1H", Duration::from_secs(3600)),
+            ("7u", Duration::from_micros(7)),
+        ] {
+            headers.insert("grpc-timeout", HeaderValue::from_static(text));
+            assert_eq!(grpc_timeout(&headers), Some(expected), "{text}");
+        }
+        headers.insert("grpc-timeout", HeaderValue::from_static("5x"));
+        assert_eq!(grpc_timeout(&headers), None);
+    }
+}

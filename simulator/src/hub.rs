@@ -1,0 +1,286 @@
+//! The hub: one control-plane API that reaches every agent, listening or
+//! polling.
+//!
+//! It listens (10943 by default) for polling agents' tunnels and for
+//! operators' calls, both over pinned mTLS. [`Hub::channel`] gives an
+//! [`AgentChannel`] for any target; the generated tonic clients run over it
+//! unchanged.
+//!
+//! - `registry`: open tunnels and calls waiting for an agent.
+//! - `tunnels`: the `TunnelService` that polling agents call.
+//! - `proxy`: forwards operators' calls to the agent they name.
+//! - `trust`: the agents this hub trusts, on disk.
+
+pub mod proxy;
+pub mod registry;
+pub mod trust;
+pub mod tunnels;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
+use tentacle_proto::incoming::{AcceptSettings, accept_tls};
+use tentacle_proto::tunnel::HeartbeatSettings;
+use tentacle_proto::v1::tunnel_frame::Kind;
+use tentacle_proto::v1::tunnel_service_server::TunnelServiceServer;
+use tentacle_proto::v1::{TunnelDrain, TunnelFrame};
+use tentacle_proto::{Identity, Thumbprint, TrustStore};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tonic::service::Routes;
+use tonic::transport::{Channel, Server};
+
+use crate::channel::{AgentChannel, DEFAULT_PICKUP_TIMEOUT, PollingChannel};
+use crate::client::AgentClient;
+use crate::target::Target;
+pub use registry::Registry;
+pub use trust::{AgentMode, TrustedAgent};
+
+/// The port a hub listens on unless told otherwise.
+pub const DEFAULT_HUB_PORT: u16 = 10943;
+
+/// How the hub behaves.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// How long a call waits for a polling agent to connect.
+    pub pickup_timeout: Duration,
+    pub heartbeat: HeartbeatSettings,
+    /// How long draining tunnels get to finish their calls at shutdown.
+    pub drain_grace: Duration,
+    pub dial: DialSettings,
+    pub accept: AcceptSettings,
+    /// How long a new tunnel may take to finish its inner HTTP/2 handshake.
+    pub tunnel_setup_timeout: Duration,
+}
+
+impl Default for HubSettings {
+    fn default() -> Self {
+        Self {
+            pickup_timeout: DEFAULT_PICKUP_TIMEOUT,
+            heartbeat: HeartbeatSettings::default(),
+            drain_grace: Duration::from_secs(30),
+            dial: DialSettings::default(),
+            accept: AcceptSettings::default(),
+            tunnel_setup_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the hub could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Dial(#[from] dial::DialError),
+    #[error(transparent)]
+    Tls(#[from] tentacle_proto::tls::TlsConfigError),
+    #[error("the hub's server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// The control plane's connection to every agent.
+#[derive(Debug)]
+pub struct Hub {
+    identity: Identity,
+    settings: HubSettings,
+    registry: Arc<Registry>,
+    agents: ArcSwap<Vec<TrustedAgent>>,
+    /// Thumbprints allowed to complete a handshake: agents, this hub's own
+    /// certificate (operators who share its home) and extra operators.
+    tls_trust: Arc<TrustStore>,
+    operators: ArcSwap<Vec<Thumbprint>>,
+    pool: Mutex<HashMap<(ListeningAddress, Thumbprint), Channel>>,
+}
+
+impl Hub {
+    pub fn new(identity: Identity, settings: HubSettings) -> Arc<Self> {
+        let own = identity.thumbprint();
+        Arc::new(Self {
+            identity,
+            settings,
+            registry: Arc::default(),
+            agents: ArcSwap::from_pointee(Vec::new()),
+            tls_trust: TrustStore::new([own]),
+            operators: ArcSwap::from_pointee(vec![own]),
+            pool: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn settings(&self) -> &HubSettings {
+        &self.settings
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Replaces the list of trusted agents. Connections from agents that
+    /// are no longer listed are closed.
+    pub fn set_agents(&self, agents: Vec<TrustedAgent>) {
+        self.agents.store(Arc::new(agents));
+        self.refresh_tls_trust();
+    }
+
+    /// Adds or replaces one trusted agent.
+    pub fn trust_agent(&self, agent: TrustedAgent) {
+        let mut agents = (*self.agents.load_full()).clone();
+        agents.retain(|a| a.thumbprint != agent.thumbprint);
+        agents.push(agent);
+        self.set_agents(agents);
+    }
+
+    /// Allows a client with this thumbprint to send calls through the hub.
+    pub fn trust_operator(&self, thumbprint: Thumbprint) {
+        let mut operators = (*self.operators.load_full()).clone();
+        if !operators.contains(&thumbprint) {
+            operators.push(thumbprint);
+        }
+        self.operators.store(Arc::new(operators));
+        self.refresh_tls_trust();
+    }
+
+    fn refresh_tls_trust(&self) {
+        let agents = self.agents.load();
+        let operators = self.operators.load();
+        self.tls_trust.replace(
+            agents
+                .iter()
+                .map(|a| a.thumbprint)
+                .chain(operators.iter().copied()),
+        );
+    }
+
+    pub fn is_operator(&self, thumbprint: &Thumbprint) -> bool {
+        self.operators.load().contains(thumbprint)
+    }
+
+    /// Whether `thumbprint` may open tunnels as `agent_id`.
+    pub fn allows_tunnel(&self, thumbprint: &Thumbprint, agent_id: &str) -> bool {
+        self.agents.load().iter().any(|a| {
+            a.thumbprint == *thumbprint && a.mode == AgentMode::Polling && a.name == agent_id
+        })
+    }
+
+    /// A channel to `target`, whose certificate must have `thumbprint`.
+    /// Listening connections are pooled; polling calls wait for the agent's
+    /// tunnel up to the pickup timeout.
+    pub async fn channel(
+        &self,
+        target: &Target,
+        thumbprint: Thumbprint,
+    ) -> Result<AgentChannel, HubError> {
+        match target {
+            Target::Polling(agent) => Ok(AgentChannel::Polling(PollingChannel::new(
+                self.registry.clone(),
+                agent.clone(),
+                thumbprint,
+                self.settings.pickup_timeout,
+            ))),
+            Target::Listening(address) => {
+                let key = (address.clone(), thumbprint);
+                if let Some(channel) = self
+                    .pool
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&key)
+                {
+                    return Ok(AgentChannel::Direct(channel.clone()));
+                }
+                let tls = tentacle_proto::tls::client_config(
+                    &self.identity,
+                    TrustStore::new([thumbprint]),
+                )?;
+                let channel = dial::channel(address, tls, &self.settings.dial).await?;
+                self.pool
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(key)
+                    .or_insert(channel.clone());
+                Ok(AgentChannel::Direct(channel))
+            }
+        }
+    }
+
+    /// A typed client for `target`.
+    pub async fn client(
+        &self,
+        target: &Target,
+        thumbprint: Thumbprint,
+    ) -> Result<AgentClient, HubError> {
+        Ok(AgentClient::new(self.channel(target, thumbprint).await?))
+    }
+
+    /// Serves tunnels and operators' calls on `listener` until `shutdown`,
+    /// then drains: every tunnel is told, gets up to the drain grace to
+    /// finish its calls, and is closed.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), HubError> {
+        let tls = tentacle_proto::tls::server_config(&self.identity, self.tls_trust.clone())?;
+        let incoming = accept_tls(
+            listener,
+            TlsAcceptor::from(tls),
+            self.tls_trust.clone(),
+            self.settings.accept.clone(),
+        );
+        let tunnels = TunnelServiceServer::new(tunnels::TunnelApi::new(self.clone()));
+        let router = Routes::new(tunnels)
+            .into_axum_router()
+            .fallback_service(proxy::Forwarder::new(self.clone()));
+        let hub = self.clone();
+        let signal = async move {
+            shutdown.await;
+            hub.drain().await;
+        };
+        Server::builder()
+            .http2_keepalive_interval(Some(self.settings.heartbeat.interval))
+            .http2_keepalive_timeout(Some(self.settings.heartbeat.timeout))
+            .initial_stream_window_size(Some(4 * 1024 * 1024))
+            .initial_connection_window_size(Some(8 * 1024 * 1024))
+            .max_frame_size(Some(256 * 1024))
+            .add_routes(Routes::from(router))
+            .serve_with_incoming_shutdown(incoming, signal)
+            .await?;
+        Ok(())
+    }
+
+    /// Tells every tunnel the hub is going away, waits for their calls, and
+    /// closes them.
+    pub async fn drain(&self) {
+        let tunnels = self.registry.tunnels();
+        tracing::info!(tunnels = tunnels.len(), "draining tunnels");
+        for tunnel in &tunnels {
+            tunnel.start_draining();
+            let _ = tunnel.control.try_send(TunnelFrame {
+                kind: Some(Kind::Drain(TunnelDrain {
+                    reason: "the hub is shutting down".into(),
+                })),
+            });
+        }
+        let idle = async {
+            while tunnels.iter().any(|t| t.in_flight() > 0) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        if tokio::time::timeout(self.settings.drain_grace, idle)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "calls still running after the drain grace period; closing their tunnels"
+            );
+        }
+        for tunnel in &tunnels {
+            tunnel.stop.cancel();
+        }
+    }
+}

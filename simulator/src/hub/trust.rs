@@ -1,0 +1,149 @@
+//! The agents a hub trusts: thumbprint, name, mode and address, kept in
+//! `agents.toml` in the hub's home.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tentacle_proto::Thumbprint;
+
+/// How the hub reaches an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentMode {
+    Listening,
+    Polling,
+}
+
+/// One trusted agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedAgent {
+    pub thumbprint: Thumbprint,
+    /// For polling agents, the agent id they open tunnels as.
+    pub name: String,
+    pub mode: AgentMode,
+    /// For listening agents, `https://HOST:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustFile {
+    #[serde(default, rename = "agent")]
+    agents: Vec<TrustedAgent>,
+}
+
+/// The trust file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustFileError {
+    #[error("could not read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid agent trust file: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("could not write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// `agents.toml`.
+#[derive(Debug, Clone)]
+pub struct AgentTrustFile {
+    path: PathBuf,
+}
+
+impl AgentTrustFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every trusted agent; a missing file means none.
+    pub fn load(&self) -> Result<Vec<TrustedAgent>, TrustFileError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(TrustFileError::Read {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let file: TrustFile = toml::from_str(&text).map_err(|e| TrustFileError::Parse {
+            path: self.path.clone(),
+            message: e.message().to_owned(),
+        })?;
+        Ok(file.agents)
+    }
+
+    /// Replaces the file through a rename.
+    pub fn save(&self, agents: &[TrustedAgent]) -> Result<(), TrustFileError> {
+        let err = |source| TrustFileError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let text = toml::to_string_pretty(&TrustFile {
+            agents: agents.to_vec(),
+        })
+        .map_err(|e| err(std::io::Error::other(e)))?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let temp = self
+            .path
+            .with_extension(format!("tmp-{}", std::process::id()));
+        std::fs::write(&temp, text).map_err(err)?;
+        std::fs::rename(&temp, &self.path).map_err(err)
+    }
+
+    /// Adds or replaces the entry with the same thumbprint.
+    pub fn upsert(&self, agent: TrustedAgent) -> Result<(), TrustFileError> {
+        let mut agents = self.load()?;
+        agents.retain(|a| a.thumbprint != agent.thumbprint);
+        agents.push(agent);
+        self.save(&agents)
+    }
+
+    /// Removes an entry; returns whether it was there.
+    pub fn remove(&self, thumbprint: &Thumbprint) -> Result<bool, TrustFileError> {
+        let mut agents = self.load()?;
+        let before = agents.len();
+        agents.retain(|a| a.thumbprint != *thumbprint);
+        self.save(&agents)?;
+        Ok(agents.len() != before)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsert_list_and_remove_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = AgentTrustFile::new(dir.path().join("agents.toml"));
+        assert!(file.load().expect("empty").is_empty());
+        let a = TrustedAgent {
+            thumbprint: Thumbprint::of_der(b"a"),
+            name: "web-01".into(),
+            mode: AgentMode::Polling,
+            address: None,
+        };
+        file.upsert(a.clone()).expect("add");
+        let mut renamed = a.clone();
+        renamed.name = "web-02".into();
+        file.upsert(renamed.clone()).expect("replace");
+        assert_eq!(file.load().expect("load"), [renamed]);
+        assert!(file.remove(&a.thumbprint).expect("remove"));
+        assert!(!file.remove(&a.thumbprint).expect("again"));
+    }
+}

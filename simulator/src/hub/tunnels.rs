@@ -1,0 +1,161 @@
+//! `tentacle.v1.TunnelService`: where polling agents open their tunnels.
+
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use tentacle_proto::incoming::PeerInfo;
+use tentacle_proto::tunnel::{self, SessionSignals};
+use tentacle_proto::v1::tunnel_frame::Kind;
+use tentacle_proto::v1::tunnel_service_server::TunnelService;
+use tentacle_proto::v1::{TunnelFrame, TunnelWelcome};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Endpoint, Uri};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Hub;
+use super::registry::Tunnel;
+use crate::target::AgentId;
+
+/// The tunnel service.
+#[derive(Debug, Clone)]
+pub struct TunnelApi {
+    hub: Arc<Hub>,
+}
+
+impl TunnelApi {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+}
+
+type FrameStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<TunnelFrame, Status>> + Send + 'static>,
+>;
+
+#[tonic::async_trait]
+impl TunnelService for TunnelApi {
+    type OpenStream = FrameStream;
+
+    async fn open(
+        &self,
+        request: Request<Streaming<TunnelFrame>>,
+    ) -> Result<Response<FrameStream>, Status> {
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let mut incoming = request.into_inner();
+        let first =
+            tokio::time::timeout(self.hub.settings().tunnel_setup_timeout, incoming.message())
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded("no hello within the tunnel setup timeout")
+                })??;
+        let hello = match first {
+            Some(TunnelFrame {
+                kind: Some(Kind::Hello(hello)),
+            }) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first tunnel frame must be a hello",
+                ));
+            }
+        };
+        let agent_id = AgentId::parse(&hello.agent_id).map_err(|_| {
+            Status::invalid_argument(format!("agent id `{}` is not valid", hello.agent_id))
+        })?;
+        if !self.hub.allows_tunnel(&peer.thumbprint, agent_id.as_str()) {
+            tracing::warn!(agent = %agent_id, thumbprint = %peer.thumbprint, "refused a tunnel: agent id not trusted for this thumbprint");
+            return Err(Status::permission_denied(format!(
+                "this hub does not trust thumbprint {} as polling agent `{agent_id}`; add it with `tentacle-sim server trust add`",
+                peer.thumbprint
+            )));
+        }
+
+        let (outgoing, outgoing_rx) = mpsc::channel(tunnel::PIPE_CHUNKS);
+        let welcome = TunnelFrame {
+            kind: Some(Kind::Welcome(TunnelWelcome {
+                hub_version: env!("CARGO_PKG_VERSION").to_owned(),
+            })),
+        };
+        outgoing
+            .send(welcome)
+            .await
+            .map_err(|_| Status::internal("the tunnel closed during setup"))?;
+        // The session must pump bytes before the inner handshake can finish,
+        // and this handler must return before any frame flows: both happen in
+        // a task of their own.
+        tokio::spawn(run_tunnel(
+            self.hub.clone(),
+            peer,
+            agent_id,
+            hello.tunnel_index,
+            incoming,
+            outgoing,
+        ));
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(outgoing_rx).map(Ok),
+        )))
+    }
+}
+
+async fn run_tunnel(
+    hub: Arc<Hub>,
+    peer: PeerInfo,
+    agent_id: AgentId,
+    index: u32,
+    incoming: Streaming<TunnelFrame>,
+    outgoing: mpsc::Sender<TunnelFrame>,
+) {
+    let (io, ends) = tunnel::pipe(Some(peer.clone()));
+    let stop = CancellationToken::new();
+    let session = tokio::spawn(tunnel::run_session(
+        incoming,
+        outgoing.clone(),
+        ends,
+        hub.settings().heartbeat.clone(),
+        SessionSignals::default(),
+        stop.clone(),
+    ));
+    let mut once = Some(io);
+    let endpoint = Endpoint::from_static("http://tentacle-agent")
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024));
+    let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
+        let io = once.take();
+        async move {
+            io.map(TokioIo::new)
+                .ok_or_else(|| std::io::Error::other("the tunnel's inner connection is gone"))
+        }
+    }));
+    let channel = match tokio::time::timeout(hub.settings().tunnel_setup_timeout, connect).await {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(error)) => {
+            tracing::warn!(agent = %agent_id, %error, "could not start a tunnel's inner connection");
+            stop.cancel();
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(agent = %agent_id, "a tunnel's inner connection did not start in time");
+            stop.cancel();
+            return;
+        }
+    };
+    let tunnel = Arc::new(Tunnel::new(
+        agent_id.clone(),
+        peer.thumbprint,
+        channel,
+        outgoing,
+        stop.clone(),
+    ));
+    hub.registry().add(tunnel.clone());
+    tracing::info!(agent = %agent_id, tunnel = index, thumbprint = %peer.thumbprint.short(), "tunnel open");
+    let end = session.await;
+    hub.registry().remove(&tunnel);
+    tunnel.stop.cancel();
+    tracing::info!(agent = %agent_id, tunnel = index, ?end, "tunnel closed");
+}
