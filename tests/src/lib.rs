@@ -492,6 +492,8 @@ pub struct Fixture {
     pub agent: AgentProcess,
     pub hub: Option<HubFixture>,
     pub client: AgentClient,
+    /// The client's identity (in polling mode, also the hub's).
+    pub me: Identity,
 }
 
 impl Fixture {
@@ -505,18 +507,28 @@ impl Fixture {
                     agent,
                     hub: None,
                     client,
+                    me,
                 }
             }
             Mode::Polling => {
-                let hub = HubFixture::start(me).await;
+                let hub = HubFixture::start(me.clone()).await;
                 let agent = hub.polling_agent(extra_config);
                 let client = hub.client(&agent).await;
                 Self {
                     agent,
                     hub: Some(hub),
                     client,
+                    me,
                 }
             }
+        }
+    }
+
+    /// A second, independent client for the same agent.
+    pub async fn reconnect(&self) -> AgentClient {
+        match &self.hub {
+            None => self.agent.client(&self.me).await,
+            Some(hub) => hub.client(&self.agent).await,
         }
     }
 }

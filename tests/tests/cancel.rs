@@ -4,14 +4,12 @@
 use std::time::{Duration, Instant};
 
 use tentacle_proto::v1 as pb;
-use tentacle_tests::{AgentProcess, bash, client_identity, process_alive};
+use tentacle_tests::{Fixture, Mode, bash, in_both_modes, process_alive};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cancel_kills_a_grandchild_that_holds_stdout() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "");
-    let client = agent.client(&me).await;
+async fn cancel_kills_a_grandchild_that_holds_stdout(mode: Mode) {
+    let fixture = Fixture::start(mode, "").await;
+    let client = &fixture.client;
     // The grandchild inherits stdout and outlives its parent's `wait` unless
     // the whole group is killed.
     let request = bash("sleep 300 & echo \"grandchild $!\"; wait");
@@ -46,18 +44,16 @@ async fn cancel_kills_a_grandchild_that_holds_stdout() {
     assert!(!process_alive(pid), "grandchild {pid} survived the cancel");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_script_survives_its_caller_disconnecting() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "");
+async fn a_script_survives_its_caller_disconnecting(mode: Mode) {
+    let fixture = Fixture::start(mode, "").await;
     let request = bash("sleep 1; echo finished");
     let ticket = request.ticket.clone();
     {
-        let client = agent.client(&me).await;
+        let client = fixture.reconnect().await;
         client.scripts().start_script(request).await.expect("start");
     }
     // A brand-new connection picks the script up later.
-    let client = agent.client(&me).await;
+    let client = fixture.reconnect().await;
     let mut lines = Vec::new();
     let end = client
         .follow(
@@ -72,3 +68,12 @@ async fn a_script_survives_its_caller_disconnecting() {
     assert_eq!(end.exit_code, 0);
     assert_eq!(lines, ["finished"]);
 }
+
+in_both_modes!(
+    cancel_kills_a_grandchild_that_holds_stdout,
+    super::cancel_kills_a_grandchild_that_holds_stdout
+);
+in_both_modes!(
+    a_script_survives_its_caller_disconnecting,
+    super::a_script_survives_its_caller_disconnecting
+);

@@ -6,7 +6,7 @@ use std::io::Write;
 use sha2::{Digest, Sha256};
 use tentacle_proto::v1 as pb;
 use tentacle_sim::client::{ClientError, hash_file, partial_path};
-use tentacle_tests::{AgentProcess, client_identity};
+use tentacle_tests::{Fixture, Mode, in_both_modes};
 use tonic::Code;
 
 fn random_file(dir: &std::path::Path, bytes: usize) -> std::path::PathBuf {
@@ -28,11 +28,9 @@ fn random_file(dir: &std::path::Path, bytes: usize) -> std::path::PathBuf {
     path
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_64_mib_upload_and_download_round_trip_with_matching_hashes() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "[files]\nmin_free_bytes = 0\n");
-    let client = agent.client(&me).await;
+async fn a_64_mib_upload_and_download_round_trip_with_matching_hashes(mode: Mode) {
+    let fixture = Fixture::start(mode, "[files]\nmin_free_bytes = 0\n").await;
+    let (agent, client) = (&fixture.agent, &fixture.client);
     let local = tempfile::tempdir().expect("tempdir");
     let source = random_file(local.path(), 64 * 1024 * 1024);
     let (size, digest) = hash_file(&source).await.expect("hash");
@@ -87,11 +85,9 @@ async fn a_64_mib_upload_and_download_round_trip_with_matching_hashes() {
     assert!(!corrupt.exists() && !partial_path(&corrupt).exists());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn paths_outside_the_files_root_are_refused() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "[files]\nmin_free_bytes = 0\n");
-    let client = agent.client(&me).await;
+async fn paths_outside_the_files_root_are_refused(mode: Mode) {
+    let fixture = Fixture::start(mode, "[files]\nmin_free_bytes = 0\n").await;
+    let (agent, client) = (&fixture.agent, &fixture.client);
     let outside = tempfile::tempdir().expect("tempdir");
     std::os::unix::fs::symlink(outside.path(), agent.home().join("files/escape")).expect("symlink");
     let local = tempfile::tempdir().expect("tempdir");
@@ -127,11 +123,9 @@ async fn paths_outside_the_files_root_are_refused() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_wrong_digest_leaves_nothing_at_the_destination() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "[files]\nmin_free_bytes = 0\n");
-    let client = agent.client(&me).await;
+async fn a_wrong_digest_leaves_nothing_at_the_destination(mode: Mode) {
+    let fixture = Fixture::start(mode, "[files]\nmin_free_bytes = 0\n").await;
+    let (agent, client) = (&fixture.agent, &fixture.client);
     let header = pb::UploadFileRequest {
         part: Some(pb::upload_file_request::Part::Header(pb::UploadHeader {
             path: "bad.bin".into(),
@@ -167,11 +161,9 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn agent_memory_stays_flat_during_a_large_upload() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "[files]\nmin_free_bytes = 0\n");
-    let client = agent.client(&me).await;
+async fn agent_memory_stays_flat_during_a_large_upload(mode: Mode) {
+    let fixture = Fixture::start(mode, "[files]\nmin_free_bytes = 0\n").await;
+    let (agent, client) = (&fixture.agent, &fixture.client);
     let local = tempfile::tempdir().expect("tempdir");
     let source = random_file(local.path(), 256 * 1024 * 1024);
     client.capabilities().await.expect("connected");
@@ -191,15 +183,10 @@ async fn agent_memory_stays_flat_during_a_large_upload() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_upload_that_would_fill_the_disk_is_refused_before_writing() {
-    let me = client_identity();
+async fn an_upload_that_would_fill_the_disk_is_refused_before_writing(mode: Mode) {
     // Demand more free space than any test machine has.
-    let agent = AgentProcess::start(
-        &[me.thumbprint()],
-        "[files]\nmin_free_bytes = 1000000000000000\n",
-    );
-    let client = agent.client(&me).await;
+    let fixture = Fixture::start(mode, "[files]\nmin_free_bytes = 1000000000000000\n").await;
+    let (agent, client) = (&fixture.agent, &fixture.client);
     let local = tempfile::tempdir().expect("tempdir");
     let source = random_file(local.path(), 1000);
     match client.upload(&source, "x.bin", 4096).await {
@@ -215,3 +202,28 @@ async fn an_upload_that_would_fill_the_disk_is_refused_before_writing() {
     }
     assert!(!agent.home().join("files/x.bin").exists());
 }
+
+in_both_modes!(
+    a_64_mib_upload_and_download_round_trip_with_matching_hashes,
+    super::a_64_mib_upload_and_download_round_trip_with_matching_hashes
+);
+
+in_both_modes!(
+    paths_outside_the_files_root_are_refused,
+    super::paths_outside_the_files_root_are_refused
+);
+
+in_both_modes!(
+    a_wrong_digest_leaves_nothing_at_the_destination,
+    super::a_wrong_digest_leaves_nothing_at_the_destination
+);
+
+in_both_modes!(
+    agent_memory_stays_flat_during_a_large_upload,
+    super::agent_memory_stays_flat_during_a_large_upload
+);
+
+in_both_modes!(
+    an_upload_that_would_fill_the_disk_is_refused_before_writing,
+    super::an_upload_that_would_fill_the_disk_is_refused_before_writing
+);

@@ -2,7 +2,7 @@
 //! scripts run side by side.
 
 use tentacle_proto::v1 as pb;
-use tentacle_tests::{AgentProcess, bash, client_identity, run_to_end, texts};
+use tentacle_tests::{Fixture, Mode, bash, in_both_modes, run_to_end, texts};
 
 /// Start and end of a script in nanoseconds since the epoch, as it printed
 /// them.
@@ -17,10 +17,9 @@ fn interval(lines: &[pb::LogLine]) -> (u128, u128) {
     (stamp("start "), stamp("end "))
 }
 
-async fn run_pair(isolation: pb::Isolation) -> ((u128, u128), (u128, u128)) {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "");
-    let client = agent.client(&me).await;
+async fn run_pair(mode: Mode, isolation: pb::Isolation) -> ((u128, u128), (u128, u128)) {
+    let fixture = Fixture::start(mode, "").await;
+    let client = &fixture.client;
     let script = "echo \"start $(date +%s%N)\"; sleep 1; echo \"end $(date +%s%N)\"";
     let mut a = bash(script);
     let mut b = bash(script);
@@ -28,21 +27,19 @@ async fn run_pair(isolation: pb::Isolation) -> ((u128, u128), (u128, u128)) {
         request.isolation = isolation as i32;
         request.mutex_name = "deploy".into();
     }
-    let (first, second) = tokio::join!(run_to_end(&client, a), run_to_end(&client, b));
+    let (first, second) = tokio::join!(run_to_end(client, a), run_to_end(client, b));
     assert_eq!((first.1, second.1), (0, 0));
     (interval(&first.0), interval(&second.0))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn full_isolation_scripts_are_serialised() {
-    let (a, b) = run_pair(pb::Isolation::Full).await;
+async fn full_isolation_scripts_are_serialised(mode: Mode) {
+    let (a, b) = run_pair(mode, pb::Isolation::Full).await;
     let overlap = a.0 < b.1 && b.0 < a.1;
     assert!(!overlap, "full-isolation scripts overlapped: {a:?} {b:?}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn no_isolation_scripts_overlap() {
-    let (a, b) = run_pair(pb::Isolation::None).await;
+async fn no_isolation_scripts_overlap(mode: Mode) {
+    let (a, b) = run_pair(mode, pb::Isolation::None).await;
     let overlap = a.0 < b.1 && b.0 < a.1;
     assert!(
         overlap,
@@ -50,11 +47,9 @@ async fn no_isolation_scripts_overlap() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_mutex_timeout_gives_up_with_timed_out() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "");
-    let client = agent.client(&me).await;
+async fn the_mutex_timeout_gives_up_with_timed_out(mode: Mode) {
+    let fixture = Fixture::start(mode, "").await;
+    let client = &fixture.client;
     let holder = bash("sleep 3");
     client
         .scripts()
@@ -77,3 +72,16 @@ async fn the_mutex_timeout_gives_up_with_timed_out() {
         "{agent_lines:?}"
     );
 }
+
+in_both_modes!(
+    the_mutex_timeout_gives_up_with_timed_out,
+    super::the_mutex_timeout_gives_up_with_timed_out
+);
+in_both_modes!(
+    full_isolation_scripts_are_serialised,
+    super::full_isolation_scripts_are_serialised
+);
+in_both_modes!(
+    no_isolation_scripts_overlap,
+    super::no_isolation_scripts_overlap
+);

@@ -4,15 +4,13 @@
 use std::time::Duration;
 
 use tentacle_proto::v1 as pb;
-use tentacle_tests::{AgentProcess, bash, client_identity};
+use tentacle_tests::{AgentProcess, Fixture, Mode, bash, client_identity, in_both_modes};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_script_interrupted_by_a_crash_reports_agent_restarted() {
-    let me = client_identity();
-    let mut agent = AgentProcess::start(&[me.thumbprint()], "");
+async fn a_script_interrupted_by_a_crash_reports_agent_restarted(mode: Mode) {
+    let mut fixture = Fixture::start(mode, "").await;
     let request = bash("echo \"pgid $$\"; echo before; sleep 60");
     let ticket = request.ticket.clone();
-    let client = agent.client(&me).await;
+    let client = fixture.reconnect().await;
     client.scripts().start_script(request).await.expect("start");
     let mut pgid = None;
     for _ in 0..100 {
@@ -37,15 +35,15 @@ async fn a_script_interrupted_by_a_crash_reports_agent_restarted() {
     let pgid = pgid.expect("script started");
     drop(client);
 
-    agent.kill();
+    fixture.agent.kill();
     // The orphaned script is not this test's concern beyond cleaning it up.
     let _ = nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(pgid),
         nix::sys::signal::Signal::SIGKILL,
     );
-    agent.spawn();
+    fixture.agent.spawn();
 
-    let client = agent.client(&me).await;
+    let client = fixture.reconnect().await;
     let status = client
         .scripts()
         .get_status(pb::GetStatusRequest {
@@ -105,3 +103,8 @@ async fn sigterm_stops_the_agent_cleanly() {
     assert!(status.success(), "exit status {status:?}");
     assert!(agent.log_text().contains("received SIGTERM"));
 }
+
+in_both_modes!(
+    a_script_interrupted_by_a_crash_reports_agent_restarted,
+    super::a_script_interrupted_by_a_crash_reports_agent_restarted
+);

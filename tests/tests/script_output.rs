@@ -5,14 +5,12 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use tentacle_proto::v1 as pb;
-use tentacle_tests::{AgentProcess, bash, bin, client_identity, run_to_end, texts};
+use tentacle_tests::{AgentProcess, Fixture, Mode, bash, bin, in_both_modes, run_to_end, texts};
 use tonic::Code;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn output_arrives_in_order_with_dense_sequences() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "");
-    let client = agent.client(&me).await;
+async fn output_arrives_in_order_with_dense_sequences(mode: Mode) {
+    let fixture = Fixture::start(mode, "").await;
+    let client = &fixture.client;
     let (lines, exit_code) = run_to_end(
         &client,
         bash("for i in $(seq 1 300); do echo \"out $i\"; done; echo 'to stderr' >&2; exit 7"),
@@ -30,11 +28,9 @@ async fn output_arrives_in_order_with_dense_sequences() {
     assert!(lines.iter().all(|l| l.time.is_some()));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_watch_resumes_after_a_dropped_stream_without_loss_or_repeats() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "");
-    let client = agent.client(&me).await;
+async fn a_watch_resumes_after_a_dropped_stream_without_loss_or_repeats(mode: Mode) {
+    let fixture = Fixture::start(mode, "").await;
+    let client = &fixture.client;
     let request = bash("for i in $(seq 1 60); do echo \"line $i\"; sleep 0.01; done");
     let ticket = request.ticket.clone();
     client.scripts().start_script(request).await.expect("start");
@@ -102,11 +98,9 @@ async fn a_watch_resumes_after_a_dropped_stream_without_loss_or_repeats() {
     assert_eq!(paged, sequences);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_repeated_start_never_runs_the_script_twice() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "");
-    let client = agent.client(&me).await;
+async fn a_repeated_start_never_runs_the_script_twice(mode: Mode) {
+    let fixture = Fixture::start(mode, "").await;
+    let (agent, client) = (&fixture.agent, &fixture.client);
     let marker = agent.home().join("runs.txt");
     let request = bash(&format!("echo ran >> {}; sleep 0.3", marker.display()));
     let first = client
@@ -127,11 +121,9 @@ async fn a_repeated_start_never_runs_the_script_twice() {
     assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "ran\n");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sensitive_values_are_masked_and_complete_deletes_the_workspace() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "");
-    let client = agent.client(&me).await;
+async fn sensitive_values_are_masked_and_complete_deletes_the_workspace(mode: Mode) {
+    let fixture = Fixture::start(mode, "").await;
+    let (agent, client) = (&fixture.agent, &fixture.client);
     let mut request = bash("echo \"password is $DB_PASSWORD\"; echo \"token $1\"; sleep 0.2");
     request.environment.push(pb::EnvironmentVariable {
         name: "DB_PASSWORD".into(),
@@ -191,11 +183,9 @@ async fn sensitive_values_are_masked_and_complete_deletes_the_workspace() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_requests_get_invalid_argument() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "");
-    let client = agent.client(&me).await;
+async fn bad_requests_get_invalid_argument(mode: Mode) {
+    let fixture = Fixture::start(mode, "").await;
+    let client = &fixture.client;
     let mut bad_ticket = bash("true");
     bad_ticket.ticket = "../escape".into();
     let err = client
@@ -218,11 +208,9 @@ async fn bad_requests_get_invalid_argument() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn extra_files_arguments_and_timeouts_reach_the_script() {
-    let me = client_identity();
-    let agent = AgentProcess::start(&[me.thumbprint()], "");
-    let client = agent.client(&me).await;
+async fn extra_files_arguments_and_timeouts_reach_the_script(mode: Mode) {
+    let fixture = Fixture::start(mode, "").await;
+    let client = &fixture.client;
     let mut request = bash("cat app.conf; echo \"args: $*\"");
     request.files.push(pb::ScriptFile {
         name: "app.conf".into(),
@@ -310,3 +298,33 @@ fn tentacle_sim_exec_prints_output_and_exits_with_the_script_code() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
+
+in_both_modes!(
+    output_arrives_in_order_with_dense_sequences,
+    super::output_arrives_in_order_with_dense_sequences
+);
+
+in_both_modes!(
+    a_watch_resumes_after_a_dropped_stream_without_loss_or_repeats,
+    super::a_watch_resumes_after_a_dropped_stream_without_loss_or_repeats
+);
+
+in_both_modes!(
+    a_repeated_start_never_runs_the_script_twice,
+    super::a_repeated_start_never_runs_the_script_twice
+);
+
+in_both_modes!(
+    sensitive_values_are_masked_and_complete_deletes_the_workspace,
+    super::sensitive_values_are_masked_and_complete_deletes_the_workspace
+);
+
+in_both_modes!(
+    bad_requests_get_invalid_argument,
+    super::bad_requests_get_invalid_argument
+);
+
+in_both_modes!(
+    extra_files_arguments_and_timeouts_reach_the_script,
+    super::extra_files_arguments_and_timeouts_reach_the_script
+);
