@@ -119,6 +119,23 @@ impl AgentProcess {
     /// Starts the process (again, after [`Self::kill`]) and waits until it
     /// listens or, in polling-only mode, until a tunnel is open.
     pub fn spawn(&mut self) {
+        let started = self.spawn_no_wait();
+        let polling_only = !self.listens();
+        self.address = loop {
+            let event = started
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| {
+                    panic!("agent did not start serving; log:\n{}", self.log_text())
+                });
+            if event.is_some() || polling_only {
+                break event;
+            }
+        };
+    }
+
+    /// Starts the process without waiting for it to serve. The receiver
+    /// gets the listening address, or `None` for each tunnel opened.
+    pub fn spawn_no_wait(&mut self) -> std::sync::mpsc::Receiver<Option<SocketAddr>> {
         let mut child = Command::new(bin("tentacle"))
             .arg("--home")
             .arg(self.home.path())
@@ -143,17 +160,7 @@ impl AgentProcess {
             }
         });
         self.child = Some(child);
-        let polling_only = !self.listens();
-        self.address = loop {
-            let event = rx
-                .recv_timeout(Duration::from_secs(20))
-                .unwrap_or_else(|_| {
-                    panic!("agent did not start serving; log:\n{}", self.log_text())
-                });
-            if event.is_some() || polling_only {
-                break event;
-            }
-        };
+        rx
     }
 
     pub fn pid(&self) -> u32 {

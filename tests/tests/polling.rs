@@ -1,8 +1,29 @@
 //! Polling mode: the agent dials the hub and serves its calls through a
-//! reverse tunnel.
+//! reverse tunnel. These cover what only polling has: multiplexing on one
+//! connection, pickup, reconnection, and trust in both directions.
+
+use std::time::{Duration, Instant};
 
 use tentacle_proto::v1 as pb;
-use tentacle_tests::{Fixture, Mode, bash, run_to_end, texts};
+use tentacle_sim::channel::PickupTimeout;
+use tentacle_sim::target::Target;
+use tentacle_tests::{Fixture, HubFixture, Mode, bash, client_identity, run_to_end, texts};
+use tonic::Code;
+
+/// Established TCP connections to `port`, from /proc/net/tcp{,6}.
+fn established_connections_to(port: u16) -> usize {
+    let needle = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|table| table.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, rem_address, st: 01 is ESTABLISHED.
+            fields.len() > 3 && format!("{} ", fields[2]).ends_with(&needle) && fields[3] == "01"
+        })
+        .count()
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_polling_agent_runs_scripts_through_its_tunnel() {
@@ -20,4 +41,214 @@ async fn a_polling_agent_runs_scripts_through_its_tunnel() {
     let (lines, code) = run_to_end(&fixture.client, bash("echo through the tunnel; exit 5")).await;
     assert_eq!(code, 5);
     assert_eq!(texts(&lines, pb::LogStream::Stdout), ["through the tunnel"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_concurrent_calls_share_one_connection() {
+    let fixture = Fixture::start(Mode::Polling, "").await;
+    let hub_port = fixture.hub.as_ref().expect("hub").address.port();
+    let mut calls = Vec::new();
+    for i in 0..100 {
+        let client = fixture.client.clone();
+        calls.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                client.capabilities().await.map(|_| 0)
+            } else {
+                let mut request = bash(&format!("sleep 0.2; echo call {i}"));
+                request.isolation = pb::Isolation::None as i32;
+                let (lines, code) = run_to_end(&client, request).await;
+                assert_eq!(texts(&lines, pb::LogStream::Stdout), [format!("call {i}")]);
+                Ok(code)
+            }
+        }));
+    }
+    // While they are in flight, the agent has exactly one connection open.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        established_connections_to(hub_port),
+        1,
+        "one tunnel, one TCP connection"
+    );
+    for call in calls {
+        assert_eq!(call.await.expect("task").expect("call"), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn small_calls_keep_completing_during_a_large_upload() {
+    let fixture = Fixture::start(Mode::Polling, "[files]\nmin_free_bytes = 0\n").await;
+    let local = tempfile::tempdir().expect("tempdir");
+    let source = local.path().join("big.bin");
+    {
+        let file = std::fs::File::create(&source).expect("create");
+        file.set_len(256 * 1024 * 1024).expect("size");
+    }
+    let uploader = fixture.client.clone();
+    let upload_source = source.clone();
+    let upload =
+        tokio::spawn(async move { uploader.upload(&upload_source, "big.bin", 256 * 1024).await });
+    // Wait until the upload is really streaming.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut latencies = Vec::new();
+    while !upload.is_finished() && latencies.len() < 2000 {
+        let started = Instant::now();
+        fixture.client.capabilities().await.expect("small call");
+        latencies.push(started.elapsed());
+    }
+    let stored = upload.await.expect("task").expect("upload");
+    assert_eq!(stored.size, 256 * 1024 * 1024);
+    assert!(
+        latencies.len() >= 5,
+        "only {} small calls overlapped the upload",
+        latencies.len()
+    );
+    latencies.sort();
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+    eprintln!(
+        "{} small calls during a 256 MiB upload: p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        p50,
+        p99,
+        latencies[latencies.len() - 1]
+    );
+    assert!(
+        p99 < Duration::from_secs(1),
+        "p99 {p99:?}: small calls stalled behind the upload"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_queued_before_the_agent_connects_is_picked_up() {
+    let hub = HubFixture::start(client_identity()).await;
+    let mut agent = hub.prepare_polling_agent("");
+    hub.trust(&agent);
+    let client = hub.client(&agent).await;
+    let queued = tokio::spawn(async move { client.capabilities().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!queued.is_finished(), "the call waits for the agent");
+    agent.spawn();
+    let caps = tokio::time::timeout(Duration::from_secs(20), queued)
+        .await
+        .expect("picked up")
+        .expect("task")
+        .expect("call");
+    assert_eq!(caps.os, std::env::consts::OS);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pickup_timeout_fails_with_unavailable_naming_the_agent() {
+    let hub = HubFixture::start(client_identity()).await;
+    let target: Target = "poll://never-connects".parse().expect("target");
+    let client = hub
+        .hub
+        .client(&target, client_identity().thumbprint())
+        .await
+        .expect("client");
+    let mut request = tonic::Request::new(pb::GetCapabilitiesRequest {});
+    request
+        .extensions_mut()
+        .insert(PickupTimeout(Duration::from_millis(300)));
+    let started = Instant::now();
+    let status = tentacle_proto::v1::capabilities_service_client::CapabilitiesServiceClient::new(
+        client.channel().clone(),
+    )
+    .get_capabilities(request)
+    .await
+    .expect_err("nobody picks it up");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("never-connects"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_hub_restart_the_agent_reconnects() {
+    let identity = client_identity();
+    let mut hub = HubFixture::start(identity.clone()).await;
+    let address = hub.address;
+    let agent = hub.polling_agent("");
+    hub.client(&agent)
+        .await
+        .capabilities()
+        .await
+        .expect("first call");
+
+    hub.shutdown().await;
+    assert!(
+        agent.wait_for_log("draining", Duration::from_secs(10)),
+        "the agent heard the drain; log:\n{}",
+        agent.log_text()
+    );
+    let hub = HubFixture::start_with(identity, Default::default(), &address.to_string()).await;
+    hub.trust(&agent);
+    let caps = tokio::time::timeout(
+        Duration::from_secs(30),
+        hub.client(&agent).await.capabilities(),
+    )
+    .await
+    .expect("the agent came back")
+    .expect("call after the restart");
+    assert_eq!(caps.os, std::env::consts::OS);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hub_refuses_an_untrusted_agent() {
+    let hub = HubFixture::start(client_identity()).await;
+    let mut agent = hub.prepare_polling_agent("");
+    // Not trusted: the handshake itself fails.
+    let _events = agent.spawn_no_wait();
+    assert!(
+        agent.wait_for_log("tunnel attempt failed", Duration::from_secs(10)),
+        "log:\n{}",
+        agent.log_text()
+    );
+    assert!(!agent.log_text().contains("tunnel open"));
+    assert_eq!(hub.hub.registry().connected_agents(), 0);
+
+    // Trusted at the TLS layer, but under another agent id: refused too.
+    hub.hub.trust_agent(tentacle_sim::hub::TrustedAgent {
+        thumbprint: agent.thumbprint,
+        name: "someone-else".into(),
+        mode: tentacle_sim::hub::AgentMode::Polling,
+        address: None,
+    });
+    assert!(
+        agent.wait_for_log("does not trust thumbprint", Duration::from_secs(10)),
+        "log:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(hub.hub.registry().connected_agents(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_refuses_a_hub_with_the_wrong_thumbprint() {
+    let real = HubFixture::start(client_identity()).await;
+    let mut agent = real.prepare_polling_agent("");
+    real.trust(&agent);
+    // Point the agent at the hub, but pin someone else's thumbprint.
+    let impostor = client_identity().thumbprint().to_string();
+    tentacle_tests::tentacle(
+        agent.home(),
+        &[
+            "configure",
+            "--server",
+            &real.url(),
+            "--server-thumbprint",
+            &impostor,
+        ],
+    );
+    let _events = agent.spawn_no_wait();
+    assert!(
+        agent.wait_for_log(
+            "does not match the pinned thumbprint",
+            Duration::from_secs(10)
+        ),
+        "log:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(real.hub.registry().connected_agents(), 0);
 }
