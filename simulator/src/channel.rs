@@ -79,8 +79,12 @@ impl Service<http::Request<Body>> for AgentChannel {
                 let headers = request.headers_mut();
                 headers.insert(TARGET_HEADER, routed.target.clone());
                 headers.insert(TARGET_THUMBPRINT_HEADER, routed.thumbprint.clone());
-                if let Some(PickupTimeout(timeout)) =
-                    request.extensions().get::<PickupTimeout>().copied()
+                let pickup = request
+                    .extensions()
+                    .get::<PickupTimeout>()
+                    .map(|p| p.0)
+                    .or(routed.pickup_timeout);
+                if let Some(timeout) = pickup
                     && let Ok(value) =
                         HeaderValue::from_str(&humantime::format_duration(timeout).to_string())
                 {
@@ -160,14 +164,23 @@ pub struct HubRouted {
     channel: Channel,
     target: HeaderValue,
     thumbprint: HeaderValue,
+    pickup_timeout: Option<Duration>,
 }
 
 impl HubRouted {
-    pub fn new(hub: Channel, target: &Target, thumbprint: Thumbprint) -> Result<Self, BoxError> {
+    /// Calls to `target` through the hub at the other end of `hub`. A
+    /// `pickup_timeout` applies to every call that sets none of its own.
+    pub fn new(
+        hub: Channel,
+        target: &Target,
+        thumbprint: Thumbprint,
+        pickup_timeout: Option<Duration>,
+    ) -> Result<Self, BoxError> {
         Ok(Self {
             channel: hub,
             target: HeaderValue::from_str(&target.to_string())?,
             thumbprint: HeaderValue::from_str(&thumbprint.to_string())?,
+            pickup_timeout,
         })
     }
 }

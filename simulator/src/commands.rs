@@ -5,19 +5,21 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tentacle_proto::Thumbprint;
 use tentacle_proto::dial::{DialSettings, ListeningAddress};
 use tentacle_proto::v1 as pb;
+use tentacle_proto::{Thumbprint, TrustStore};
+use tentacle_sim::channel::{AgentChannel, HubRouted};
 use tentacle_sim::client::{AgentClient, FollowSettings};
 use tentacle_sim::demo;
 use tentacle_sim::home::SimHome;
+use tentacle_sim::target::Target;
 use tokio_util::sync::CancellationToken;
 
 use super::Command;
 
-pub fn init_logging() {
+pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -79,6 +81,7 @@ pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode>
             println!("features:      {}", caps.features.join(", "));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Server(args) => crate::server::run(&home, args).await,
         Command::Demo { script } => {
             let code = demo::run(script.as_deref().unwrap_or(demo::DEFAULT_SCRIPT)).await?;
             Ok(exit_code(code))
@@ -88,12 +91,23 @@ pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode>
 
 #[derive(Debug, clap::Args)]
 pub struct TargetArgs {
-    /// The agent: https://HOST:PORT for a listening agent.
+    /// The agent: https://HOST:PORT for a listening agent, poll://AGENT-ID
+    /// for a polling agent (reached through the hub given by --hub).
     #[arg(long)]
-    target: ListeningAddress,
+    target: Target,
     /// The agent's certificate thumbprint (`tentacle show-thumbprint`).
     #[arg(long)]
     thumbprint: Thumbprint,
+    /// The hub that polling agents connect to.
+    #[arg(long, default_value = "https://127.0.0.1:10943")]
+    hub: ListeningAddress,
+    /// The hub's thumbprint; by default this home's own, as when the hub
+    /// runs from the same home (`tentacle-sim server`).
+    #[arg(long)]
+    hub_thumbprint: Option<Thumbprint>,
+    /// How long a call waits for a polling agent to connect.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pickup_timeout: Option<Duration>,
     /// Give up connecting after this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -106,10 +120,26 @@ impl TargetArgs {
             connect_timeout: self.connect_timeout,
             ..DialSettings::default()
         };
-        Ok(
-            AgentClient::connect_listening(&self.target, self.thumbprint, &identity, &settings)
-                .await?,
-        )
+        match &self.target {
+            Target::Listening(address) => {
+                Ok(
+                    AgentClient::connect_listening(address, self.thumbprint, &identity, &settings)
+                        .await?,
+                )
+            }
+            Target::Polling(_) => {
+                let hub_thumbprint = self.hub_thumbprint.unwrap_or_else(|| identity.thumbprint());
+                let tls = tentacle_proto::tls::client_config(
+                    &identity,
+                    TrustStore::new([hub_thumbprint]),
+                )?;
+                let hub = tentacle_proto::dial::channel(&self.hub, tls, &settings).await?;
+                let routed =
+                    HubRouted::new(hub, &self.target, self.thumbprint, self.pickup_timeout)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(AgentClient::new(AgentChannel::ViaHub(routed)))
+            }
+        }
     }
 }
 

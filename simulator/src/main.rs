@@ -1,6 +1,7 @@
 //! `tentacle-sim`: a control plane for people at a shell.
 
 mod commands;
+mod server;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +50,8 @@ enum Command {
     Download(commands::DownloadArgs),
     /// Shows what an agent supports.
     Capabilities(commands::TargetArgs),
+    /// Runs the hub (default port 10943), or manages the agents it trusts.
+    Server(server::ServerArgs),
     /// Starts a listening agent with fresh certificates in a temporary home,
     /// runs a script through it and prints the output.
     Demo {
@@ -60,7 +63,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    commands::init_logging();
+    // A long-running hub reports what it does; one-shot verbs stay quiet.
+    let default_log = match &cli.command {
+        Command::Server(_) => "info,h2=warn,hyper=warn,tower=warn",
+        _ => "warn",
+    };
+    commands::init_logging(default_log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -149,7 +149,8 @@ impl ProxySettings {
         .into_owned();
         let code = status_line.split_whitespace().nth(1).unwrap_or("");
         if code != "200" {
-            let hint = if code == "407" {
+            // 407 is the standard answer; some proxies (tinyproxy) send 401.
+            let hint = if code == "407" || code == "401" {
                 "; check the proxy username and password (`tentacle polling-proxy`)"
             } else {
                 ""
