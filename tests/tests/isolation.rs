@@ -63,7 +63,7 @@ async fn the_mutex_timeout_gives_up_with_timed_out(mode: Mode) {
         seconds: 0,
         nanos: 500_000_000,
     });
-    let (lines, code) = run_to_end(&client, waiter).await;
+    let (lines, code) = run_to_end(client, waiter).await;
     assert_eq!(code, pb::ReservedExitCode::ExitCodeTimedOut as i32);
     assert!(texts(&lines, pb::LogStream::Stdout).is_empty());
     let agent_lines = texts(&lines, pb::LogStream::Agent);

@@ -12,7 +12,7 @@ async fn output_arrives_in_order_with_dense_sequences(mode: Mode) {
     let fixture = Fixture::start(mode, "").await;
     let client = &fixture.client;
     let (lines, exit_code) = run_to_end(
-        &client,
+        client,
         bash("for i in $(seq 1 300); do echo \"out $i\"; done; echo 'to stderr' >&2; exit 7"),
     )
     .await;
@@ -116,7 +116,7 @@ async fn a_repeated_start_never_runs_the_script_twice(mode: Mode) {
         .expect("repeat")
         .into_inner();
     assert_eq!(first.ticket, second.ticket);
-    let (_, exit_code) = run_to_end(&client, request.clone()).await;
+    let (_, exit_code) = run_to_end(client, request.clone()).await;
     assert_eq!(exit_code, 0);
     assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "ran\n");
 }
@@ -217,7 +217,7 @@ async fn extra_files_arguments_and_timeouts_reach_the_script(mode: Mode) {
         content: b"setting=1\n".to_vec(),
     });
     request.arguments = vec!["one".into(), "two words".into()];
-    let (lines, code) = run_to_end(&client, request).await;
+    let (lines, code) = run_to_end(client, request).await;
     assert_eq!(code, 0);
     assert_eq!(
         texts(&lines, pb::LogStream::Stdout),
@@ -229,7 +229,7 @@ async fn extra_files_arguments_and_timeouts_reach_the_script(mode: Mode) {
         seconds: 1,
         nanos: 0,
     });
-    let (lines, code) = run_to_end(&client, slow).await;
+    let (lines, code) = run_to_end(client, slow).await;
     assert_eq!(code, pb::ReservedExitCode::ExitCodeTimedOut as i32);
     assert!(
         texts(&lines, pb::LogStream::Agent)
