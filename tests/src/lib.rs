@@ -58,6 +58,8 @@ pub struct AgentProcess {
     pub address: Option<SocketAddr>,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
+    /// Extra environment for the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentProcess {
@@ -94,6 +96,7 @@ impl AgentProcess {
             address: None,
             child: None,
             log: Arc::default(),
+            env: Vec::new(),
         }
     }
 
@@ -141,6 +144,7 @@ impl AgentProcess {
             .arg(self.home.path())
             .arg("run")
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -252,3 +252,38 @@ async fn the_agent_refuses_a_hub_with_the_wrong_thumbprint() {
     );
     assert_eq!(real.hub.registry().connected_agents(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_with_several_tunnels_spreads_calls_over_them() {
+    let hub = HubFixture::start(client_identity()).await;
+    let agent = hub.polling_agent("[polling]\ntunnels = 3\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while hub.hub.registry().tunnels().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tunnels = hub.hub.registry().tunnels();
+    assert_eq!(tunnels.len(), 3, "log:\n{}", agent.log_text());
+    assert_eq!(established_connections_to(hub.address.port()), 3);
+    let client = hub.client(&agent).await;
+    let mut calls = Vec::new();
+    for _ in 0..9 {
+        let client = client.clone();
+        let mut request = bash("sleep 1");
+        request.isolation = pb::Isolation::None as i32;
+        calls.push(tokio::spawn(
+            async move { run_to_end(&client, request).await.1 },
+        ));
+    }
+    // While the scripts run, each tunnel carries some of the watch streams.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let busy = tunnels.iter().filter(|t| t.in_flight() > 0).count();
+    assert_eq!(
+        busy,
+        3,
+        "in flight per tunnel: {:?}",
+        tunnels.iter().map(|t| t.in_flight()).collect::<Vec<_>>()
+    );
+    for call in calls {
+        assert_eq!(call.await.expect("task"), 0);
+    }
+}

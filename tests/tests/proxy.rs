@@ -127,3 +127,29 @@ async fn polling_works_through_an_authenticating_proxy() {
         "the tunnel went through the proxy; tinyproxy log:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn polling_honours_https_proxy_from_the_environment() {
+    let hub = HubFixture::start(client_identity()).await;
+    let proxy = Tinyproxy::start(hub.address.port(), "envuser", "envpass");
+    let mut agent = hub.prepare_polling_agent("");
+    hub.trust(&agent);
+    agent.env.push((
+        "HTTPS_PROXY".into(),
+        format!("http://envuser:envpass@127.0.0.1:{}", proxy.port),
+    ));
+    agent
+        .env
+        .push(("NO_PROXY".into(), "example.invalid".into()));
+    agent.spawn();
+    hub.client(&agent)
+        .await
+        .capabilities()
+        .await
+        .expect("a call through the proxy");
+    assert!(
+        proxy.log().contains("CONNECT"),
+        "tinyproxy log:\n{}",
+        proxy.log()
+    );
+}

@@ -224,7 +224,12 @@ pub fn polling_proxy(home: &Path, args: PollingProxyArgs) -> anyhow::Result<()> 
 
 pub fn show_configuration(home: &Path) -> anyhow::Result<()> {
     let home = Home::new(home);
-    let config = home.load()?;
+    let mut config = home.load()?;
+    if let Some(proxy) = config.polling.proxy.as_mut()
+        && proxy.password.is_some()
+    {
+        proxy.password = Some("********".into());
+    }
     println!("# {}", home.config_path().display());
     print!("{}", toml::to_string_pretty(&config)?);
     Ok(())
