@@ -35,6 +35,10 @@ pub struct AcceptSettings {
     pub handshake_timeout: Duration,
     /// Authenticated connections waiting for the server to pick them up.
     pub backlog: usize,
+    /// Drop peers whose thumbprint is not trusted once the handshake is
+    /// done. Off only for servers whose TLS config admits unknown clients
+    /// and that authorise every request themselves.
+    pub require_trusted_peers: bool,
 }
 
 impl Default for AcceptSettings {
@@ -42,6 +46,7 @@ impl Default for AcceptSettings {
         Self {
             handshake_timeout: Duration::from_secs(10),
             backlog: 1024,
+            require_trusted_peers: true,
         }
     }
 }
@@ -94,6 +99,7 @@ pub fn accept_tls(
             let live = live.clone();
             let trust = trust.clone();
             let timeout = settings.handshake_timeout;
+            let require_trusted = settings.require_trusted_peers;
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -112,7 +118,8 @@ pub fn accept_tls(
                     tracing::warn!(%remote_addr, "peer presented no certificate");
                     return;
                 };
-                if !trust.contains(&thumbprint) {
+                let trusted = trust.contains(&thumbprint);
+                if !trusted && require_trusted {
                     // Trust changed while the handshake ran.
                     tracing::warn!(%remote_addr, %thumbprint, "refused a peer whose trust was removed during the handshake");
                     return;
@@ -122,7 +129,7 @@ pub fn accept_tls(
                     thumbprint,
                     remote_addr: Some(remote_addr),
                 };
-                let _ = tx.send(Ok(live.track(tls, info))).await;
+                let _ = tx.send(Ok(live.track(tls, info, trusted))).await;
             });
         }
     });
@@ -163,15 +170,18 @@ struct LiveInner {
 }
 
 impl LiveConnections {
-    /// Wraps `io` so it closes when its peer's trust is revoked.
-    pub fn track<IO>(&self, io: IO, info: PeerInfo) -> PeerStream<IO> {
+    /// Wraps `io` so it closes when its peer's trust is revoked. A peer that
+    /// was not trusted when it connected (a registration) is not tracked.
+    pub fn track<IO>(&self, io: IO, info: PeerInfo, trusted: bool) -> PeerStream<IO> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
-        self.inner
-            .connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, (info.thumbprint, token.clone()));
+        if trusted {
+            self.inner
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, (info.thumbprint, token.clone()));
+        }
         PeerStream {
             io,
             info,

@@ -34,8 +34,29 @@ pub fn server_config(
     identity: &Identity,
     trust: Arc<TrustStore>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    build_server_config(identity, trust, false)
+}
+
+/// Server side for a hub that takes registrations: a client certificate is
+/// still required and its signature checked, but an unknown thumbprint
+/// completes the handshake. Every request must then be authorised by the
+/// application from the caller's thumbprint (see `incoming::PeerInfo`).
+pub fn server_config_open_to_registration(
+    identity: &Identity,
+    trust: Arc<TrustStore>,
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    build_server_config(identity, trust, true)
+}
+
+fn build_server_config(
+    identity: &Identity,
+    trust: Arc<TrustStore>,
+    accept_unknown_clients: bool,
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedVerifier::new(trust, provider.clone()));
+    let mut verifier = PinnedVerifier::new(trust, provider.clone());
+    verifier.accept_unknown_clients = accept_unknown_clients;
+    let verifier = Arc::new(verifier);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
@@ -85,16 +106,25 @@ pub fn peer_thumbprint(certificates: Option<&[CertificateDer<'_>]>) -> Option<Th
 struct PinnedVerifier {
     trust: Arc<TrustStore>,
     provider: Arc<CryptoProvider>,
+    /// Lets an untrusted client finish the handshake (server side only).
+    accept_unknown_clients: bool,
 }
 
 impl PinnedVerifier {
     fn new(trust: Arc<TrustStore>, provider: Arc<CryptoProvider>) -> Self {
-        Self { trust, provider }
+        Self {
+            trust,
+            provider,
+            accept_unknown_clients: false,
+        }
     }
 
     fn check(&self, end_entity: &CertificateDer<'_>, role: &str) -> Result<(), rustls::Error> {
         let thumbprint = Thumbprint::of_der(end_entity);
         if self.trust.contains(&thumbprint) {
+            Ok(())
+        } else if role == "client" && self.accept_unknown_clients {
+            tracing::debug!(%thumbprint, "an unknown client connected; only registration is open to it");
             Ok(())
         } else {
             // The accepting side has nobody else to tell; a dialling side

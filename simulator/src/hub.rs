@@ -11,7 +11,9 @@
 //! - `proxy`: forwards operators' calls to the agent they name.
 //! - `trust`: the agents this hub trusts, on disk.
 
+pub mod credentials;
 pub mod proxy;
+pub mod registration;
 pub mod registry;
 pub mod trust;
 pub mod tunnels;
@@ -25,6 +27,8 @@ use arc_swap::ArcSwap;
 use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
 use tentacle_proto::incoming::{AcceptSettings, accept_tls};
 use tentacle_proto::tunnel::HeartbeatSettings;
+use tentacle_proto::v1::fleet_service_server::FleetServiceServer;
+use tentacle_proto::v1::registration_service_server::RegistrationServiceServer;
 use tentacle_proto::v1::tunnel_frame::Kind;
 use tentacle_proto::v1::tunnel_service_server::TunnelServiceServer;
 use tentacle_proto::v1::{TunnelDrain, TunnelFrame};
@@ -81,10 +85,28 @@ pub enum HubError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// Where a hub keeps its registry and credentials.
+#[derive(Debug)]
+pub struct HubStore {
+    pub agents: trust::AgentTrustFile,
+    pub credentials: credentials::CredentialStore,
+}
+
+impl HubStore {
+    /// `agents.toml` and `credentials.toml` in `dir`.
+    pub fn in_dir(dir: &std::path::Path) -> Self {
+        Self {
+            agents: trust::AgentTrustFile::new(dir.join("agents.toml")),
+            credentials: credentials::CredentialStore::new(dir.join("credentials.toml")),
+        }
+    }
+}
+
 /// The control plane's connection to every agent.
 #[derive(Debug)]
 pub struct Hub {
     identity: Identity,
+    store: Option<HubStore>,
     settings: HubSettings,
     registry: Arc<Registry>,
     agents: ArcSwap<Vec<TrustedAgent>>,
@@ -96,10 +118,30 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A hub that keeps its registry in memory only and takes no
+    /// registrations.
     pub fn new(identity: Identity, settings: HubSettings) -> Arc<Self> {
+        Self::build(identity, settings, None)
+    }
+
+    /// A hub that loads its registry from `store`, keeps it there, and takes
+    /// registrations.
+    pub fn with_store(
+        identity: Identity,
+        settings: HubSettings,
+        store: HubStore,
+    ) -> Result<Arc<Self>, trust::TrustFileError> {
+        let agents = store.agents.load()?;
+        let hub = Self::build(identity, settings, Some(store));
+        hub.set_agents(agents);
+        Ok(hub)
+    }
+
+    fn build(identity: Identity, settings: HubSettings, store: Option<HubStore>) -> Arc<Self> {
         let own = identity.thumbprint();
         Arc::new(Self {
             identity,
+            store,
             settings,
             registry: Arc::default(),
             agents: ArcSwap::from_pointee(Vec::new()),
@@ -119,6 +161,36 @@ impl Hub {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    pub fn store(&self) -> Option<&HubStore> {
+        self.store.as_ref()
+    }
+
+    /// The registered agents.
+    pub fn agents(&self) -> Arc<Vec<TrustedAgent>> {
+        self.agents.load_full()
+    }
+
+    /// Stores a registration (replacing one with the same thumbprint) and
+    /// trusts it at once.
+    pub fn register(&self, agent: TrustedAgent) -> Result<(), trust::TrustFileError> {
+        if let Some(store) = &self.store {
+            store.agents.upsert(agent.clone())?;
+        }
+        self.trust_agent(agent);
+        Ok(())
+    }
+
+    /// Forgets an agent; its connections are closed.
+    pub fn deregister(&self, thumbprint: &Thumbprint) -> Result<(), trust::TrustFileError> {
+        if let Some(store) = &self.store {
+            store.agents.remove(thumbprint)?;
+        }
+        let mut agents = (*self.agents.load_full()).clone();
+        agents.retain(|a| a.thumbprint != *thumbprint);
+        self.set_agents(agents);
+        Ok(())
     }
 
     /// Replaces the list of trusted agents. Connections from agents that
@@ -225,15 +297,30 @@ impl Hub {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), HubError> {
-        let tls = tentacle_proto::tls::server_config(&self.identity, self.tls_trust.clone())?;
+        // A hub that takes registrations lets unknown certificates finish the
+        // handshake; every service then authorises each call itself.
+        let open = self.store.is_some();
+        let tls = if open {
+            tentacle_proto::tls::server_config_open_to_registration(
+                &self.identity,
+                self.tls_trust.clone(),
+            )?
+        } else {
+            tentacle_proto::tls::server_config(&self.identity, self.tls_trust.clone())?
+        };
+        let mut accept = self.settings.accept.clone();
+        accept.require_trusted_peers = !open;
         let incoming = accept_tls(
             listener,
             TlsAcceptor::from(tls),
             self.tls_trust.clone(),
-            self.settings.accept.clone(),
+            accept,
         );
         let tunnels = TunnelServiceServer::new(tunnels::TunnelApi::new(self.clone()));
+        let registration = registration::RegistrationApi::new(self.clone());
         let router = Routes::new(tunnels)
+            .add_service(RegistrationServiceServer::new(registration.clone()))
+            .add_service(FleetServiceServer::new(registration))
             .into_axum_router()
             .fallback_service(proxy::Forwarder::new(self.clone()));
         let hub = self.clone();

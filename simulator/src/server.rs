@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tentacle_proto::Thumbprint;
 use tentacle_sim::home::SimHome;
+use tentacle_sim::hub::credentials::CredentialKind;
 use tentacle_sim::hub::trust::AgentTrustFile;
-use tentacle_sim::hub::{AgentMode, Hub, HubSettings, TrustedAgent};
+use tentacle_sim::hub::{AgentMode, Hub, HubSettings, HubStore, TrustedAgent};
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -37,6 +38,24 @@ enum ServerCommand {
     /// The agents this hub trusts.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// One-time registration tokens for `tentacle register-with --token`.
+    #[command(subcommand)]
+    Token(CredentialCommand),
+    /// API keys for `tentacle register-with --api-key`; each registers any
+    /// number of agents.
+    #[command(subcommand)]
+    ApiKey(CredentialCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CredentialCommand {
+    /// Prints a new secret; only its hash is stored.
+    Create {
+        /// How long it stays valid (tokens default to 1h; API keys do not expire
+        /// unless given).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -54,6 +73,12 @@ enum TrustCommand {
         /// For a listening agent, https://HOST:PORT.
         #[arg(long)]
         address: Option<String>,
+        /// A role the agent has (repeatable).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// An environment the agent is in (repeatable).
+        #[arg(long = "environment")]
+        environments: Vec<String>,
     },
     /// Lists the trusted agents.
     List,
@@ -71,6 +96,20 @@ fn trust_file(home: &SimHome) -> AgentTrustFile {
 pub async fn run(home: &SimHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         Some(ServerCommand::Trust(command)) => trust(home, command),
+        Some(ServerCommand::Token(CredentialCommand::Create { ttl })) => {
+            let store = HubStore::in_dir(home.dir());
+            let ttl = ttl.unwrap_or(Duration::from_secs(3600));
+            println!(
+                "{}",
+                store.credentials.create(CredentialKind::Token, Some(ttl))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(ServerCommand::ApiKey(CredentialCommand::Create { ttl })) => {
+            let store = HubStore::in_dir(home.dir());
+            println!("{}", store.credentials.create(CredentialKind::ApiKey, ttl)?);
+            Ok(ExitCode::SUCCESS)
+        }
         None => serve(home, args).await,
     }
 }
@@ -83,6 +122,8 @@ fn trust(home: &SimHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
             name,
             mode,
             address,
+            roles,
+            environments,
         } => {
             tentacle_sim::target::AgentId::parse(&name).map_err(|_| {
                 anyhow::anyhow!("name `{name}` is not valid: use letters, digits, `-`, `_` or `.`")
@@ -100,6 +141,8 @@ fn trust(home: &SimHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
                 name,
                 mode,
                 address,
+                roles,
+                environments,
             })?;
             println!("Saved {}", file.path().display());
         }
@@ -110,11 +153,13 @@ fn trust(home: &SimHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
                     AgentMode::Listening => "listening",
                 };
                 println!(
-                    "{}  {:<9}  {}  {}",
+                    "{}  {:<9}  {}  {}  roles={} environments={}",
                     agent.thumbprint,
                     mode,
                     agent.name,
-                    agent.address.unwrap_or_default()
+                    agent.address.unwrap_or_default(),
+                    agent.roles.join(","),
+                    agent.environments.join(",")
                 );
             }
         }
@@ -140,9 +185,8 @@ async fn serve(home: &SimHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
         },
         ..HubSettings::default()
     };
-    let hub = Hub::new(identity, settings);
+    let hub = Hub::with_store(identity, settings, HubStore::in_dir(home.dir()))?;
     let file = trust_file(home);
-    hub.set_agents(file.load()?);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -339,6 +339,84 @@ pub fn texts(
         .collect()
 }
 
+/// A `tentacle-sim` home with its own certificate.
+#[derive(Debug)]
+pub struct SimHome(pub tempfile::TempDir);
+
+impl SimHome {
+    pub fn new() -> Self {
+        let home = Self(tempfile::tempdir().expect("tempdir"));
+        assert!(home.run(&["new-certificate"]).status.success());
+        home
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin("tentacle-sim"))
+            .arg("--home")
+            .arg(self.0.path())
+            .args(args)
+            .output()
+            .expect("run tentacle-sim")
+    }
+
+    pub fn thumbprint(&self) -> String {
+        String::from_utf8_lossy(&self.run(&["show-thumbprint"]).stdout)
+            .trim()
+            .to_owned()
+    }
+
+    /// Starts `tentacle-sim server` and returns it with its address.
+    pub fn serve(&self) -> (Child, SocketAddr) {
+        self.serve_on("127.0.0.1:0")
+    }
+
+    /// Starts `tentacle-sim server --listen ADDR`.
+    pub fn serve_on(&self, listen: &str) -> (Child, SocketAddr) {
+        let mut child = Command::new(bin("tentacle-sim"))
+            .arg("--home")
+            .arg(self.0.path())
+            .args(["server", "--listen", listen])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the hub");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("hub listening")
+                    && let Some(rest) = line.split("address=").nth(1)
+                    && let Some(address) =
+                        rest.split_whitespace().next().and_then(|a| a.parse().ok())
+                {
+                    let _ = tx.send(address);
+                }
+            }
+        });
+        let address = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the hub started");
+        (child, address)
+    }
+}
+
+impl Default for SimHome {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The trimmed stdout of a command that must succeed.
+pub fn stdout_of(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,6 +547,8 @@ impl HubFixture {
             name: agent.agent_id(),
             mode: tentacle_sim::hub::AgentMode::Polling,
             address: None,
+            roles: Vec::new(),
+            environments: Vec::new(),
         });
     }
 

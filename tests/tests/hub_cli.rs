@@ -2,67 +2,9 @@
 //! agents trusted with `server trust add`, and `tentacle-sim exec --target
 //! poll://ID` reaching a polling agent through it.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use tentacle_tests::{AgentProcess, FAST_POLLING, bin, tentacle};
-
-struct SimHome(tempfile::TempDir);
-
-impl SimHome {
-    fn new() -> Self {
-        let home = Self(tempfile::tempdir().expect("tempdir"));
-        assert!(home.run(&["new-certificate"]).status.success());
-        home
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin("tentacle-sim"))
-            .arg("--home")
-            .arg(self.0.path())
-            .args(args)
-            .output()
-            .expect("run tentacle-sim")
-    }
-
-    fn thumbprint(&self) -> String {
-        String::from_utf8_lossy(&self.run(&["show-thumbprint"]).stdout)
-            .trim()
-            .to_owned()
-    }
-
-    /// Starts `tentacle-sim server` and returns it with its address.
-    fn serve(&self) -> (Child, SocketAddr) {
-        let mut child = Command::new(bin("tentacle-sim"))
-            .arg("--home")
-            .arg(self.0.path())
-            .args(["server", "--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the hub");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("hub listening")
-                    && let Some(rest) = line.split("address=").nth(1)
-                    && let Some(address) =
-                        rest.split_whitespace().next().and_then(|a| a.parse().ok())
-                {
-                    let _ = tx.send(address);
-                }
-            }
-        });
-        let address = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the hub started");
-        (child, address)
-    }
-}
+use tentacle_tests::{AgentProcess, FAST_POLLING, SimHome, tentacle};
 
 #[test]
 fn exec_reaches_a_polling_agent_through_a_running_hub() {

@@ -215,6 +215,8 @@ async fn the_hub_refuses_an_untrusted_agent() {
         name: "someone-else".into(),
         mode: tentacle_sim::hub::AgentMode::Polling,
         address: None,
+        roles: Vec::new(),
+        environments: Vec::new(),
     });
     assert!(
         agent.wait_for_log("does not trust thumbprint", Duration::from_secs(10)),

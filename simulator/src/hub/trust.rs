@@ -25,6 +25,18 @@ pub struct TrustedAgent {
     /// For listening agents, `https://HOST:PORT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub environments: Vec<String>,
+}
+
+impl TrustedAgent {
+    /// Whether the agent has `role` and `environment` (empty matches all).
+    pub fn matches(&self, role: &str, environment: &str) -> bool {
+        (role.is_empty() || self.roles.iter().any(|r| r == role))
+            && (environment.is_empty() || self.environments.iter().any(|e| e == environment))
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -137,7 +149,10 @@ mod tests {
             name: "web-01".into(),
             mode: AgentMode::Polling,
             address: None,
+            roles: vec!["web".into()],
+            environments: vec!["prod".into()],
         };
+        assert!(a.matches("web", "prod") && a.matches("", "") && !a.matches("db", ""));
         file.upsert(a.clone()).expect("add");
         let mut renamed = a.clone();
         renamed.name = "web-02".into();

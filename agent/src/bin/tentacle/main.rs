@@ -2,6 +2,7 @@
 //! where they fit.
 
 mod commands;
+mod registration;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,10 @@ enum Command {
     /// Changes settings in tentacle.toml. A running agent applies trust
     /// changes within a second; other changes at the next start.
     Configure(commands::ConfigureArgs),
+    /// Registers this agent with a hub, then trusts the hub.
+    RegisterWith(Box<registration::RegisterArgs>),
+    /// Removes this agent from a hub's registry.
+    DeregisterFrom(registration::DeregisterArgs),
     /// Sets the HTTP CONNECT proxy polling connections go through.
     PollingProxy(commands::PollingProxyArgs),
     /// Prints the effective configuration.
@@ -64,6 +69,12 @@ fn main() -> ExitCode {
         Command::ShowThumbprint => commands::show_thumbprint(&cli.home),
         Command::Configure(args) => commands::configure(&cli.home, args),
         Command::PollingProxy(args) => commands::polling_proxy(&cli.home, args),
+        Command::RegisterWith(args) => {
+            commands::block_on(registration::register_with(&cli.home, *args))
+        }
+        Command::DeregisterFrom(args) => {
+            commands::block_on(registration::deregister_from(&cli.home, args))
+        }
         Command::ShowConfiguration => commands::show_configuration(&cli.home),
         Command::Run => commands::run(&cli.home),
         Command::Version => {
