@@ -82,6 +82,7 @@ pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode>
             Ok(ExitCode::SUCCESS)
         }
         Command::Server(args) => crate::server::run(&home, args).await,
+        Command::Deploy(args) => crate::deploy_cmd::run(&home, args).await,
         Command::Demo { script } => {
             let code = demo::run(script.as_deref().unwrap_or(demo::DEFAULT_SCRIPT)).await?;
             Ok(exit_code(code))

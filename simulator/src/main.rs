@@ -1,6 +1,7 @@
 //! `tentacle-sim`: a control plane for people at a shell.
 
 mod commands;
+mod deploy_cmd;
 mod server;
 
 use std::path::PathBuf;
@@ -50,6 +51,9 @@ enum Command {
     Download(commands::DownloadArgs),
     /// Shows what an agent supports.
     Capabilities(commands::TargetArgs),
+    /// Runs a script on every registered agent with a role, through the hub,
+    /// and exits non-zero if any target failed.
+    Deploy(deploy_cmd::DeployArgs),
     /// Runs the hub (default port 10943), or manages the agents it trusts.
     Server(server::ServerArgs),
     /// Starts a listening agent with fresh certificates in a temporary home,

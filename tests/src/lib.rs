@@ -417,6 +417,24 @@ pub fn stdout_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
+/// Runs `tentacle --home HOME ARGS` and returns its output, pass or fail.
+pub fn tentacle_output(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("tentacle"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .output()
+        .expect("run tentacle")
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,26 +2,9 @@
 //! one-time token or an API key, in either mode; the registry survives a hub
 //! restart, and `deregister-from` removes an agent.
 
-use std::process::Command;
 use std::time::Duration;
 
-use tentacle_tests::{AgentProcess, FAST_POLLING, SimHome, bin, stdout_of};
-
-fn tentacle_output(home: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin("tentacle"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .output()
-        .expect("run tentacle")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
+use tentacle_tests::{AgentProcess, FAST_POLLING, SimHome, free_port, stdout_of, tentacle_output};
 
 #[test]
 fn agents_register_with_tokens_and_api_keys_and_the_registry_survives_a_restart() {

@@ -1,0 +1,112 @@
+//! Runs one script on many agents at once, with bounded parallelism, and
+//! collects a result per target. Rendering is the caller's business: every
+//! line and every result goes to a [`DeployObserver`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tentacle_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{AgentClient, FollowSettings};
+
+/// One agent to deploy to.
+#[derive(Debug, Clone)]
+pub struct DeployTarget {
+    pub name: String,
+    pub target: String,
+    pub client: AgentClient,
+}
+
+/// How one target's deployment ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetOutcome {
+    /// The script ran; 0 is success.
+    Exited(i32),
+    /// The call failed before the script's end was known.
+    Failed(String),
+}
+
+impl TargetOutcome {
+    pub fn succeeded(&self) -> bool {
+        matches!(self, Self::Exited(0))
+    }
+}
+
+/// The result for one target.
+#[derive(Debug, Clone)]
+pub struct TargetResult {
+    pub name: String,
+    pub target: String,
+    pub outcome: TargetOutcome,
+    pub elapsed: Duration,
+}
+
+/// Hears about a deployment as it happens.
+pub trait DeployObserver: Send + Sync {
+    fn started(&self, target: &str);
+    fn line(&self, target: &str, line: &pb::LogLine);
+    fn finished(&self, result: &TargetResult);
+}
+
+/// Runs `script` on every target, at most `parallelism` at a time. When
+/// `cancel` fires, every running script is cancelled on its agent.
+pub async fn deploy(
+    targets: Vec<DeployTarget>,
+    script: &str,
+    parallelism: usize,
+    observer: Arc<dyn DeployObserver>,
+    cancel: CancellationToken,
+) -> Vec<TargetResult> {
+    let deployment = uuid::Uuid::new_v4().simple().to_string();
+    let runs = targets.into_iter().map(|target| {
+        let observer = observer.clone();
+        let cancel = cancel.clone();
+        let request = pb::StartScriptRequest {
+            ticket: format!("deploy-{deployment}-{}", target.name),
+            script_body: script.to_owned(),
+            ..Default::default()
+        };
+        async move {
+            observer.started(&target.name);
+            let started = Instant::now();
+            let ticket = request.ticket.clone();
+            let outcome = if cancel.is_cancelled() {
+                TargetOutcome::Failed("cancelled before it started".into())
+            } else {
+                let name = target.name.clone();
+                let run = target
+                    .client
+                    .run_script(
+                        request,
+                        |line| observer.line(&name, line),
+                        &cancel,
+                        &FollowSettings::default(),
+                    )
+                    .await;
+                match run {
+                    Ok(end) => {
+                        let _ = target.client.complete_script(&ticket).await;
+                        TargetOutcome::Exited(end.exit_code)
+                    }
+                    Err(error) => TargetOutcome::Failed(error.to_string()),
+                }
+            };
+            let result = TargetResult {
+                name: target.name,
+                target: target.target,
+                outcome,
+                elapsed: started.elapsed(),
+            };
+            observer.finished(&result);
+            result
+        }
+    });
+    let mut results: Vec<TargetResult> = futures::stream::iter(runs)
+        .buffer_unordered(parallelism.max(1))
+        .collect()
+        .await;
+    results.sort_by(|a, b| a.name.cmp(&b.name));
+    results
+}

@@ -1,0 +1,232 @@
+//! `tentacle-sim deploy`: a script on every agent of a role, through the hub.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
+use tentacle_proto::v1 as pb;
+use tentacle_proto::v1::fleet_service_client::FleetServiceClient;
+use tentacle_proto::{Thumbprint, TrustStore};
+use tentacle_sim::channel::{AgentChannel, HubRouted};
+use tentacle_sim::client::AgentClient;
+use tentacle_sim::deploy::{self, DeployObserver, DeployTarget, TargetOutcome, TargetResult};
+use tentacle_sim::home::SimHome;
+use tentacle_sim::target::Target;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// Deploy to agents with this role (all roles when omitted).
+    #[arg(long, default_value = "")]
+    role: String,
+    /// Deploy to agents in this environment (all when omitted).
+    #[arg(long, default_value = "")]
+    environment: String,
+    /// The script to run (bash).
+    #[arg(long)]
+    script: PathBuf,
+    /// Targets deployed to at once.
+    #[arg(long, default_value_t = 10)]
+    parallelism: usize,
+    /// The hub.
+    #[arg(long, default_value = "https://127.0.0.1:10943")]
+    hub: ListeningAddress,
+    /// The hub's thumbprint; by default this home's own.
+    #[arg(long)]
+    hub_thumbprint: Option<Thumbprint>,
+    /// How long each call waits for a polling agent to connect.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pickup_timeout: Option<Duration>,
+}
+
+pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
+    let script = std::fs::read_to_string(&args.script)
+        .with_context(|| format!("reading the script {}", args.script.display()))?;
+    let identity = home.identity()?;
+    let hub_thumbprint = args.hub_thumbprint.unwrap_or_else(|| identity.thumbprint());
+    let tls = tentacle_proto::tls::client_config(&identity, TrustStore::new([hub_thumbprint]))?;
+    let hub = dial::channel(&args.hub, tls, &DialSettings::default()).await?;
+    let fleet = FleetServiceClient::new(hub.clone())
+        .list_agents(pb::ListAgentsRequest {
+            role: args.role.clone(),
+            environment: args.environment.clone(),
+        })
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "the hub refused to list its agents: {}",
+                dial::describe_status(&status)
+            )
+        })?
+        .into_inner();
+    if fleet.agents.is_empty() {
+        bail!(
+            "no registered agent has role `{}` and environment `{}`",
+            args.role,
+            args.environment
+        );
+    }
+    let mut targets = Vec::new();
+    for agent in &fleet.agents {
+        let target: Target = agent.target.parse()?;
+        let thumbprint: Thumbprint = agent.thumbprint.parse()?;
+        let routed = HubRouted::new(hub.clone(), &target, thumbprint, args.pickup_timeout)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        targets.push(DeployTarget {
+            name: agent.name.clone(),
+            target: agent.target.clone(),
+            client: AgentClient::new(AgentChannel::ViaHub(routed)),
+        });
+    }
+
+    let observer: Arc<dyn DeployObserver> = if std::io::stderr().is_terminal() {
+        Arc::new(Bars::new(&targets))
+    } else {
+        Arc::new(Plain)
+    };
+    let cancel = CancellationToken::new();
+    let on_interrupt = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("tentacle-sim: cancelling the scripts on every target…");
+            on_interrupt.cancel();
+        }
+    });
+    eprintln!(
+        "Deploying to {} target(s), {} at a time",
+        targets.len(),
+        args.parallelism.max(1)
+    );
+    let results = deploy::deploy(targets, &script, args.parallelism, observer, cancel).await;
+    print_summary(&results);
+    let failed = results.iter().filter(|r| !r.outcome.succeeded()).count();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_summary(results: &[TargetResult]) {
+    let width = results
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!();
+    println!("{:<width$}  {:<9}  {:>9}  target", "name", "result", "time");
+    for result in results {
+        let (word, detail) = match &result.outcome {
+            TargetOutcome::Exited(0) => ("succeeded".to_owned(), String::new()),
+            TargetOutcome::Exited(code) => ("failed".to_owned(), format!("  exit code {code}")),
+            TargetOutcome::Failed(reason) => ("failed".to_owned(), format!("  {reason}")),
+        };
+        println!(
+            "{:<width$}  {:<9}  {:>8.1}s  {}{}",
+            result.name,
+            word,
+            result.elapsed.as_secs_f64(),
+            result.target,
+            detail
+        );
+    }
+    let succeeded = results.iter().filter(|r| r.outcome.succeeded()).count();
+    println!(
+        "{succeeded} succeeded, {} failed",
+        results.len() - succeeded
+    );
+}
+
+fn print_prefixed(target: &str, line: &pb::LogLine) {
+    match pb::LogStream::try_from(line.stream) {
+        Ok(pb::LogStream::Stdout) => println!("[{target}] {}", line.text),
+        Ok(pb::LogStream::Stderr) => eprintln!("[{target}] {}", line.text),
+        _ => eprintln!("[{target}] [agent] {}", line.text),
+    }
+}
+
+/// Prefixed lines only, for logs and pipes.
+struct Plain;
+
+impl DeployObserver for Plain {
+    fn started(&self, target: &str) {
+        eprintln!("[{target}] started");
+    }
+
+    fn line(&self, target: &str, line: &pb::LogLine) {
+        print_prefixed(target, line);
+    }
+
+    fn finished(&self, result: &TargetResult) {
+        eprintln!("[{}] finished: {:?}", result.name, result.outcome);
+    }
+}
+
+/// A progress bar per target on a terminal, with output printed above them.
+struct Bars {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<String, ProgressBar>>,
+}
+
+impl Bars {
+    fn new(targets: &[DeployTarget]) -> Self {
+        let multi = MultiProgress::new();
+        let style = ProgressStyle::with_template("{spinner} {prefix:<20} {elapsed:>4} {wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let bars = targets
+            .iter()
+            .map(|t| {
+                let bar = multi.add(ProgressBar::new_spinner());
+                bar.set_style(style.clone());
+                bar.set_prefix(t.name.clone());
+                bar.set_message("waiting");
+                (t.name.clone(), bar)
+            })
+            .collect();
+        Self {
+            multi,
+            bars: Mutex::new(bars),
+        }
+    }
+
+    fn with_bar(&self, target: &str, f: impl FnOnce(&ProgressBar)) {
+        if let Some(bar) = self
+            .bars
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(target)
+        {
+            f(bar);
+        }
+    }
+}
+
+impl DeployObserver for Bars {
+    fn started(&self, target: &str) {
+        self.with_bar(target, |bar| {
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar.set_message("running");
+        });
+    }
+
+    fn line(&self, target: &str, line: &pb::LogLine) {
+        let _ = self.multi.println(format!("[{target}] {}", line.text));
+        self.with_bar(target, |bar| bar.set_message(line.text.clone()));
+    }
+
+    fn finished(&self, result: &TargetResult) {
+        let message = match &result.outcome {
+            TargetOutcome::Exited(0) => "succeeded".to_owned(),
+            TargetOutcome::Exited(code) => format!("failed with exit code {code}"),
+            TargetOutcome::Failed(reason) => format!("failed: {reason}"),
+        };
+        self.with_bar(&result.name, |bar| bar.finish_with_message(message));
+    }
+}
