@@ -178,6 +178,7 @@ impl AgentConfig {
             reconnect_initial: polling.reconnect_initial,
             reconnect_max: polling.reconnect_max,
             connect_timeout: polling.connect_timeout,
+            shutdown_grace: self.server.shutdown_grace,
             proxy: polling.proxy.clone(),
         })
     }

@@ -179,7 +179,7 @@ impl Files {
             });
         }
 
-        let temp = TempFile::new(&parent, &destination);
+        let temp = TempFile::new(&parent);
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -264,7 +264,15 @@ impl Files {
                 size,
             });
         }
-        let sha256 = hash_file(&real).await?;
+        // Hash through the same open file that is sent, so a file replaced
+        // on disk in between cannot make the digest disagree with the bytes.
+        let std_file = file
+            .try_clone()
+            .await
+            .map_err(io_error("reading", &real))?
+            .into_std()
+            .await;
+        let sha256 = hash_open_file(std_file, &real).await?;
         file.seek(SeekFrom::Start(offset))
             .await
             .map_err(io_error("reading", &real))?;
@@ -314,10 +322,10 @@ fn parse_digest(text: &str) -> Result<String, FileError> {
     }
 }
 
-async fn hash_file(path: &Path) -> Result<String, FileError> {
-    let owned = path.to_owned();
+async fn hash_open_file(mut file: std::fs::File, path: &Path) -> Result<String, FileError> {
     tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&owned)?;
+        use std::io::Seek;
+        file.seek(SeekFrom::Start(0))?;
         let mut hasher = Sha256::new();
         io::copy(&mut file, &mut hasher)?;
         Ok::<_, io::Error>(hex::encode(hasher.finalize()))
@@ -335,13 +343,14 @@ struct TempFile {
 }
 
 impl TempFile {
-    fn new(dir: &Path, destination: &Path) -> Self {
-        let name = destination
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    /// A fixed-length name, so a destination name near the file system's
+    /// limit still fits.
+    fn new(dir: &Path) -> Self {
         Self {
-            path: Some(dir.join(format!(".{name}.{}.partial", uuid::Uuid::new_v4().simple()))),
+            path: Some(dir.join(format!(
+                ".tentacle-upload-{}.partial",
+                uuid::Uuid::new_v4().simple()
+            ))),
         }
     }
 

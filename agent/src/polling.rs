@@ -50,6 +50,8 @@ pub struct PollingSettings {
     /// The reconnect window never grows beyond this.
     pub reconnect_max: Duration,
     pub connect_timeout: Duration,
+    /// How long calls inside a tunnel may run on after the agent is told to stop.
+    pub shutdown_grace: Duration,
     /// An explicit proxy; without one, `HTTPS_PROXY` is honoured.
     pub proxy: Option<ProxySettings>,
 }
@@ -233,31 +235,41 @@ async fn open_and_serve(
         })),
     };
     let _ = outgoing.send(hello).await;
-    let mut incoming = TunnelServiceClient::new(channel)
-        .open(ReceiverStream::new(outgoing_rx))
-        .await
-        .map_err(|status| TunnelError::Open {
-            address: address.clone(),
-            reason: tentacle_proto::dial::describe_status(&status),
-        })?
-        .into_inner();
-    match incoming.message().await {
-        Ok(Some(TunnelFrame {
-            kind: Some(Kind::Welcome(_)),
-        })) => {}
-        Ok(_) => {
-            return Err(TunnelError::Open {
-                address,
-                reason: "the hub did not welcome the tunnel".into(),
-            });
+    // A hub that accepts the stream but never answers must not hold this
+    // tunnel slot (or the agent's shutdown) forever.
+    let setup = async {
+        let mut incoming = TunnelServiceClient::new(channel)
+            .max_decoding_message_size(tunnel::MAX_FRAME)
+            .open(ReceiverStream::new(outgoing_rx))
+            .await?
+            .into_inner();
+        match incoming.message().await? {
+            Some(TunnelFrame {
+                kind: Some(Kind::Welcome(_)),
+            }) => Ok(incoming),
+            _ => Err(tonic::Status::unavailable(
+                "the hub did not welcome the tunnel",
+            )),
         }
-        Err(status) => {
-            return Err(TunnelError::Open {
-                address,
-                reason: tentacle_proto::dial::describe_status(&status),
-            });
-        }
-    }
+    };
+    let incoming = tokio::select! {
+        result = tokio::time::timeout(settings.connect_timeout, setup) => match result {
+            Ok(Ok(incoming)) => incoming,
+            Ok(Err(status)) => {
+                return Err(TunnelError::Open {
+                    address,
+                    reason: tentacle_proto::dial::describe_status(&status),
+                });
+            }
+            Err(_) => {
+                return Err(TunnelError::Open {
+                    address,
+                    reason: "the hub did not answer the tunnel in time".into(),
+                });
+            }
+        },
+        () = stop.cancelled() => return Ok(SessionEnd::Stopped),
+    };
     tracing::info!(hub = %hub.address, tunnel = index, agent_id = %settings.agent_id, "tunnel open");
 
     let peer = PeerInfo {
@@ -266,12 +278,15 @@ async fn open_and_serve(
     };
     let (io, ends) = tunnel::pipe(Some(peer));
     let session_over = CancellationToken::new();
-    let inner = {
+    let mut inner = {
         let incoming = tokio_stream::StreamExt::chain(
             tokio_stream::once(Ok::<_, std::io::Error>(io)),
             tokio_stream::pending(),
         );
-        let serve = serve.clone();
+        let serve = ServeSettings {
+            keepalive_interval: None,
+            ..serve.clone()
+        };
         let done = session_over.clone();
         tokio::spawn(async move {
             if let Err(error) =
@@ -282,15 +297,27 @@ async fn open_and_serve(
         })
     };
     let signals = SessionSignals::default();
-    let end = tunnel::run_session(
+    let session_stop = CancellationToken::new();
+    let session = tunnel::run_session(
         incoming,
         outgoing,
         ends,
         settings.heartbeat.clone(),
         signals,
-        stop.child_token(),
-    )
-    .await;
+        session_stop.clone(),
+    );
+    tokio::pin!(session);
+    let end = tokio::select! {
+        end = &mut session => end,
+        () = stop.cancelled() => {
+            // The agent is stopping: refuse new calls inside the tunnel, let
+            // running ones finish while bytes still flow, then close it.
+            session_over.cancel();
+            let _ = tokio::time::timeout(settings.shutdown_grace, &mut inner).await;
+            session_stop.cancel();
+            session.await
+        }
+    };
     session_over.cancel();
     inner.abort();
     Ok(end)

@@ -25,7 +25,10 @@ use crate::grpc::{CapabilitiesApi, FileApi, ScriptApi};
 pub struct ServeSettings {
     pub max_message_bytes: usize,
     pub max_concurrent_streams: u32,
-    pub keepalive_interval: Duration,
+    /// HTTP/2 pings on idle connections; `None` inside tunnels, whose
+    /// session already sends heartbeats and whose pings would queue behind
+    /// bulk data.
+    pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Duration,
 }
 
@@ -34,7 +37,7 @@ impl Default for ServeSettings {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 1024,
-            keepalive_interval: Duration::from_secs(30),
+            keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_timeout: Duration::from_secs(20),
         }
     }
@@ -98,7 +101,7 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     Server::builder()
-        .http2_keepalive_interval(Some(settings.keepalive_interval))
+        .http2_keepalive_interval(settings.keepalive_interval)
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .max_concurrent_streams(Some(settings.max_concurrent_streams))
         .max_frame_size(Some(256 * 1024))

@@ -118,18 +118,19 @@ pub fn accept_tls(
                     tracing::warn!(%remote_addr, "peer presented no certificate");
                     return;
                 };
-                let trusted = trust.contains(&thumbprint);
-                if !trusted && require_trusted {
-                    // Trust changed while the handshake ran.
-                    tracing::warn!(%remote_addr, %thumbprint, "refused a peer whose trust was removed during the handshake");
-                    return;
-                }
-                tracing::debug!(%remote_addr, thumbprint = %thumbprint.short(), "peer connected");
                 let info = PeerInfo {
                     thumbprint,
                     remote_addr: Some(remote_addr),
                 };
-                let _ = tx.send(Ok(live.track(tls, info, trusted))).await;
+                // Track first, then check: a revocation that runs in between
+                // then either sees this connection or is seen here.
+                let stream = live.track(tls, info, trust.contains(&thumbprint) || require_trusted);
+                if require_trusted && !trust.contains(&thumbprint) {
+                    tracing::warn!(%remote_addr, %thumbprint, "refused a peer whose trust was removed during the handshake");
+                    return;
+                }
+                tracing::debug!(%remote_addr, thumbprint = %thumbprint.short(), "peer connected");
+                let _ = tx.send(Ok(stream)).await;
             });
         }
     });

@@ -35,6 +35,11 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 /// Chunks buffered in each direction of one tunnel.
 pub const PIPE_CHUNKS: usize = 16;
 
+/// The largest `TunnelFrame` either side accepts: one chunk plus framing.
+/// Both ends set it as their decoding limit, which keeps a tunnel's
+/// buffered bytes within `PIPE_CHUNKS * MAX_FRAME` per direction.
+pub const MAX_FRAME: usize = MAX_CHUNK + 1024;
+
 /// Heartbeats of one tunnel session.
 #[derive(Debug, Clone)]
 pub struct HeartbeatSettings {
@@ -176,6 +181,42 @@ pub struct SessionSignals {
     pub drained: CancellationToken,
 }
 
+/// When the peer was last heard from, shared by a session's tasks.
+#[derive(Debug, Clone)]
+struct Liveness {
+    started: Instant,
+    last_heard_ms: Arc<AtomicU64>,
+    /// Set while the reader waits to hand bytes to a slow inner connection:
+    /// frames are arriving, so the peer is alive even if none is read.
+    delivering: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last_heard_ms: Arc::new(AtomicU64::new(0)),
+            delivering: Arc::default(),
+        }
+    }
+
+    fn heard(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_heard_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn set_delivering(&self, delivering: bool) {
+        self.delivering.store(delivering, Ordering::Relaxed);
+    }
+
+    /// Whether nothing was heard for longer than `timeout`.
+    fn is_dead(&self, timeout: Duration) -> bool {
+        let heard = Duration::from_millis(self.last_heard_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(heard) > timeout
+            && !self.delivering.load(Ordering::Relaxed)
+    }
+}
+
 /// Pumps frames between the outer stream and the pipe until either side
 /// ends, the heartbeat times out, or `stop` fires.
 pub async fn run_session<S>(
@@ -189,8 +230,7 @@ pub async fn run_session<S>(
 where
     S: Stream<Item = Result<TunnelFrame, tonic::Status>> + Send + Unpin + 'static,
 {
-    let started = Instant::now();
-    let last_heard = Arc::new(AtomicU64::new(0));
+    let liveness = Liveness::new();
     let session = stop.child_token();
     let PipeEnds {
         to_inner,
@@ -202,8 +242,7 @@ where
         to_inner,
         outgoing.clone(),
         signals,
-        last_heard.clone(),
-        started,
+        liveness.clone(),
         session.clone(),
     ));
 
@@ -240,16 +279,18 @@ where
                     _ = tick.tick() => {}
                     () = session.cancelled() => return SessionEnd::Stopped,
                 }
-                let heard = Duration::from_millis(last_heard.load(Ordering::Relaxed));
-                if started.elapsed().saturating_sub(heard) > heartbeat.timeout {
+                if liveness.is_dead(heartbeat.timeout) {
                     return SessionEnd::HeartbeatTimeout;
                 }
                 nonce += 1;
                 let ping = TunnelFrame {
                     kind: Some(Kind::Ping(nonce)),
                 };
-                if outgoing.send(ping).await.is_err() {
-                    return SessionEnd::PeerClosed;
+                // Never block on a full queue: the timeout check above must
+                // keep running even when the peer stopped reading.
+                match outgoing.try_send(ping) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return SessionEnd::PeerClosed,
                 }
             }
         })
@@ -277,8 +318,7 @@ async fn read_outer<S>(
     to_inner: mpsc::Sender<Bytes>,
     outgoing: mpsc::Sender<TunnelFrame>,
     signals: SessionSignals,
-    last_heard: Arc<AtomicU64>,
-    started: Instant,
+    liveness: Liveness,
     session: CancellationToken,
 ) -> SessionEnd
 where
@@ -294,14 +334,15 @@ where
             Some(Err(status)) => return SessionEnd::StreamError(status.message().to_owned()),
             Some(Ok(frame)) => frame,
         };
-        let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        last_heard.store(now, Ordering::Relaxed);
+        liveness.heard();
         match frame.kind {
             Some(Kind::Data(bytes)) => {
+                liveness.set_delivering(true);
                 let sent = tokio::select! {
                     sent = to_inner.send(bytes) => sent,
                     () = session.cancelled() => return SessionEnd::Stopped,
                 };
+                liveness.set_delivering(false);
                 if sent.is_err() {
                     return SessionEnd::InnerClosed;
                 }

@@ -316,7 +316,8 @@ impl Hub {
             self.tls_trust.clone(),
             accept,
         );
-        let tunnels = TunnelServiceServer::new(tunnels::TunnelApi::new(self.clone()));
+        let tunnels = TunnelServiceServer::new(tunnels::TunnelApi::new(self.clone()))
+            .max_decoding_message_size(tentacle_proto::tunnel::MAX_FRAME);
         let registration = registration::RegistrationApi::new(self.clone());
         let router = Routes::new(tunnels)
             .add_service(RegistrationServiceServer::new(registration.clone()))
@@ -328,15 +329,25 @@ impl Hub {
             shutdown.await;
             hub.drain().await;
         };
-        Server::builder()
+        let serving = Server::builder()
             .http2_keepalive_interval(Some(self.settings.heartbeat.interval))
             .http2_keepalive_timeout(Some(self.settings.heartbeat.timeout))
             .initial_stream_window_size(Some(4 * 1024 * 1024))
             .initial_connection_window_size(Some(8 * 1024 * 1024))
             .max_frame_size(Some(256 * 1024))
             .add_routes(Routes::from(router))
-            .serve_with_incoming_shutdown(incoming, signal)
-            .await?;
+            .serve_with_incoming_shutdown(incoming, signal);
+        // tonic waits for every connection to close after the signal; a
+        // connection that never does must not keep the hub alive forever.
+        let closing = self.registry.closing();
+        tokio::pin!(serving);
+        tokio::select! {
+            result = &mut serving => result?,
+            () = async {
+                closing.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            } => tracing::warn!("connections still open after the drain; stopping anyway"),
+        }
         Ok(())
     }
 

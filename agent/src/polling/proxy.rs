@@ -59,14 +59,20 @@ impl ProxySettings {
     fn parse_url(url: &str) -> Option<Self> {
         let rest = url
             .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
             .unwrap_or(url)
             .trim_end_matches('/');
         let (credentials, address) = match rest.rsplit_once('@') {
             Some((c, a)) => (Some(c), a),
             None => (None, rest),
         };
-        let (host, port) = address.rsplit_once(':')?;
-        let port = port.parse().ok()?;
+        // Without a port, curl's default for HTTP proxies.
+        let (host, port) = match address.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || address.starts_with('[') => {
+                (host, port.parse().ok()?)
+            }
+            _ => (address, 1080),
+        };
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -148,7 +154,9 @@ impl ProxySettings {
         )
         .into_owned();
         let code = status_line.split_whitespace().nth(1).unwrap_or("");
-        if code != "200" {
+        let success =
+            status_line.starts_with("HTTP/1.") && code.len() == 3 && code.starts_with('2');
+        if !success {
             // 407 is the standard answer; some proxies (tinyproxy) send 401.
             let hint = if code == "407" || code == "401" {
                 "; check the proxy username and password (`tentacle polling-proxy`)"
@@ -176,12 +184,11 @@ fn no_proxy_covers(no_proxy: &str, host: &str) -> bool {
         .map(str::trim)
         .filter(|e| !e.is_empty())
         .any(|entry| {
-            entry == "*"
-                || entry.eq_ignore_ascii_case(host)
-                || entry.strip_prefix('.').is_some_and(|suffix| {
-                    host.to_ascii_lowercase()
-                        .ends_with(&format!(".{}", suffix.to_ascii_lowercase()))
-                })
+            // As curl: `example.com` and `.example.com` both cover the
+            // domain and its subdomains.
+            let suffix = entry.trim_start_matches('.').to_ascii_lowercase();
+            let host = host.to_ascii_lowercase();
+            entry == "*" || host == suffix || host.ends_with(&format!(".{suffix}"))
         })
 }
 
@@ -199,7 +206,9 @@ mod tests {
         );
         let q = ProxySettings::parse_url("127.0.0.1:8888").expect("valid");
         assert_eq!(q.username, None);
-        assert!(ProxySettings::parse_url("http://nohost").is_none());
+        let r = ProxySettings::parse_url("https://proxy.corp").expect("no port");
+        assert_eq!((r.host.as_str(), r.port), ("proxy.corp", 1080));
+        assert!(ProxySettings::parse_url("http://:3128").is_none());
         assert!(!format!("{p:?}").contains("s3cret"));
     }
 
@@ -208,6 +217,7 @@ mod tests {
         assert!(no_proxy_covers("a.com, .corp.local", "hub.corp.local"));
         assert!(no_proxy_covers("*", "anything"));
         assert!(!no_proxy_covers(".corp.local", "corp.localx"));
+        assert!(no_proxy_covers("corp.local", "hub.corp.local"));
         assert!(!no_proxy_covers("", "x"));
     }
 

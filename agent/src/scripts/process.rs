@@ -200,7 +200,15 @@ async fn kill_group(pgid: Pid, child: &mut Child, grace: Duration) -> std::io::R
     }
     match status {
         Some(status) => Ok(status),
-        None => child.wait().await,
+        // A leader stuck in uninterruptible I/O: give it a last moment, then
+        // report the script stopped rather than hang the ticket.
+        None => match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the script's main process did not exit after SIGKILL",
+            )),
+        },
     }
 }
 

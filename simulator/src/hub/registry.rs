@@ -90,11 +90,25 @@ struct AgentSlot {
     arrivals: Option<watch::Sender<u64>>,
 }
 
+/// Drops a waiter's slot when the wait ends, however it ends.
+struct SlotCleanup<'a> {
+    registry: &'a Registry,
+    agent: &'a AgentId,
+}
+
+impl Drop for SlotCleanup<'_> {
+    fn drop(&mut self) {
+        self.registry.forget_if_unused(self.agent);
+    }
+}
+
 /// Why no tunnel could be picked.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PickError {
     #[error("agent {agent} did not connect within {waited}")]
     NotConnected { agent: String, waited: String },
+    #[error("the hub is shutting down")]
+    Closing,
     #[error("agent {agent} is connected with thumbprint {actual}, not the expected {expected}")]
     WrongThumbprint {
         agent: String,
@@ -107,10 +121,30 @@ pub enum PickError {
 #[derive(Debug, Default)]
 pub struct Registry {
     agents: Mutex<HashMap<AgentId, AgentSlot>>,
+    /// Cancelled when the hub shuts down.
+    closing: CancellationToken,
 }
 
 impl Registry {
+    /// Stops accepting tunnels and fails waiting calls.
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+
+    pub fn closing(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+
+    /// Registers a tunnel; a closing registry stops it at once instead.
     pub fn add(&self, tunnel: Arc<Tunnel>) {
+        if self.is_closing() {
+            tunnel.stop.cancel();
+            return;
+        }
         let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
         let slot = agents.entry(tunnel.agent_id.clone()).or_default();
         slot.tunnels.push(tunnel);
@@ -224,7 +258,15 @@ impl Registry {
         if let Some(tunnel) = self.pick_now(agent, thumbprint)? {
             return Ok(tunnel);
         }
+        if self.is_closing() {
+            return Err(PickError::Closing);
+        }
         let mut arrivals = self.arrivals(agent);
+        // Forgets the slot however the wait ends, even if the caller gives up.
+        let _cleanup = SlotCleanup {
+            registry: self,
+            agent,
+        };
         let wait = async {
             loop {
                 // Check after subscribing, so an arrival in between is seen.
@@ -237,8 +279,10 @@ impl Registry {
                 }
             }
         };
-        let result = tokio::time::timeout(timeout, wait).await;
-        self.forget_if_unused(agent);
+        let result = tokio::select! {
+            result = tokio::time::timeout(timeout, wait) => result,
+            () = self.closing.cancelled() => return Err(PickError::Closing),
+        };
         match result {
             Ok(result) => result,
             Err(_) => Err(PickError::NotConnected {

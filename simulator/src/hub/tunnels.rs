@@ -48,6 +48,11 @@ impl TunnelService for TunnelApi {
             .get::<PeerInfo>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        if self.hub.registry().is_closing() {
+            return Err(Status::unavailable(
+                "the hub is shutting down; reconnect later",
+            ));
+        }
         let mut incoming = request.into_inner();
         let first =
             tokio::time::timeout(self.hub.settings().tunnel_setup_timeout, incoming.message())
