@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos: [PathBuf; 5] = [
+    let protos: [PathBuf; 6] = [
         "tentacle/v1/script.proto".into(),
         "tentacle/v1/file.proto".into(),
         "tentacle/v1/capabilities.proto".into(),
         "tentacle/v1/tunnel.proto".into(),
         "tentacle/v1/hub.proto".into(),
+        "tentacle/v1/package.proto".into(),
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", proto.display());

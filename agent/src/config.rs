@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tentacle_proto::Thumbprint;
 
 use crate::files::FileSettings;
+use crate::packages::PackageSettings;
 use crate::polling::{HubEndpoint, PollingSettings, ProxySettings};
 use crate::scripts::ScriptSettings;
 use crate::scripts::process::ProcessSettings;
@@ -110,6 +111,7 @@ pub struct AgentConfig {
     pub files: FilesConfig,
     pub server: ServerConfig,
     pub polling: PollingConfig,
+    pub packages: PackagesConfig,
 }
 
 impl AgentConfig {
@@ -181,6 +183,50 @@ impl AgentConfig {
             shutdown_grace: self.server.shutdown_grace,
             proxy: polling.proxy.clone(),
         })
+    }
+}
+
+impl AgentConfig {
+    pub fn package_settings(&self, home: &Home) -> PackageSettings {
+        let mut settings = PackageSettings::new(
+            home.resolve(&self.packages.cache_dir),
+            home.resolve(&self.packages.apps_dir),
+        );
+        settings.max_cache_bytes = self.packages.max_cache_bytes;
+        settings.max_age = self.packages.max_age;
+        settings.max_package_bytes = self.packages.max_package_bytes;
+        settings.max_extracted_bytes = self.packages.max_extracted_bytes;
+        settings.min_free_bytes = self.files.min_free_bytes;
+        settings
+    }
+}
+
+/// The package cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PackagesConfig {
+    pub cache_dir: PathBuf,
+    /// Packages are extracted into <apps_dir>/<application>/<digest prefix>.
+    pub apps_dir: PathBuf,
+    pub max_cache_bytes: u64,
+    /// Cached packages unused for this long are deleted.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    pub max_package_bytes: u64,
+    pub max_extracted_bytes: u64,
+}
+
+impl Default for PackagesConfig {
+    fn default() -> Self {
+        let defaults = PackageSettings::new(PathBuf::new(), PathBuf::new());
+        Self {
+            cache_dir: PathBuf::from("packages"),
+            apps_dir: PathBuf::from("apps"),
+            max_cache_bytes: defaults.max_cache_bytes,
+            max_age: defaults.max_age,
+            max_package_bytes: defaults.max_package_bytes,
+            max_extracted_bytes: defaults.max_extracted_bytes,
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+pub use disk::available_bytes;
 pub use paths::PathError;
 
 /// Limits for file transfer.

@@ -6,8 +6,10 @@
 mod capabilities;
 mod errors;
 mod files;
+mod packages;
 mod scripts;
 
-pub use capabilities::CapabilitiesApi;
+pub use capabilities::{CapabilitiesApi, HealthSource};
 pub use files::FileApi;
+pub use packages::PackageApi;
 pub use scripts::ScriptApi;

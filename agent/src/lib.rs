@@ -11,6 +11,7 @@
 pub mod config;
 pub mod files;
 pub mod grpc;
+pub mod packages;
 pub mod polling;
 pub mod runtime;
 pub mod scripts;

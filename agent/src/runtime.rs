@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, ConfigError, Home};
 use crate::files::Files;
-use crate::grpc::{CapabilitiesApi, FileApi, ScriptApi};
+use crate::grpc::{CapabilitiesApi, FileApi, HealthSource, PackageApi, ScriptApi};
+use crate::packages::Packages;
 use crate::scripts::process::ProcessExecutor;
 use crate::scripts::{Executor, Scripts};
 use crate::server::{self, ServeSettings};
@@ -58,6 +59,7 @@ pub struct Agent {
     trust: Arc<TrustStore>,
     scripts: Arc<Scripts>,
     files: Files,
+    packages: Packages,
 }
 
 impl Agent {
@@ -96,6 +98,13 @@ impl Agent {
             path: file_settings.root,
             source,
         })?;
+        let package_settings = config.package_settings(&home);
+        let packages =
+            Packages::new(package_settings.clone()).map_err(|source| AgentError::Storage {
+                what: "the package cache",
+                path: package_settings.cache_dir,
+                source,
+            })?;
         Ok(Self {
             home,
             config,
@@ -103,6 +112,7 @@ impl Agent {
             trust,
             scripts,
             files,
+            packages,
         })
     }
 
@@ -157,13 +167,17 @@ impl Agent {
         tokio::spawn(self.scripts.clone().run_cleaner(background.clone()));
 
         let settings = self.serve_settings();
-        let (routes, health) = server::routes(
-            ScriptApi::new(self.scripts.clone()),
-            FileApi::new(self.files.clone()),
-            CapabilitiesApi::new(),
-            &settings,
-        )
-        .await?;
+        let services = server::Services {
+            scripts: ScriptApi::new(self.scripts.clone()),
+            files: FileApi::new(self.files.clone()),
+            packages: PackageApi::new(self.packages.clone()),
+            capabilities: CapabilitiesApi::with_health(HealthSource {
+                files_root: self.files.root().to_owned(),
+                scripts: self.scripts.clone(),
+                started: std::time::Instant::now(),
+            }),
+        };
+        let (routes, health) = server::routes(services, &settings).await?;
 
         let polling_stop = CancellationToken::new();
         let polling = if self.config.polling.enabled {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tentacle_proto::v1 as pb;
 use tentacle_proto::v1::capabilities_service_server::CapabilitiesServiceServer;
 use tentacle_proto::v1::file_service_server::FileServiceServer;
+use tentacle_proto::v1::package_service_server::PackageServiceServer;
 use tentacle_proto::v1::script_service_server::ScriptServiceServer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_stream::Stream;
@@ -18,7 +19,7 @@ use tonic::transport::Server;
 use tonic::transport::server::Connected;
 use tonic_health::server::HealthReporter;
 
-use crate::grpc::{CapabilitiesApi, FileApi, ScriptApi};
+use crate::grpc::{CapabilitiesApi, FileApi, PackageApi, ScriptApi};
 
 /// HTTP/2 and message limits for serving.
 #[derive(Debug, Clone)]
@@ -48,19 +49,35 @@ impl Default for ServeSettings {
 #[error("could not build the reflection service: {0}")]
 pub struct RoutesError(#[from] tonic_reflection::server::Error);
 
+/// The agent's `tentacle.v1` services.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub scripts: ScriptApi,
+    pub files: FileApi,
+    pub packages: PackageApi,
+    pub capabilities: CapabilitiesApi,
+}
+
 /// The agent's services plus `grpc.health.v1.Health` and server reflection.
 pub async fn routes(
-    scripts: ScriptApi,
-    files: FileApi,
-    capabilities: CapabilitiesApi,
+    services: Services,
     settings: &ServeSettings,
 ) -> Result<(Routes, HealthReporter), RoutesError> {
+    let Services {
+        scripts,
+        files,
+        packages,
+        capabilities,
+    } = services;
     let limit = settings.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ScriptServiceServer<ScriptApi>>().await;
     health.set_serving::<FileServiceServer<FileApi>>().await;
     health
         .set_serving::<CapabilitiesServiceServer<CapabilitiesApi>>()
+        .await;
+    health
+        .set_serving::<PackageServiceServer<PackageApi>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -77,6 +94,11 @@ pub async fn routes(
     )
     .add_service(
         FileServiceServer::new(files)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit),
+    )
+    .add_service(
+        PackageServiceServer::new(packages)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit),
     )

@@ -11,6 +11,7 @@ use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
 use tentacle_proto::v1 as pb;
 use tentacle_proto::v1::capabilities_service_client::CapabilitiesServiceClient;
 use tentacle_proto::v1::file_service_client::FileServiceClient;
+use tentacle_proto::v1::package_service_client::PackageServiceClient;
 use tentacle_proto::v1::script_service_client::ScriptServiceClient;
 use tentacle_proto::{Identity, Thumbprint, TrustStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -269,48 +270,95 @@ impl AgentClient {
         remote: &str,
         chunk_bytes: usize,
     ) -> Result<pb::UploadFileResponse, ClientError> {
+        use pb::upload_file_request::Part;
         let (size, sha256) = hash_file(local).await?;
-        let mut file = tokio::fs::File::open(local)
-            .await
-            .map_err(io_error("opening", local))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
         let header = pb::UploadFileRequest {
-            part: Some(pb::upload_file_request::Part::Header(pb::UploadHeader {
+            part: Some(Part::Header(pb::UploadHeader {
                 path: remote.to_owned(),
                 size,
                 sha256,
             })),
         };
-        let path = local.to_owned();
-        let reader = tokio::spawn(async move {
-            if tx.send(header).await.is_err() {
-                return Ok(());
-            }
-            loop {
-                let mut chunk = vec![0u8; chunk_bytes.max(1)];
-                let n = file.read(&mut chunk).await?;
-                if n == 0 {
-                    return Ok(());
-                }
-                chunk.truncate(n);
-                let message = pb::UploadFileRequest {
-                    part: Some(pb::upload_file_request::Part::Chunk(chunk)),
-                };
-                if tx.send(message).await.is_err() {
-                    return Ok(());
-                }
-            }
-        });
-        let response = self
-            .files()
-            .upload_file(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await;
-        match reader.await {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => return Err(io_error("reading", &path)(source)),
-            Err(join) => return Err(io_error("reading", &path)(std::io::Error::other(join))),
-        }
+        let (messages, reader) =
+            stream_file(local, header, chunk_bytes, |chunk| pb::UploadFileRequest {
+                part: Some(Part::Chunk(chunk)),
+            })
+            .await?;
+        let response = self.files().upload_file(messages).await;
+        finish_reading(reader, local).await?;
         Ok(response?.into_inner())
+    }
+
+    /// Whether the agent's package cache holds `sha256`.
+    pub async fn package_status(&self, sha256: &str) -> Result<pb::PackageStatus, ClientError> {
+        Ok(self
+            .packages()
+            .get_package(pb::GetPackageRequest {
+                sha256: sha256.to_owned(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Makes sure the agent has the package at `local` (digest `sha256`)
+    /// extracted for `application`, uploading it only if its cache lacks
+    /// it. Returns where it is and how many bytes were sent.
+    pub async fn ensure_package(
+        &self,
+        local: &Path,
+        sha256: &str,
+        application: &str,
+    ) -> Result<PackageDelivery, ClientError> {
+        use pb::upload_package_request::Part;
+        let status = self.package_status(sha256).await?;
+        let mut uploaded_bytes = 0;
+        if !status.present {
+            let size = tokio::fs::metadata(local)
+                .await
+                .map_err(io_error("reading", local))?
+                .len();
+            let header = pb::UploadPackageRequest {
+                part: Some(Part::Header(pb::PackageHeader {
+                    sha256: sha256.to_owned(),
+                    size,
+                })),
+            };
+            let (messages, reader) = stream_file(local, header, 256 * 1024, |chunk| {
+                pb::UploadPackageRequest {
+                    part: Some(Part::Chunk(chunk)),
+                }
+            })
+            .await?;
+            let response = self.packages().upload_package(messages).await;
+            uploaded_bytes = finish_reading(reader, local).await?;
+            response?;
+        }
+        let extracted = self
+            .packages()
+            .extract_package(pb::ExtractPackageRequest {
+                sha256: sha256.to_owned(),
+                application: application.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(PackageDelivery {
+            path: extracted.path,
+            uploaded_bytes,
+            was_cached: status.present,
+        })
+    }
+
+    pub fn packages(&self) -> PackageServiceClient<AgentChannel> {
+        PackageServiceClient::new(self.channel.clone())
+    }
+
+    /// The agent's health readings.
+    pub async fn health(&self) -> Result<pb::AgentHealth, ClientError> {
+        let mut client = CapabilitiesServiceClient::new(self.channel.clone());
+        Ok(client
+            .get_health(pb::GetHealthRequest {})
+            .await?
+            .into_inner())
     }
 
     /// Downloads `remote` to `local`. Bytes go to `local.partial` first; with
@@ -387,6 +435,67 @@ impl AgentClient {
             .await
             .map_err(io_error("renaming into", local))?;
         Ok(header)
+    }
+}
+
+/// A package made ready on an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageDelivery {
+    /// Where the agent extracted it.
+    pub path: String,
+    /// Bytes sent; 0 when the agent's cache already had it.
+    pub uploaded_bytes: u64,
+    pub was_cached: bool,
+}
+
+/// Streams `first`, then the file's bytes in chunks wrapped by `wrap`. The
+/// returned task reports how many file bytes it read.
+async fn stream_file<M: Send + 'static>(
+    local: &Path,
+    first: M,
+    chunk_bytes: usize,
+    wrap: fn(Vec<u8>) -> M,
+) -> Result<
+    (
+        tokio_stream::wrappers::ReceiverStream<M>,
+        tokio::task::JoinHandle<std::io::Result<u64>>,
+    ),
+    ClientError,
+> {
+    let mut file = tokio::fs::File::open(local)
+        .await
+        .map_err(io_error("opening", local))?;
+    // Two messages in flight at most, so memory stays flat.
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let reader = tokio::spawn(async move {
+        let mut sent = 0u64;
+        if tx.send(first).await.is_err() {
+            return Ok(sent);
+        }
+        loop {
+            let mut chunk = vec![0u8; chunk_bytes.max(1)];
+            let n = file.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(sent);
+            }
+            chunk.truncate(n);
+            sent += n as u64;
+            if tx.send(wrap(chunk)).await.is_err() {
+                return Ok(sent);
+            }
+        }
+    });
+    Ok((tokio_stream::wrappers::ReceiverStream::new(rx), reader))
+}
+
+async fn finish_reading(
+    reader: tokio::task::JoinHandle<std::io::Result<u64>>,
+    local: &Path,
+) -> Result<u64, ClientError> {
+    match reader.await {
+        Ok(Ok(sent)) => Ok(sent),
+        Ok(Err(source)) => Err(io_error("reading", local)(source)),
+        Err(join) => Err(io_error("reading", local)(std::io::Error::other(join))),
     }
 }
 

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tentacle_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{AgentClient, FollowSettings};
+use crate::client::{AgentClient, FollowSettings, PackageDelivery};
 
 /// One agent to deploy to.
 #[derive(Debug, Clone)]
@@ -17,6 +17,15 @@ pub struct DeployTarget {
     pub name: String,
     pub target: String,
     pub client: AgentClient,
+}
+
+/// A package to make ready on every target before the script runs.
+#[derive(Debug, Clone)]
+pub struct PackageSpec {
+    pub local: std::path::PathBuf,
+    pub sha256: String,
+    /// The application directory name on the agent.
+    pub application: String,
 }
 
 /// How one target's deployment ended.
@@ -41,6 +50,8 @@ pub struct TargetResult {
     pub target: String,
     pub outcome: TargetOutcome,
     pub elapsed: Duration,
+    /// What happened to the package, when there was one.
+    pub package: Option<PackageDelivery>,
 }
 
 /// Hears about a deployment as it happens.
@@ -50,11 +61,14 @@ pub trait DeployObserver: Send + Sync {
     fn finished(&self, result: &TargetResult);
 }
 
-/// Runs `script` on every target, at most `parallelism` at a time. When
-/// `cancel` fires, every running script is cancelled on its agent.
+/// Runs `script` on every target, at most `parallelism` at a time, after
+/// making `package` ready there (uploaded only where the agent's cache lacks
+/// it; its path is in `TENTACLE_PACKAGE_PATH`). When `cancel` fires, every
+/// running script is cancelled on its agent.
 pub async fn deploy(
     targets: Vec<DeployTarget>,
     script: &str,
+    package: Option<PackageSpec>,
     parallelism: usize,
     observer: Arc<dyn DeployObserver>,
     cancel: CancellationToken,
@@ -63,7 +77,8 @@ pub async fn deploy(
     let runs = targets.into_iter().map(|target| {
         let observer = observer.clone();
         let cancel = cancel.clone();
-        let request = pb::StartScriptRequest {
+        let package = package.clone();
+        let mut request = pb::StartScriptRequest {
             ticket: format!("deploy-{deployment}-{}", target.name),
             script_body: script.to_owned(),
             ..Default::default()
@@ -72,7 +87,28 @@ pub async fn deploy(
             observer.started(&target.name);
             let started = Instant::now();
             let ticket = request.ticket.clone();
-            let outcome = if cancel.is_cancelled() {
+            let mut delivered = None;
+            let mut failure = None;
+            if let Some(package) = &package {
+                match target
+                    .client
+                    .ensure_package(&package.local, &package.sha256, &package.application)
+                    .await
+                {
+                    Ok(delivery) => {
+                        request.environment.push(pb::EnvironmentVariable {
+                            name: "TENTACLE_PACKAGE_PATH".into(),
+                            value: delivery.path.clone(),
+                            sensitive: false,
+                        });
+                        delivered = Some(delivery);
+                    }
+                    Err(error) => failure = Some(format!("package: {error}")),
+                }
+            }
+            let outcome = if let Some(reason) = failure {
+                TargetOutcome::Failed(reason)
+            } else if cancel.is_cancelled() {
                 TargetOutcome::Failed("cancelled before it started".into())
             } else {
                 let name = target.name.clone();
@@ -98,6 +134,7 @@ pub async fn deploy(
                 target: target.target,
                 outcome,
                 elapsed: started.elapsed(),
+                package: delivered,
             };
             observer.finished(&result);
             result

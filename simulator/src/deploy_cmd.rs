@@ -31,6 +31,11 @@ pub struct DeployArgs {
     /// The script to run (bash).
     #[arg(long)]
     script: PathBuf,
+    /// A .tar.gz or .zip to extract on every target first; the script finds
+    /// it at $TENTACLE_PACKAGE_PATH. Agents that already have these bytes are
+    /// not sent them again.
+    #[arg(long)]
+    package: Option<PathBuf>,
     /// Targets deployed to at once.
     #[arg(long, default_value_t = 10)]
     parallelism: usize,
@@ -48,6 +53,37 @@ pub struct DeployArgs {
 pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
     let script = std::fs::read_to_string(&args.script)
         .with_context(|| format!("reading the script {}", args.script.display()))?;
+    let package = match &args.package {
+        Some(path) => {
+            let (_, sha256) = tentacle_sim::client::hash_file(path).await?;
+            let application = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .trim_end_matches(".tar.gz")
+                .trim_end_matches(".tgz")
+                .trim_end_matches(".zip")
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect::<String>();
+            Some(deploy::PackageSpec {
+                local: path.clone(),
+                sha256,
+                application: if application.is_empty() {
+                    "package".into()
+                } else {
+                    application
+                },
+            })
+        }
+        None => None,
+    };
     let identity = home.identity()?;
     let hub_thumbprint = args.hub_thumbprint.unwrap_or_else(|| identity.thumbprint());
     let tls = tentacle_proto::tls::client_config(&identity, TrustStore::new([hub_thumbprint]))?;
@@ -103,7 +139,15 @@ pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
         targets.len(),
         args.parallelism.max(1)
     );
-    let results = deploy::deploy(targets, &script, args.parallelism, observer, cancel).await;
+    let results = deploy::deploy(
+        targets,
+        &script,
+        package,
+        args.parallelism,
+        observer,
+        cancel,
+    )
+    .await;
     print_summary(&results);
     let failed = results.iter().filter(|r| !r.outcome.succeeded()).count();
     Ok(if failed == 0 {
@@ -128,12 +172,18 @@ fn print_summary(results: &[TargetResult]) {
             TargetOutcome::Exited(code) => ("failed".to_owned(), format!("  exit code {code}")),
             TargetOutcome::Failed(reason) => ("failed".to_owned(), format!("  {reason}")),
         };
+        let package = match &result.package {
+            Some(p) if p.was_cached => "  package cached".to_owned(),
+            Some(p) => format!("  package uploaded {} bytes", p.uploaded_bytes),
+            None => String::new(),
+        };
         println!(
-            "{:<width$}  {:<9}  {:>8.1}s  {}{}",
+            "{:<width$}  {:<9}  {:>8.1}s  {}{}{}",
             result.name,
             word,
             result.elapsed.as_secs_f64(),
             result.target,
+            package,
             detail
         );
     }

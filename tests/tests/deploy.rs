@@ -4,10 +4,12 @@
 
 use tentacle_tests::{AgentProcess, FAST_POLLING, SimHome, free_port, stdout_of, tentacle_output};
 
-#[test]
-fn a_deploy_reaches_every_agent_of_a_role_in_both_modes() {
-    let sim = SimHome::new();
-    let (mut hub, address) = sim.serve();
+/// A hub process and registered, running agents: (name, role, listening).
+fn fleet(
+    sim: &SimHome,
+    specs: &[(&str, &str, bool)],
+) -> (std::process::Child, String, Vec<AgentProcess>) {
+    let (hub, address) = sim.serve();
     let hub_url = format!("https://{address}");
     let hub_thumbprint = sim.thumbprint();
     let key = stdout_of(&sim.run(&["server", "api-key", "create"]));
@@ -42,12 +44,7 @@ fn a_deploy_reaches_every_agent_of_a_role_in_both_modes() {
         );
     };
     let mut agents = Vec::new();
-    for (name, role, listening) in [
-        ("web-a", "web", false),
-        ("web-b", "web", false),
-        ("web-c", "web", true),
-        ("db-a", "db", false),
-    ] {
+    for &(name, role, listening) in specs {
         let port = listening.then(free_port);
         let extra = port
             .map(|p| format!("[listen]\nport = {p}\n"))
@@ -63,6 +60,21 @@ fn a_deploy_reaches_every_agent_of_a_role_in_both_modes() {
         agent.spawn();
         agents.push(agent);
     }
+    (hub, hub_url, agents)
+}
+
+#[test]
+fn a_deploy_reaches_every_agent_of_a_role_in_both_modes() {
+    let sim = SimHome::new();
+    let (mut hub, hub_url, agents) = fleet(
+        &sim,
+        &[
+            ("web-a", "web", false),
+            ("web-b", "web", false),
+            ("web-c", "web", true),
+            ("db-a", "db", false),
+        ],
+    );
     // web-b fails its deployment: the script finds this marker in its home.
     std::fs::write(agents[1].home().join("fail-deploy"), "").expect("marker");
 
@@ -123,6 +135,98 @@ fn a_deploy_reaches_every_agent_of_a_role_in_both_modes() {
         "{stdout}"
     );
     assert!(stdout.contains("2 succeeded, 1 failed"), "{stdout}");
+    let _ = hub.kill();
+    let _ = hub.wait();
+}
+
+#[test]
+fn a_package_is_sent_once_per_agent_and_then_served_from_its_cache() {
+    let sim = SimHome::new();
+    let (mut hub, hub_url, agents) =
+        fleet(&sim, &[("app-a", "app", false), ("app-b", "app", true)]);
+    let work = tempfile::tempdir().expect("tempdir");
+    // A real .tar.gz with a file the script reads.
+    let source = work.path().join("src");
+    std::fs::create_dir_all(source.join("site")).expect("mkdir");
+    std::fs::write(source.join("site/index.html"), "<h1>release 7</h1>").expect("write");
+    let package = work.path().join("webapp.tar.gz");
+    let tar = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&package)
+        .arg("-C")
+        .arg(&source)
+        .arg("site")
+        .status()
+        .expect("tar");
+    assert!(tar.success());
+    let size = std::fs::metadata(&package).expect("package").len();
+    let script = work.path().join("deploy.sh");
+    std::fs::write(
+        &script,
+        "cat \"$TENTACLE_PACKAGE_PATH/site/index.html\"; echo\n",
+    )
+    .expect("script");
+    let deploy = || {
+        sim.run(&[
+            "deploy",
+            "--role",
+            "app",
+            "--script",
+            &script.to_string_lossy(),
+            "--package",
+            &package.to_string_lossy(),
+            "--hub",
+            &hub_url,
+        ])
+    };
+
+    let first = deploy();
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for name in ["app-a", "app-b"] {
+        assert!(
+            stdout.contains(&format!("[{name}] <h1>release 7</h1>")),
+            "{stdout}"
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("succeeded"))
+            .expect("summary");
+        assert!(
+            line.contains(&format!("package uploaded {size} bytes")),
+            "{line}"
+        );
+    }
+
+    let second = deploy();
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "{stdout}");
+    for name in ["app-a", "app-b"] {
+        assert!(
+            stdout.contains(&format!("[{name}] <h1>release 7</h1>")),
+            "{stdout}"
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("succeeded"))
+            .expect("summary");
+        assert!(
+            line.contains("package cached") && !line.contains("uploaded"),
+            "{line}"
+        );
+    }
+    for agent in &agents {
+        let cached: Vec<_> = std::fs::read_dir(agent.home().join("packages"))
+            .expect("cache dir")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pkg"))
+            .collect();
+        assert_eq!(cached.len(), 1, "one cached copy per agent");
+    }
     let _ = hub.kill();
     let _ = hub.wait();
 }

@@ -14,15 +14,35 @@ pub const FEATURES: &[&str] = &[
     "script.execution-timeout",
     "file.sha256",
     "file.resume-download",
+    "package.cache",
+    "health",
 ];
 
-/// The capabilities service; answers from what it found at start-up.
+/// The capabilities service: what the agent can do (found at start-up) and
+/// how it is doing (measured on each call).
 #[derive(Debug, Clone)]
 pub struct CapabilitiesApi {
     capabilities: pb::Capabilities,
+    health: Option<HealthSource>,
+}
+
+/// Where health readings come from.
+#[derive(Debug, Clone)]
+pub struct HealthSource {
+    pub files_root: std::path::PathBuf,
+    pub scripts: std::sync::Arc<crate::scripts::Scripts>,
+    pub started: std::time::Instant,
 }
 
 impl CapabilitiesApi {
+    /// Capabilities plus health readings from `health`.
+    pub fn with_health(health: HealthSource) -> Self {
+        Self {
+            health: Some(health),
+            ..Self::new()
+        }
+    }
+
     pub fn new() -> Self {
         let service = |name: &str| pb::ServiceVersion {
             name: name.to_owned(),
@@ -46,6 +66,7 @@ impl CapabilitiesApi {
                 features: FEATURES.iter().map(|f| (*f).to_owned()).collect(),
                 interpreters,
             },
+            health: None,
         }
     }
 }
@@ -63,5 +84,26 @@ impl CapabilitiesService for CapabilitiesApi {
         _request: Request<pb::GetCapabilitiesRequest>,
     ) -> Result<Response<pb::Capabilities>, Status> {
         Ok(Response::new(self.capabilities.clone()))
+    }
+
+    async fn get_health(
+        &self,
+        _request: Request<pb::GetHealthRequest>,
+    ) -> Result<Response<pb::AgentHealth>, Status> {
+        let Some(health) = &self.health else {
+            return Err(Status::unimplemented(
+                "this agent reports no health readings",
+            ));
+        };
+        let root = health.files_root.clone();
+        let free = tokio::task::spawn_blocking(move || crate::files::available_bytes(&root))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("could not read free disk space: {e}")))?;
+        Ok(Response::new(pb::AgentHealth {
+            free_disk_bytes: free,
+            active_scripts: u32::try_from(health.scripts.active()).unwrap_or(u32::MAX),
+            uptime_seconds: health.started.elapsed().as_secs(),
+        }))
     }
 }

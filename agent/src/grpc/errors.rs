@@ -3,6 +3,7 @@
 use tonic::Status;
 
 use crate::files::FileError;
+use crate::packages::PackageError;
 use crate::scripts::{InvalidTicket, ScriptError};
 
 impl From<ScriptError> for Status {
@@ -35,6 +36,23 @@ impl From<FileError> for Status {
                 Status::data_loss(message)
             }
             FileError::Io { .. } => Status::internal(message),
+        }
+    }
+}
+
+impl From<PackageError> for Status {
+    fn from(error: PackageError) -> Self {
+        let message = error.to_string();
+        match error {
+            PackageError::BadDigest(_) | PackageError::BadApplication(_) => {
+                Status::invalid_argument(message)
+            }
+            PackageError::NotCached(_) => Status::failed_precondition(message),
+            PackageError::UnknownFormat { .. } | PackageError::Unsafe { .. } => {
+                Status::invalid_argument(message)
+            }
+            PackageError::Transfer(error) => error.into(),
+            PackageError::Io { .. } => Status::internal(message),
         }
     }
 }

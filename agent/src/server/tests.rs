@@ -23,14 +23,18 @@ async fn in_memory_agent(dir: &std::path::Path, stop: CancellationToken) -> Chan
     );
     let files = Files::new(FileSettings::new(dir.join("files"))).expect("files");
     let settings = ServeSettings::default();
-    let (routes, _health) = routes(
-        ScriptApi::new(scripts),
-        FileApi::new(files),
-        CapabilitiesApi::new(),
-        &settings,
-    )
-    .await
-    .expect("routes");
+    let packages = crate::packages::Packages::new(crate::packages::PackageSettings::new(
+        dir.join("packages"),
+        dir.join("apps"),
+    ))
+    .expect("packages");
+    let services = Services {
+        scripts: ScriptApi::new(scripts),
+        files: FileApi::new(files),
+        packages: PackageApi::new(packages),
+        capabilities: CapabilitiesApi::new(),
+    };
+    let (routes, _health) = routes(services, &settings).await.expect("routes");
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     // One connection, then a stream that stays open until shutdown.
     let incoming = tokio_stream::StreamExt::chain(
