@@ -83,6 +83,23 @@ pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode>
         }
         Command::Server(args) => crate::server::run(&home, args).await,
         Command::Deploy(args) => crate::deploy_cmd::run(&home, args).await,
+        Command::Health(args) => crate::health_cmd::run(&home, args).await,
+        Command::Tooling(super::ToolingCommand::Set { file }) => {
+            let stored = home
+                .set_tooling_bundle(&file)
+                .with_context(|| format!("storing {} as the tooling bundle", file.display()))?;
+            let (size, sha256) = tentacle_sim::client::hash_file(&stored).await?;
+            println!("{} {size} bytes sha256:{sha256}", stored.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tooling(super::ToolingCommand::Show) => match home.tooling_bundle() {
+            Some(bundle) => {
+                let (size, sha256) = tentacle_sim::client::hash_file(&bundle).await?;
+                println!("{} {size} bytes sha256:{sha256}", bundle.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            None => bail!("no tooling bundle is set; set one with `tentacle-sim tooling set FILE`"),
+        },
         Command::Demo { script } => {
             let code = demo::run(script.as_deref().unwrap_or(demo::DEFAULT_SCRIPT)).await?;
             Ok(exit_code(code))

@@ -26,6 +26,8 @@ pub struct PackageSpec {
     pub sha256: String,
     /// The application directory name on the agent.
     pub application: String,
+    /// The environment variable that tells the script where it is.
+    pub env_var: String,
 }
 
 /// How one target's deployment ended.
@@ -50,8 +52,8 @@ pub struct TargetResult {
     pub target: String,
     pub outcome: TargetOutcome,
     pub elapsed: Duration,
-    /// What happened to the package, when there was one.
-    pub package: Option<PackageDelivery>,
+    /// What happened to each package, by application name.
+    pub packages: Vec<(String, PackageDelivery)>,
 }
 
 /// Hears about a deployment as it happens.
@@ -62,13 +64,13 @@ pub trait DeployObserver: Send + Sync {
 }
 
 /// Runs `script` on every target, at most `parallelism` at a time, after
-/// making `package` ready there (uploaded only where the agent's cache lacks
-/// it; its path is in `TENTACLE_PACKAGE_PATH`). When `cancel` fires, every
+/// making `packages` ready there (each uploaded only where the agent's cache
+/// lacks it; its path is in its `env_var`). When `cancel` fires, every
 /// running script is cancelled on its agent.
 pub async fn deploy(
     targets: Vec<DeployTarget>,
     script: &str,
-    package: Option<PackageSpec>,
+    packages: Vec<PackageSpec>,
     parallelism: usize,
     observer: Arc<dyn DeployObserver>,
     cancel: CancellationToken,
@@ -77,7 +79,7 @@ pub async fn deploy(
     let runs = targets.into_iter().map(|target| {
         let observer = observer.clone();
         let cancel = cancel.clone();
-        let package = package.clone();
+        let packages = packages.clone();
         let mut request = pb::StartScriptRequest {
             ticket: format!("deploy-{deployment}-{}", target.name),
             script_body: script.to_owned(),
@@ -87,9 +89,9 @@ pub async fn deploy(
             observer.started(&target.name);
             let started = Instant::now();
             let ticket = request.ticket.clone();
-            let mut delivered = None;
+            let mut delivered = Vec::new();
             let mut failure = None;
-            if let Some(package) = &package {
+            for package in &packages {
                 match target
                     .client
                     .ensure_package(&package.local, &package.sha256, &package.application)
@@ -97,13 +99,16 @@ pub async fn deploy(
                 {
                     Ok(delivery) => {
                         request.environment.push(pb::EnvironmentVariable {
-                            name: "TENTACLE_PACKAGE_PATH".into(),
+                            name: package.env_var.clone(),
                             value: delivery.path.clone(),
                             sensitive: false,
                         });
-                        delivered = Some(delivery);
+                        delivered.push((package.application.clone(), delivery));
                     }
-                    Err(error) => failure = Some(format!("package: {error}")),
+                    Err(error) => {
+                        failure = Some(format!("{}: {error}", package.application));
+                        break;
+                    }
                 }
             }
             let outcome = if let Some(reason) = failure {
@@ -134,7 +139,7 @@ pub async fn deploy(
                 target: target.target,
                 outcome,
                 elapsed: started.elapsed(),
-                package: delivered,
+                packages: delivered,
             };
             observer.finished(&result);
             result

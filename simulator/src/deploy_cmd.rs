@@ -7,18 +7,16 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
+use tentacle_proto::Thumbprint;
+use tentacle_proto::dial::ListeningAddress;
 use tentacle_proto::v1 as pb;
-use tentacle_proto::v1::fleet_service_client::FleetServiceClient;
-use tentacle_proto::{Thumbprint, TrustStore};
-use tentacle_sim::channel::{AgentChannel, HubRouted};
-use tentacle_sim::client::AgentClient;
 use tentacle_sim::deploy::{self, DeployObserver, DeployTarget, TargetOutcome, TargetResult};
 use tentacle_sim::home::SimHome;
-use tentacle_sim::target::Target;
 use tokio_util::sync::CancellationToken;
+
+use crate::operator::{HubArgs, fleet};
 
 #[derive(Debug, clap::Args)]
 pub struct DeployArgs {
@@ -53,7 +51,18 @@ pub struct DeployArgs {
 pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
     let script = std::fs::read_to_string(&args.script)
         .with_context(|| format!("reading the script {}", args.script.display()))?;
-    let package = match &args.package {
+    let mut packages = Vec::new();
+    // The hub's tooling bundle goes first, to every target that lacks it.
+    if let Some(bundle) = home.tooling_bundle() {
+        let (_, sha256) = tentacle_sim::client::hash_file(&bundle).await?;
+        packages.push(deploy::PackageSpec {
+            local: bundle,
+            sha256,
+            application: "tooling".into(),
+            env_var: "TENTACLE_TOOLING_PATH".into(),
+        });
+    }
+    match &args.package {
         Some(path) => {
             let (_, sha256) = tentacle_sim::client::hash_file(path).await?;
             let application = path
@@ -72,7 +81,7 @@ pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
                     }
                 })
                 .collect::<String>();
-            Some(deploy::PackageSpec {
+            packages.push(deploy::PackageSpec {
                 local: path.clone(),
                 sha256,
                 application: if application.is_empty() {
@@ -80,46 +89,25 @@ pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     application
                 },
-            })
+                env_var: "TENTACLE_PACKAGE_PATH".into(),
+            });
         }
-        None => None,
+        None => {}
+    }
+    let hub = HubArgs {
+        hub: args.hub.clone(),
+        hub_thumbprint: args.hub_thumbprint,
+        pickup_timeout: args.pickup_timeout,
     };
-    let identity = home.identity()?;
-    let hub_thumbprint = args.hub_thumbprint.unwrap_or_else(|| identity.thumbprint());
-    let tls = tentacle_proto::tls::client_config(&identity, TrustStore::new([hub_thumbprint]))?;
-    let hub = dial::channel(&args.hub, tls, &DialSettings::default()).await?;
-    let fleet = FleetServiceClient::new(hub.clone())
-        .list_agents(pb::ListAgentsRequest {
-            role: args.role.clone(),
-            environment: args.environment.clone(),
+    let targets: Vec<DeployTarget> = fleet(home, &hub, &args.role, &args.environment)
+        .await?
+        .into_iter()
+        .map(|member| DeployTarget {
+            name: member.name,
+            target: member.target,
+            client: member.client,
         })
-        .await
-        .map_err(|status| {
-            anyhow::anyhow!(
-                "the hub refused to list its agents: {}",
-                dial::describe_status(&status)
-            )
-        })?
-        .into_inner();
-    if fleet.agents.is_empty() {
-        bail!(
-            "no registered agent has role `{}` and environment `{}`",
-            args.role,
-            args.environment
-        );
-    }
-    let mut targets = Vec::new();
-    for agent in &fleet.agents {
-        let target: Target = agent.target.parse()?;
-        let thumbprint: Thumbprint = agent.thumbprint.parse()?;
-        let routed = HubRouted::new(hub.clone(), &target, thumbprint, args.pickup_timeout)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        targets.push(DeployTarget {
-            name: agent.name.clone(),
-            target: agent.target.clone(),
-            client: AgentClient::new(AgentChannel::ViaHub(routed)),
-        });
-    }
+        .collect();
 
     let observer: Arc<dyn DeployObserver> = if std::io::stderr().is_terminal() {
         Arc::new(Bars::new(&targets))
@@ -142,7 +130,7 @@ pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
     let results = deploy::deploy(
         targets,
         &script,
-        package,
+        packages,
         args.parallelism,
         observer,
         cancel,
@@ -172,11 +160,14 @@ fn print_summary(results: &[TargetResult]) {
             TargetOutcome::Exited(code) => ("failed".to_owned(), format!("  exit code {code}")),
             TargetOutcome::Failed(reason) => ("failed".to_owned(), format!("  {reason}")),
         };
-        let package = match &result.package {
-            Some(p) if p.was_cached => "  package cached".to_owned(),
-            Some(p) => format!("  package uploaded {} bytes", p.uploaded_bytes),
-            None => String::new(),
-        };
+        let package: String = result
+            .packages
+            .iter()
+            .map(|(application, p)| match p.was_cached {
+                true => format!("  {application} cached"),
+                false => format!("  {application} uploaded {} bytes", p.uploaded_bytes),
+            })
+            .collect();
         println!(
             "{:<width$}  {:<9}  {:>8.1}s  {}{}{}",
             result.name,

@@ -41,6 +41,31 @@ impl SimHome {
         self.dir.join("tentacle-sim.key.pem")
     }
 
+    /// The tooling bundle pushed to every agent before a deployment, when
+    /// one is set (`tentacle-sim tooling set`).
+    pub fn tooling_bundle(&self) -> Option<PathBuf> {
+        ["tooling.tar.gz", "tooling.zip"]
+            .into_iter()
+            .map(|name| self.dir.join(name))
+            .find(|p| p.is_file())
+    }
+
+    /// Makes `bundle` (a .tar.gz or .zip) the tooling bundle.
+    pub fn set_tooling_bundle(&self, bundle: &Path) -> std::io::Result<PathBuf> {
+        let name = if bundle.to_string_lossy().ends_with(".zip") {
+            "tooling.zip"
+        } else {
+            "tooling.tar.gz"
+        };
+        for old in ["tooling.tar.gz", "tooling.zip"] {
+            let _ = std::fs::remove_file(self.dir.join(old));
+        }
+        let target = self.dir.join(name);
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::copy(bundle, &target)?;
+        Ok(target)
+    }
+
     pub fn identity(&self) -> Result<Identity, HomeError> {
         if !self.certificate_path().exists() {
             return Err(HomeError::NoCertificate(self.dir.clone()));

@@ -2,6 +2,8 @@
 
 mod commands;
 mod deploy_cmd;
+mod health_cmd;
+mod operator;
 mod server;
 
 use std::path::PathBuf;
@@ -54,6 +56,12 @@ enum Command {
     /// Runs a script on every registered agent with a role, through the hub,
     /// and exits non-zero if any target failed.
     Deploy(deploy_cmd::DeployArgs),
+    /// Checks every registered agent: reachable, round trip, version,
+    /// platform, free disk, and whether it has the current tooling bundle.
+    Health(health_cmd::HealthArgs),
+    /// The tooling bundle pushed to agents before each deployment.
+    #[command(subcommand)]
+    Tooling(ToolingCommand),
     /// Runs the hub (default port 10943), or manages the agents it trusts.
     Server(server::ServerArgs),
     /// Starts a listening agent with fresh certificates in a temporary home,
@@ -63,6 +71,15 @@ enum Command {
         #[arg(long)]
         script: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ToolingCommand {
+    /// Makes FILE (.tar.gz or .zip) the bundle every deployment makes sure
+    /// agents have, at $TENTACLE_TOOLING_PATH.
+    Set { file: PathBuf },
+    /// Prints the bundle's path and SHA-256.
+    Show,
 }
 
 fn main() -> ExitCode {

@@ -435,6 +435,65 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A hub process and registered, running agents: (name, role, listening).
+pub fn start_fleet(
+    sim: &SimHome,
+    specs: &[(&str, &str, bool)],
+) -> (std::process::Child, String, Vec<AgentProcess>) {
+    let (hub, address) = sim.serve();
+    let hub_url = format!("https://{address}");
+    let hub_thumbprint = sim.thumbprint();
+    let key = stdout_of(&sim.run(&["server", "api-key", "create"]));
+
+    let register = |agent: &AgentProcess, name: &str, role: &str, mode: &str, port: Option<u16>| {
+        let port = port.map(|p| p.to_string()).unwrap_or_default();
+        let mut args = vec![
+            "register-with",
+            "--server",
+            &hub_url,
+            "--server-thumbprint",
+            &hub_thumbprint,
+            "--name",
+            name,
+            "--role",
+            role,
+            "--environment",
+            "prod",
+            "--mode",
+            mode,
+            "--api-key",
+            &key,
+        ];
+        if !port.is_empty() {
+            args.extend(["--public-hostname", "127.0.0.1", "--port", &port]);
+        }
+        let out = tentacle_output(agent.home(), &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mut agents = Vec::new();
+    for &(name, role, listening) in specs {
+        let port = listening.then(free_port);
+        let extra = port
+            .map(|p| format!("[listen]\nport = {p}\n"))
+            .unwrap_or_else(|| FAST_POLLING.to_owned());
+        let mut agent = AgentProcess::prepare(&[], &extra);
+        register(
+            &agent,
+            name,
+            role,
+            if listening { "listening" } else { "polling" },
+            port,
+        );
+        agent.spawn();
+        agents.push(agent);
+    }
+    (hub, hub_url, agents)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

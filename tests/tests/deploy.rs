@@ -2,71 +2,12 @@
 //! listening mixed, prefixes their output, summarises, and fails if any
 //! target failed.
 
-use tentacle_tests::{AgentProcess, FAST_POLLING, SimHome, free_port, stdout_of, tentacle_output};
-
-/// A hub process and registered, running agents: (name, role, listening).
-fn fleet(
-    sim: &SimHome,
-    specs: &[(&str, &str, bool)],
-) -> (std::process::Child, String, Vec<AgentProcess>) {
-    let (hub, address) = sim.serve();
-    let hub_url = format!("https://{address}");
-    let hub_thumbprint = sim.thumbprint();
-    let key = stdout_of(&sim.run(&["server", "api-key", "create"]));
-
-    let register = |agent: &AgentProcess, name: &str, role: &str, mode: &str, port: Option<u16>| {
-        let port = port.map(|p| p.to_string()).unwrap_or_default();
-        let mut args = vec![
-            "register-with",
-            "--server",
-            &hub_url,
-            "--server-thumbprint",
-            &hub_thumbprint,
-            "--name",
-            name,
-            "--role",
-            role,
-            "--environment",
-            "prod",
-            "--mode",
-            mode,
-            "--api-key",
-            &key,
-        ];
-        if !port.is_empty() {
-            args.extend(["--public-hostname", "127.0.0.1", "--port", &port]);
-        }
-        let out = tentacle_output(agent.home(), &args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let mut agents = Vec::new();
-    for &(name, role, listening) in specs {
-        let port = listening.then(free_port);
-        let extra = port
-            .map(|p| format!("[listen]\nport = {p}\n"))
-            .unwrap_or_else(|| FAST_POLLING.to_owned());
-        let mut agent = AgentProcess::prepare(&[], &extra);
-        register(
-            &agent,
-            name,
-            role,
-            if listening { "listening" } else { "polling" },
-            port,
-        );
-        agent.spawn();
-        agents.push(agent);
-    }
-    (hub, hub_url, agents)
-}
+use tentacle_tests::{SimHome, start_fleet, stdout_of};
 
 #[test]
 fn a_deploy_reaches_every_agent_of_a_role_in_both_modes() {
     let sim = SimHome::new();
-    let (mut hub, hub_url, agents) = fleet(
+    let (mut hub, hub_url, agents) = start_fleet(
         &sim,
         &[
             ("web-a", "web", false),
@@ -143,7 +84,7 @@ fn a_deploy_reaches_every_agent_of_a_role_in_both_modes() {
 fn a_package_is_sent_once_per_agent_and_then_served_from_its_cache() {
     let sim = SimHome::new();
     let (mut hub, hub_url, agents) =
-        fleet(&sim, &[("app-a", "app", false), ("app-b", "app", true)]);
+        start_fleet(&sim, &[("app-a", "app", false), ("app-b", "app", true)]);
     let work = tempfile::tempdir().expect("tempdir");
     // A real .tar.gz with a file the script reads.
     let source = work.path().join("src");
@@ -197,7 +138,7 @@ fn a_package_is_sent_once_per_agent_and_then_served_from_its_cache() {
             .find(|l| l.starts_with(name) && l.contains("succeeded"))
             .expect("summary");
         assert!(
-            line.contains(&format!("package uploaded {size} bytes")),
+            line.contains(&format!("webapp uploaded {size} bytes")),
             "{line}"
         );
     }
@@ -215,7 +156,7 @@ fn a_package_is_sent_once_per_agent_and_then_served_from_its_cache() {
             .find(|l| l.starts_with(name) && l.contains("succeeded"))
             .expect("summary");
         assert!(
-            line.contains("package cached") && !line.contains("uploaded"),
+            line.contains("webapp cached") && !line.contains("uploaded"),
             "{line}"
         );
     }
