@@ -62,8 +62,8 @@ pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
             env_var: "TENTACLE_TOOLING_PATH".into(),
         });
     }
-    match &args.package {
-        Some(path) => {
+    if let Some(path) = &args.package {
+        {
             let (_, sha256) = tentacle_sim::client::hash_file(path).await?;
             let application = path
                 .file_name()
@@ -92,7 +92,6 @@ pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
                 env_var: "TENTACLE_PACKAGE_PATH".into(),
             });
         }
-        None => {}
     }
     let hub = HubArgs {
         hub: args.hub.clone(),
