@@ -2,7 +2,7 @@
 //! listening mixed, prefixes their output, summarises, and fails if any
 //! target failed.
 
-use tentacle_tests::{SimHome, start_fleet, stdout_of};
+use tentacle_tests::{SimHome, start_fleet};
 
 #[test]
 fn a_deploy_reaches_every_agent_of_a_role_in_both_modes() {
