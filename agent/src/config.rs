@@ -112,6 +112,10 @@ pub struct AgentConfig {
     pub server: ServerConfig,
     pub polling: PollingConfig,
     pub packages: PackagesConfig,
+    /// Hubs this agent registered with (`register-with`); they are told
+    /// about a new certificate by `rotate-certificate`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<PollingServer>,
 }
 
 impl AgentConfig {

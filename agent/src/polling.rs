@@ -14,11 +14,12 @@ use hyper_util::rt::TokioIo;
 use rand::Rng;
 use tentacle_proto::dial::ListeningAddress;
 use tentacle_proto::incoming::PeerInfo;
+use tentacle_proto::tls::IdentityCell;
 use tentacle_proto::tunnel::{self, HeartbeatSettings, SessionEnd, SessionSignals};
 use tentacle_proto::v1::tunnel_frame::Kind;
 use tentacle_proto::v1::tunnel_service_client::TunnelServiceClient;
 use tentacle_proto::v1::{TunnelFrame, TunnelHello};
-use tentacle_proto::{Identity, Thumbprint, TrustStore};
+use tentacle_proto::{Thumbprint, TrustStore};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -73,12 +74,11 @@ pub enum TunnelError {
 /// Keeps every configured tunnel open until `stop` fires.
 pub async fn run(
     settings: PollingSettings,
-    identity: Identity,
+    identity: Arc<IdentityCell>,
     routes: Routes,
     serve: ServeSettings,
     stop: CancellationToken,
 ) {
-    let identity = Arc::new(identity);
     let mut tasks = Vec::new();
     for hub in &settings.hubs {
         for index in 0..settings.tunnels.max(1) {
@@ -108,7 +108,7 @@ async fn maintain(
     settings: PollingSettings,
     hub: HubEndpoint,
     index: u32,
-    identity: Arc<Identity>,
+    identity: Arc<IdentityCell>,
     routes: Routes,
     serve: ServeSettings,
     stop: CancellationToken,
@@ -127,6 +127,13 @@ async fn maintain(
         )
         .await
         {
+            Ok(SessionEnd::Replaced) => {
+                // A new certificate: open the replacement at once while the
+                // old tunnel finishes its calls.
+                tracing::info!(hub = %hub.address, tunnel = index, "reopening the tunnel with the new certificate");
+                attempt = 0;
+                continue;
+            }
             Ok(end) => tracing::info!(hub = %hub.address, tunnel = index, ?end, "tunnel closed"),
             Err(error) => tracing::warn!(tunnel = index, %error, "tunnel attempt failed"),
         }
@@ -171,14 +178,19 @@ async fn open_and_serve(
     settings: &PollingSettings,
     hub: &HubEndpoint,
     index: u32,
-    identity: &Identity,
+    identity_cell: &Arc<IdentityCell>,
     routes: Routes,
     serve: &ServeSettings,
     stop: &CancellationToken,
 ) -> Result<SessionEnd, TunnelError> {
     let address = hub.address.to_string();
+    // Each attempt uses the identity current at that moment; a later change
+    // replaces the tunnel.
+    let mut identity_changes = identity_cell.subscribe();
+    identity_changes.borrow_and_update();
+    let identity = identity_cell.current();
     let tls_config =
-        tentacle_proto::tls::client_config(identity, TrustStore::new([hub.thumbprint]))?;
+        tentacle_proto::tls::client_config(&identity, TrustStore::new([hub.thumbprint]))?;
     let tcp = dial(settings, hub)
         .await
         .map_err(|source| TunnelError::Connect {
@@ -298,6 +310,7 @@ async fn open_and_serve(
     };
     let signals = SessionSignals::default();
     let session_stop = CancellationToken::new();
+    let drain_sender = outgoing.clone();
     let session = tunnel::run_session(
         incoming,
         outgoing,
@@ -306,7 +319,7 @@ async fn open_and_serve(
         signals,
         session_stop.clone(),
     );
-    tokio::pin!(session);
+    let mut session = Box::pin(session);
     let end = tokio::select! {
         end = &mut session => end,
         () = stop.cancelled() => {
@@ -317,11 +330,37 @@ async fn open_and_serve(
             session_stop.cancel();
             session.await
         }
+        _ = identity_changes.changed() => {
+            // Rotated certificate: tell the hub to stop picking this tunnel,
+            // give calls it already picked a moment to arrive, then let the
+            // inner server finish them and close, all in the background.
+            let grace = settings.shutdown_grace;
+            tokio::spawn(async move {
+                let drain = TunnelFrame {
+                    kind: Some(Kind::Drain(tentacle_proto::v1::TunnelDrain {
+                        reason: "the agent switched to a new certificate".into(),
+                    })),
+                };
+                let _ = drain_sender.send(drain).await;
+                tokio::time::sleep(DRAIN_SETTLE).await;
+                session_over.cancel();
+                let _ = tokio::time::timeout(grace, &mut inner).await;
+                session_stop.cancel();
+                let end = session.await;
+                inner.abort();
+                tracing::info!(tunnel = index, ?end, "the tunnel with the old certificate is closed");
+            });
+            return Ok(SessionEnd::Replaced);
+        }
     };
     session_over.cancel();
     inner.abort();
     Ok(end)
 }
+
+/// How long a draining tunnel keeps accepting calls the hub picked just
+/// before it heard of the drain.
+const DRAIN_SETTLE: Duration = Duration::from_millis(500);
 
 #[cfg(test)]
 mod tests {

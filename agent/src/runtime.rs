@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tentacle_proto::incoming::{AcceptSettings, accept_tls};
+use tentacle_proto::tls::IdentityCell;
 use tentacle_proto::{Identity, TrustStore};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -55,7 +56,7 @@ pub enum AgentError {
 pub struct Agent {
     home: Home,
     config: AgentConfig,
-    identity: Identity,
+    identity: Arc<IdentityCell>,
     trust: Arc<TrustStore>,
     scripts: Arc<Scripts>,
     files: Files,
@@ -76,10 +77,10 @@ impl Agent {
         config: AgentConfig,
         executor: Arc<dyn Executor>,
     ) -> Result<Self, AgentError> {
-        let identity = Identity::load(
+        let identity = IdentityCell::new(Identity::load(
             &home.resolve(&config.certificate.certificate),
             &home.resolve(&config.certificate.key),
-        )?;
+        )?)?;
         let trust = TrustStore::new(config.trust.thumbprints.iter().copied());
         let script_settings = config.script_settings(&home);
         let work_root = script_settings.work_root.clone();
@@ -120,8 +121,9 @@ impl Agent {
         &self.config
     }
 
-    pub fn identity(&self) -> &Identity {
-        &self.identity
+    /// The identity in use now (it changes when the certificate is rotated).
+    pub fn identity(&self) -> Identity {
+        self.identity.current()
     }
 
     pub fn trust(&self) -> &Arc<TrustStore> {
@@ -158,9 +160,10 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let background = CancellationToken::new();
         let _stop_background = background.clone().drop_guard();
-        tokio::spawn(reload_trust(
+        tokio::spawn(reload_config(
             self.home.clone(),
             self.trust.clone(),
+            self.identity.clone(),
             self.config.server.trust_reload_interval,
             background.clone(),
         ));
@@ -240,7 +243,7 @@ impl Agent {
         stopping: &CancellationToken,
         settings: &ServeSettings,
     ) -> Result<(), AgentError> {
-        let tls = tentacle_proto::tls::server_config(&self.identity, self.trust.clone())?;
+        let tls = tentacle_proto::tls::server_config(self.identity.clone(), self.trust.clone())?;
         let local = listener.local_addr().ok();
         let incoming = accept_tls(
             listener,
@@ -288,11 +291,13 @@ impl Agent {
     }
 }
 
-/// Re-reads the trust list from the configuration file, so `configure
-/// --trust` and friends apply to a running agent without a restart.
-async fn reload_trust(
+/// Re-reads the configuration, so `configure --trust` and friends apply to a
+/// running agent without a restart, and so does a rotated certificate
+/// (`rotate-certificate` points the configuration at the new files).
+async fn reload_config(
     home: Home,
     trust: Arc<TrustStore>,
+    identity: Arc<IdentityCell>,
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -312,6 +317,25 @@ async fn reload_trust(
                 let after = trust.snapshot();
                 if before != after {
                     tracing::info!(trusted = after.len(), "trust list changed");
+                }
+                let next = Identity::load(
+                    &home.resolve(&config.certificate.certificate),
+                    &home.resolve(&config.certificate.key),
+                );
+                match next
+                    .map_err(|e| e.to_string())
+                    .and_then(|i| identity.replace(i).map_err(|e| e.to_string()))
+                {
+                    Ok(true) => {
+                        tracing::info!(thumbprint = %identity.thumbprint(), "switched to a new certificate")
+                    }
+                    Ok(false) => {}
+                    Err(message) => {
+                        if last_error.as_ref() != Some(&message) {
+                            tracing::warn!(%message, "could not load the configured certificate; keeping the current one");
+                            last_error = Some(message);
+                        }
+                    }
                 }
             }
             Err(error) => {

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ResolvesServerCert;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::{Identity, Thumbprint, TrustStore};
@@ -29,9 +31,79 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// This side's identity, replaceable at run time (certificate rotation).
+/// Servers built from it present whatever it holds at each handshake.
+#[derive(Debug)]
+pub struct IdentityCell {
+    current: arc_swap::ArcSwap<Loaded>,
+    changes: tokio::sync::watch::Sender<Thumbprint>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    identity: Identity,
+    certified: Arc<CertifiedKey>,
+}
+
+impl Loaded {
+    fn new(identity: Identity) -> Result<Self, TlsConfigError> {
+        let key = provider()
+            .key_provider
+            .load_private_key(identity.key().clone_key())?;
+        let certified = Arc::new(CertifiedKey::new(vec![identity.certificate().clone()], key));
+        Ok(Self {
+            identity,
+            certified,
+        })
+    }
+}
+
+impl IdentityCell {
+    pub fn new(identity: Identity) -> Result<Arc<Self>, TlsConfigError> {
+        let thumbprint = identity.thumbprint();
+        Ok(Arc::new(Self {
+            current: arc_swap::ArcSwap::from_pointee(Loaded::new(identity)?),
+            changes: tokio::sync::watch::Sender::new(thumbprint),
+        }))
+    }
+
+    pub fn current(&self) -> Identity {
+        self.current.load().identity.clone()
+    }
+
+    pub fn thumbprint(&self) -> Thumbprint {
+        self.current.load().identity.thumbprint()
+    }
+
+    /// Switches to `identity`; returns whether it differs from the current one.
+    pub fn replace(&self, identity: Identity) -> Result<bool, TlsConfigError> {
+        let thumbprint = identity.thumbprint();
+        if thumbprint == self.thumbprint() {
+            return Ok(false);
+        }
+        self.current.store(Arc::new(Loaded::new(identity)?));
+        self.changes.send_replace(thumbprint);
+        Ok(true)
+    }
+
+    /// Wakes whenever the identity is replaced.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Thumbprint> {
+        self.changes.subscribe()
+    }
+}
+
+#[derive(Debug)]
+struct CellResolver(Arc<IdentityCell>);
+
+impl ResolvesServerCert for CellResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current.load().certified.clone())
+    }
+}
+
 /// Server side: requires a client certificate whose thumbprint is trusted.
 pub fn server_config(
-    identity: &Identity,
+    identity: Arc<IdentityCell>,
     trust: Arc<TrustStore>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     build_server_config(identity, trust, false)
@@ -42,14 +114,14 @@ pub fn server_config(
 /// completes the handshake. Every request must then be authorised by the
 /// application from the caller's thumbprint (see `incoming::PeerInfo`).
 pub fn server_config_open_to_registration(
-    identity: &Identity,
+    identity: Arc<IdentityCell>,
     trust: Arc<TrustStore>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     build_server_config(identity, trust, true)
 }
 
 fn build_server_config(
-    identity: &Identity,
+    identity: Arc<IdentityCell>,
     trust: Arc<TrustStore>,
     accept_unknown_clients: bool,
 ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
@@ -60,10 +132,7 @@ fn build_server_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![identity.certificate().clone()],
-            identity.key().clone_key(),
-        )?;
+        .with_cert_resolver(Arc::new(CellResolver(identity)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     // A resumed session skips certificate verification, which would let a
     // peer whose trust was removed back in. Every handshake is a full one.

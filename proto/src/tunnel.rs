@@ -172,6 +172,9 @@ pub enum SessionEnd {
     InnerClosed,
     /// This side asked the session to stop.
     Stopped,
+    /// This side opened a replacement (a new certificate) and is draining
+    /// this tunnel in the background.
+    Replaced,
 }
 
 /// What a running session tells its owner.
@@ -356,7 +359,7 @@ where
                 let _ = outgoing.try_send(pong);
             }
             Some(Kind::Drain(drain)) => {
-                tracing::info!(reason = %drain.reason, "the hub is draining this tunnel");
+                tracing::info!(reason = %drain.reason, "the peer is draining this tunnel");
                 signals.drained.cancel();
             }
             Some(Kind::Pong(_) | Kind::Hello(_) | Kind::Welcome(_)) | None => {}

@@ -40,7 +40,7 @@ use tonic::transport::{Channel, Server};
 
 use crate::channel::{AgentChannel, DEFAULT_PICKUP_TIMEOUT, PollingChannel};
 use crate::client::AgentClient;
-use crate::target::Target;
+use crate::target::{AgentId, Target};
 pub use registry::Registry;
 pub use trust::{AgentMode, TrustedAgent};
 
@@ -59,6 +59,9 @@ pub struct HubSettings {
     pub accept: AcceptSettings,
     /// How long a new tunnel may take to finish its inner HTTP/2 handshake.
     pub tunnel_setup_timeout: Duration,
+    /// How long an agent's old certificate stays trusted after a rotation,
+    /// unless the agent asks for another overlap.
+    pub rotation_overlap: Duration,
 }
 
 impl Default for HubSettings {
@@ -70,8 +73,28 @@ impl Default for HubSettings {
             dial: DialSettings::default(),
             accept: AcceptSettings::default(),
             tunnel_setup_timeout: Duration::from_secs(30),
+            rotation_overlap: Duration::from_secs(10 * 60),
         }
     }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why a certificate rotation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("thumbprint {0} is not registered with this hub")]
+    NotRegistered(Thumbprint),
+    #[error("thumbprint {0} is being retired; rotate from the current certificate")]
+    AlreadyRotating(Thumbprint),
+    #[error(transparent)]
+    Store(trust::TrustFileError),
 }
 
 /// Why the hub could not do something.
@@ -114,8 +137,13 @@ pub struct Hub {
     /// certificate (operators who share its home) and extra operators.
     tls_trust: Arc<TrustStore>,
     operators: ArcSwap<Vec<Thumbprint>>,
-    pool: Mutex<HashMap<(ListeningAddress, Thumbprint), Channel>>,
+    /// Listening connections, each with the thumbprints it accepts (more
+    /// than one while the agent rotates its certificate).
+    pool: Mutex<HashMap<(ListeningAddress, Thumbprint), Pooled>>,
 }
+
+/// A pooled connection to a listening agent and the thumbprints it accepts.
+type Pooled = (Channel, Arc<TrustStore>);
 
 impl Hub {
     /// A hub that keeps its registry in memory only and takes no
@@ -188,7 +216,7 @@ impl Hub {
             store.agents.remove(thumbprint)?;
         }
         let mut agents = (*self.agents.load_full()).clone();
-        agents.retain(|a| a.thumbprint != *thumbprint);
+        agents.retain(|a| !a.has_thumbprint(thumbprint));
         self.set_agents(agents);
         Ok(())
     }
@@ -196,14 +224,36 @@ impl Hub {
     /// Replaces the list of trusted agents. Connections from agents that
     /// are no longer listed are closed.
     pub fn set_agents(&self, agents: Vec<TrustedAgent>) {
+        self.registry.set_aliases(
+            agents
+                .iter()
+                .filter_map(|a| Some((AgentId::parse(&a.name).ok()?, a.thumbprints().collect()))),
+        );
         self.agents.store(Arc::new(agents));
         self.refresh_tls_trust();
+        for ((_, thumbprint), (_, trust)) in self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            trust.replace(self.same_agent(thumbprint));
+        }
+    }
+
+    /// `thumbprint` and every other thumbprint registered for its agent.
+    fn same_agent(&self, thumbprint: &Thumbprint) -> Vec<Thumbprint> {
+        let agents = self.agents.load();
+        match agents.iter().find(|a| a.has_thumbprint(thumbprint)) {
+            Some(agent) => agent.thumbprints().collect(),
+            None => vec![*thumbprint],
+        }
     }
 
     /// Adds or replaces one trusted agent.
     pub fn trust_agent(&self, agent: TrustedAgent) {
         let mut agents = (*self.agents.load_full()).clone();
-        agents.retain(|a| a.thumbprint != agent.thumbprint);
+        agents.retain(|a| !a.has_thumbprint(&agent.thumbprint) && a.name != agent.name);
         agents.push(agent);
         self.set_agents(agents);
     }
@@ -224,7 +274,7 @@ impl Hub {
         self.tls_trust.replace(
             agents
                 .iter()
-                .map(|a| a.thumbprint)
+                .flat_map(|a| a.thumbprints())
                 .chain(operators.iter().copied()),
         );
     }
@@ -236,7 +286,7 @@ impl Hub {
     /// Whether `thumbprint` may open tunnels as `agent_id`.
     pub fn allows_tunnel(&self, thumbprint: &Thumbprint, agent_id: &str) -> bool {
         self.agents.load().iter().any(|a| {
-            a.thumbprint == *thumbprint && a.mode == AgentMode::Polling && a.name == agent_id
+            a.has_thumbprint(thumbprint) && a.mode == AgentMode::Polling && a.name == agent_id
         })
     }
 
@@ -263,18 +313,16 @@ impl Hub {
                     .unwrap_or_else(PoisonError::into_inner)
                     .get(&key)
                 {
-                    return Ok(AgentChannel::Direct(channel.clone()));
+                    return Ok(AgentChannel::Direct(channel.0.clone()));
                 }
-                let tls = tentacle_proto::tls::client_config(
-                    &self.identity,
-                    TrustStore::new([thumbprint]),
-                )?;
+                let trust = TrustStore::new(self.same_agent(&thumbprint));
+                let tls = tentacle_proto::tls::client_config(&self.identity, trust.clone())?;
                 let channel = dial::channel(address, tls, &self.settings.dial).await?;
                 self.pool
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .entry(key)
-                    .or_insert(channel.clone());
+                    .or_insert((channel.clone(), trust));
                 Ok(AgentChannel::Direct(channel))
             }
         }
@@ -300,14 +348,16 @@ impl Hub {
         // A hub that takes registrations lets unknown certificates finish the
         // handshake; every service then authorises each call itself.
         let open = self.store.is_some();
+        let identity = tentacle_proto::tls::IdentityCell::new(self.identity.clone())?;
         let tls = if open {
             tentacle_proto::tls::server_config_open_to_registration(
-                &self.identity,
+                identity,
                 self.tls_trust.clone(),
             )?
         } else {
-            tentacle_proto::tls::server_config(&self.identity, self.tls_trust.clone())?
+            tentacle_proto::tls::server_config(identity, self.tls_trust.clone())?
         };
+        let retiring = tokio::spawn(self.clone().retire_rotated_certificates());
         let mut accept = self.settings.accept.clone();
         accept.require_trusted_peers = !open;
         let incoming = accept_tls(
@@ -341,14 +391,76 @@ impl Hub {
         // connection that never does must not keep the hub alive forever.
         let closing = self.registry.closing();
         tokio::pin!(serving);
-        tokio::select! {
-            result = &mut serving => result?,
+        let result = tokio::select! {
+            result = &mut serving => result,
             () = async {
                 closing.cancelled().await;
                 tokio::time::sleep(Duration::from_secs(5)).await;
-            } => tracing::warn!("connections still open after the drain; stopping anyway"),
+            } => {
+                tracing::warn!("connections still open after the drain; stopping anyway");
+                Ok(())
+            }
+        };
+        retiring.abort();
+        Ok(result?)
+    }
+
+    /// Retires thumbprints whose rotation overlap has passed.
+    async fn retire_rotated_certificates(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = unix_now();
+            let due: Vec<TrustedAgent> = self
+                .agents()
+                .iter()
+                .filter(|a| {
+                    a.previous_thumbprint.is_some()
+                        && a.retire_previous_at.is_some_and(|t| t <= now)
+                })
+                .cloned()
+                .collect();
+            for mut agent in due {
+                tracing::info!(
+                    name = %agent.name,
+                    retired = ?agent.previous_thumbprint,
+                    "retired an agent's previous certificate"
+                );
+                agent.previous_thumbprint = None;
+                agent.retire_previous_at = None;
+                if let Err(error) = self.register(agent) {
+                    tracing::error!(%error, "could not store a retired certificate");
+                }
+            }
         }
-        Ok(())
+    }
+
+    /// Trusts `new` for the agent that holds `current`, keeping `current`
+    /// for `overlap`. Returns when `current` will be retired (Unix seconds).
+    pub fn rotate(
+        &self,
+        current: &Thumbprint,
+        new: Thumbprint,
+        overlap: Duration,
+    ) -> Result<u64, RotateError> {
+        let mut agent = self
+            .agents()
+            .iter()
+            .find(|a| a.has_thumbprint(current))
+            .cloned()
+            .ok_or(RotateError::NotRegistered(*current))?;
+        if agent.thumbprint == new {
+            // Announced twice: nothing changes.
+            return Ok(agent.retire_previous_at.unwrap_or_else(unix_now));
+        }
+        if agent.thumbprint != *current {
+            return Err(RotateError::AlreadyRotating(*current));
+        }
+        let retire_at = unix_now().saturating_add(overlap.as_secs());
+        agent.previous_thumbprint = Some(agent.thumbprint);
+        agent.thumbprint = new;
+        agent.retire_previous_at = Some(retire_at);
+        self.register(agent).map_err(RotateError::Store)?;
+        Ok(retire_at)
     }
 
     /// Tells every tunnel the hub is going away, waits for their calls, and

@@ -143,6 +143,8 @@ fn trust(home: &SimHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
                 address,
                 roles,
                 environments,
+                previous_thumbprint: None,
+                retire_previous_at: None,
             })?;
             println!("Saved {}", file.path().display());
         }

@@ -545,7 +545,23 @@ impl HubFixture {
         settings: tentacle_sim::hub::HubSettings,
         bind: &str,
     ) -> Self {
-        let hub = tentacle_sim::hub::Hub::new(identity, settings);
+        Self::serve(tentacle_sim::hub::Hub::new(identity, settings), bind).await
+    }
+
+    /// A hub that keeps its registry in `home` and takes registrations;
+    /// returns it with an API key for `register-with`.
+    pub async fn start_registering(identity: Identity, home: &Path) -> (Self, String) {
+        let store = tentacle_sim::hub::HubStore::in_dir(home);
+        let key = store
+            .credentials
+            .create(tentacle_sim::hub::credentials::CredentialKind::ApiKey, None)
+            .expect("api key");
+        let hub =
+            tentacle_sim::hub::Hub::with_store(identity, Default::default(), store).expect("hub");
+        (Self::serve(hub, "127.0.0.1:0").await, key)
+    }
+
+    async fn serve(hub: Arc<tentacle_sim::hub::Hub>, bind: &str) -> Self {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .expect("bind the hub");
@@ -626,6 +642,8 @@ impl HubFixture {
             address: None,
             roles: Vec::new(),
             environments: Vec::new(),
+            previous_thumbprint: None,
+            retire_previous_at: None,
         });
     }
 

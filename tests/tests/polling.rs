@@ -217,6 +217,8 @@ async fn the_hub_refuses_an_untrusted_agent() {
         address: None,
         roles: Vec::new(),
         environments: Vec::new(),
+        previous_thumbprint: None,
+        retire_previous_at: None,
     });
     assert!(
         agent.wait_for_log("does not trust thumbprint", Duration::from_secs(10)),

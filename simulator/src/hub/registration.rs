@@ -129,7 +129,7 @@ impl RegistrationService for RegistrationApi {
             .hub
             .agents()
             .iter()
-            .find(|a| a.name == name && a.thumbprint != peer.thumbprint)
+            .find(|a| a.name == name && !a.has_thumbprint(&peer.thumbprint))
         {
             return Err(Status::already_exists(format!(
                 "the name `{name}` belongs to thumbprint {}; deregister that agent or choose another name",
@@ -162,6 +162,8 @@ impl RegistrationService for RegistrationApi {
             address,
             roles,
             environments,
+            previous_thumbprint: None,
+            retire_previous_at: None,
         };
         self.hub
             .register(agent.clone())
@@ -200,7 +202,45 @@ impl RegistrationService for RegistrationApi {
         });
         Ok(Response::new(pb::DeregisterResponse {}))
     }
+
+    async fn rotate_certificate(
+        &self,
+        request: Request<pb::RotateCertificateRequest>,
+    ) -> Result<Response<pb::RotateCertificateResponse>, Status> {
+        let peer = caller(&request)?;
+        let request = request.into_inner();
+        if request.new_certificate.is_empty()
+            || request.new_certificate.len() > MAX_CERTIFICATE_BYTES
+        {
+            return Err(Status::invalid_argument(format!(
+                "new_certificate must be a DER certificate of 1 to {MAX_CERTIFICATE_BYTES} bytes"
+            )));
+        }
+        let new = tentacle_proto::Thumbprint::of_der(&request.new_certificate);
+        let overlap = match request.overlap_seconds {
+            0 => self.hub.settings().rotation_overlap,
+            seconds => Duration::from_secs(seconds),
+        };
+        let retire_at =
+            self.hub
+                .rotate(&peer.thumbprint, new, overlap)
+                .map_err(|error| match error {
+                    super::RotateError::NotRegistered(_) => Status::not_found(error.to_string()),
+                    super::RotateError::AlreadyRotating(_) => {
+                        Status::failed_precondition(error.to_string())
+                    }
+                    super::RotateError::Store(_) => Status::internal(error.to_string()),
+                })?;
+        tracing::info!(old = %peer.thumbprint, %new, retire_at, "agent certificate rotating");
+        Ok(Response::new(pb::RotateCertificateResponse {
+            new_thumbprint: new.to_string(),
+            retire_old_at_unix: retire_at,
+        }))
+    }
 }
+
+/// The largest certificate a rotation may announce.
+const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
 
 #[tonic::async_trait]
 impl FleetService for RegistrationApi {

@@ -123,6 +123,9 @@ pub struct Registry {
     agents: Mutex<HashMap<AgentId, AgentSlot>>,
     /// Cancelled when the hub shuts down.
     closing: CancellationToken,
+    /// Every thumbprint registered for an agent: during a certificate
+    /// rotation a caller that expects either one reaches the agent.
+    aliases: Mutex<HashMap<AgentId, Vec<Thumbprint>>>,
 }
 
 impl Registry {
@@ -137,6 +140,23 @@ impl Registry {
 
     pub fn is_closing(&self) -> bool {
         self.closing.is_cancelled()
+    }
+
+    /// Replaces the thumbprints known for each agent.
+    pub fn set_aliases(&self, aliases: impl IntoIterator<Item = (AgentId, Vec<Thumbprint>)>) {
+        *self.aliases.lock().unwrap_or_else(PoisonError::into_inner) =
+            aliases.into_iter().collect();
+    }
+
+    /// Whether a tunnel with `actual` serves a caller that expects `expected`.
+    fn same_agent(&self, agent: &AgentId, expected: &Thumbprint, actual: &Thumbprint) -> bool {
+        expected == actual
+            || self
+                .aliases
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(agent)
+                .is_some_and(|known| known.contains(expected) && known.contains(actual))
     }
 
     /// Registers a tunnel; a closing registry stops it at once instead.
@@ -203,7 +223,7 @@ impl Registry {
         let mut wrong = None;
         let mut best: Option<&Arc<Tunnel>> = None;
         for tunnel in usable {
-            if tunnel.thumbprint != *thumbprint {
+            if !self.same_agent(agent, thumbprint, &tunnel.thumbprint) {
                 wrong = Some(tunnel.thumbprint);
                 continue;
             }

@@ -29,9 +29,26 @@ pub struct TrustedAgent {
     pub roles: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub environments: Vec<String>,
+    /// During a certificate rotation, the thumbprint being retired; trusted
+    /// until `retire_previous_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_thumbprint: Option<Thumbprint>,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_previous_at: Option<u64>,
 }
 
 impl TrustedAgent {
+    /// Whether `thumbprint` is this agent's, current or being retired.
+    pub fn has_thumbprint(&self, thumbprint: &Thumbprint) -> bool {
+        self.thumbprint == *thumbprint || self.previous_thumbprint.as_ref() == Some(thumbprint)
+    }
+
+    /// Every thumbprint trusted for this agent now.
+    pub fn thumbprints(&self) -> impl Iterator<Item = Thumbprint> + '_ {
+        std::iter::once(self.thumbprint).chain(self.previous_thumbprint)
+    }
+
     /// Whether the agent has `role` and `environment` (empty matches all).
     pub fn matches(&self, role: &str, environment: &str) -> bool {
         (role.is_empty() || self.roles.iter().any(|r| r == role))
@@ -117,10 +134,10 @@ impl AgentTrustFile {
         std::fs::rename(&temp, &self.path).map_err(err)
     }
 
-    /// Adds or replaces the entry with the same thumbprint.
+    /// Adds an entry, replacing any with the same thumbprint or name.
     pub fn upsert(&self, agent: TrustedAgent) -> Result<(), TrustFileError> {
         let mut agents = self.load()?;
-        agents.retain(|a| a.thumbprint != agent.thumbprint);
+        agents.retain(|a| !a.has_thumbprint(&agent.thumbprint) && a.name != agent.name);
         agents.push(agent);
         self.save(&agents)
     }
@@ -129,7 +146,7 @@ impl AgentTrustFile {
     pub fn remove(&self, thumbprint: &Thumbprint) -> Result<bool, TrustFileError> {
         let mut agents = self.load()?;
         let before = agents.len();
-        agents.retain(|a| a.thumbprint != *thumbprint);
+        agents.retain(|a| !a.has_thumbprint(thumbprint));
         self.save(&agents)?;
         Ok(agents.len() != before)
     }
@@ -151,6 +168,8 @@ mod tests {
             address: None,
             roles: vec!["web".into()],
             environments: vec!["prod".into()],
+            previous_thumbprint: None,
+            retire_previous_at: None,
         };
         assert!(a.matches("web", "prod") && a.matches("", "") && !a.matches("db", ""));
         file.upsert(a.clone()).expect("add");

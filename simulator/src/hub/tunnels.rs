@@ -118,12 +118,13 @@ async fn run_tunnel(
 ) {
     let (io, ends) = tunnel::pipe(Some(peer.clone()));
     let stop = CancellationToken::new();
+    let signals = SessionSignals::default();
     let session = tokio::spawn(tunnel::run_session(
         incoming,
         outgoing.clone(),
         ends,
         hub.settings().heartbeat.clone(),
-        SessionSignals::default(),
+        signals.clone(),
         stop.clone(),
     ));
     let mut once = Some(io);
@@ -158,6 +159,20 @@ async fn run_tunnel(
         stop.clone(),
     ));
     hub.registry().add(tunnel.clone());
+    // An agent that drains this tunnel (it is replacing it) gets no new calls
+    // on it; the calls already running finish.
+    tokio::spawn({
+        let tunnel = tunnel.clone();
+        async move {
+            tokio::select! {
+                () = signals.drained.cancelled() => {
+                    tracing::info!(agent = %tunnel.agent_id, "the agent is draining a tunnel");
+                    tunnel.start_draining();
+                }
+                () = tunnel.stop.cancelled() => {}
+            }
+        }
+    });
     tracing::info!(agent = %agent_id, tunnel = index, thumbprint = %peer.thumbprint.short(), "tunnel open");
     let end = session.await;
     hub.registry().remove(&tunnel);

@@ -46,6 +46,9 @@ enum Command {
     Configure(commands::ConfigureArgs),
     /// Registers this agent with a hub, then trusts the hub.
     RegisterWith(Box<registration::RegisterArgs>),
+    /// Replaces this agent's certificate without downtime: hubs trust both
+    /// for an overlap, the running agent switches, the old one is retired.
+    RotateCertificate(registration::RotateArgs),
     /// Removes this agent from a hub's registry.
     DeregisterFrom(registration::DeregisterArgs),
     /// Sets the HTTP CONNECT proxy polling connections go through.
@@ -71,6 +74,9 @@ fn main() -> ExitCode {
         Command::PollingProxy(args) => commands::polling_proxy(&cli.home, args),
         Command::RegisterWith(args) => {
             commands::block_on(registration::register_with(&cli.home, *args))
+        }
+        Command::RotateCertificate(args) => {
+            commands::block_on(registration::rotate_certificate(&cli.home, args))
         }
         Command::DeregisterFrom(args) => {
             commands::block_on(registration::deregister_from(&cli.home, args))

@@ -113,6 +113,11 @@ pub async fn register_with(home: &Path, args: RegisterArgs) -> anyhow::Result<()
 
     // Now trust the hub the way the chosen mode needs.
     let url = address.to_string();
+    config.hubs.retain(|h| h.url != url);
+    config.hubs.push(PollingServer {
+        url: url.clone(),
+        thumbprint: args.server_thumbprint,
+    });
     if polling {
         config.polling.enabled = true;
         config.listen.enabled = false;
@@ -175,11 +180,81 @@ pub async fn deregister_from(home: &Path, args: DeregisterArgs) -> anyhow::Resul
         .await
         .map_err(|status| anyhow::anyhow!("the hub refused: {}", dial::describe_status(&status)))?;
     config.polling.servers.retain(|s| s.url != url);
+    config.hubs.retain(|h| h.url != url);
     if config.polling.servers.is_empty() {
         config.polling.enabled = false;
     }
     config.trust.thumbprints.retain(|t| *t != thumbprint);
     home.save(&config)?;
     println!("Deregistered from the hub at {url}");
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RotateArgs {
+    /// How long hubs keep trusting the current certificate after the switch.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    overlap: std::time::Duration,
+}
+
+/// Makes a new certificate, tells every hub this agent registered with or
+/// polls, and then points the configuration at it; a running agent switches
+/// within a second, opening new tunnels before it drains the old ones.
+pub async fn rotate_certificate(home: &Path, args: RotateArgs) -> anyhow::Result<()> {
+    let home = Home::new(home);
+    let (mut config, current) = load_identity(&home)?;
+    let next = Identity::generate("Tentacle")?;
+    let mut hubs: Vec<PollingServer> = config.hubs.clone();
+    for server in &config.polling.servers {
+        if !hubs.iter().any(|h| h.url == server.url) {
+            hubs.push(server.clone());
+        }
+    }
+    if hubs.is_empty() {
+        eprintln!(
+            "tentacle: warning: this agent is registered with no hub; clients that pin the old thumbprint will refuse the new one"
+        );
+    }
+    for hub in &hubs {
+        let address = hub_address(&hub.url)?;
+        let mut client = connect(&current, &address, hub.thumbprint).await?;
+        let answer = client
+            .rotate_certificate(pb::RotateCertificateRequest {
+                new_certificate: next.certificate().to_vec(),
+                overlap_seconds: args.overlap.as_secs().max(1),
+            })
+            .await
+            .map_err(|status| {
+                anyhow::anyhow!(
+                    "the hub at {} refused the new certificate (nothing was changed): {}",
+                    hub.url,
+                    dial::describe_status(&status)
+                )
+            })?
+            .into_inner();
+        println!(
+            "{} trusts {} now and retires {} at {} (Unix time)",
+            hub.url,
+            answer.new_thumbprint,
+            current.thumbprint(),
+            answer.retire_old_at_unix
+        );
+    }
+    // New files, then one atomic switch of the configuration: a running
+    // agent never reads a certificate without its key.
+    let short = next.thumbprint().short();
+    let certificate = std::path::PathBuf::from(format!("tentacle-{short}.crt.pem"));
+    let key = std::path::PathBuf::from(format!("tentacle-{short}.key.pem"));
+    next.save(&home.resolve(&certificate), &home.resolve(&key))?;
+    let old = config.certificate.clone();
+    config.certificate.certificate = certificate;
+    config.certificate.key = key;
+    home.save(&config)?;
+    // Give a running agent time to load the new pair before the old files go.
+    tokio::time::sleep(config.server.trust_reload_interval * 3).await;
+    for path in [&old.certificate, &old.key] {
+        let _ = std::fs::remove_file(home.resolve(path));
+    }
+    println!("{}", next.thumbprint());
     Ok(())
 }
