@@ -27,7 +27,7 @@ fn keep_calling(
         let mut i = 0u64;
         while !stop.is_cancelled() {
             i += 1;
-            let result = if i % 2 == 0 {
+            let result = if i.is_multiple_of(2) {
                 client
                     .capabilities()
                     .await
