@@ -108,6 +108,12 @@ pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
 
+    // Printed before the progress bars exist, so it cannot tear them.
+    eprintln!(
+        "Deploying to {} target(s), {} at a time",
+        targets.len(),
+        args.parallelism.max(1)
+    );
     let observer: Arc<dyn DeployObserver> = if std::io::stderr().is_terminal() {
         Arc::new(Bars::new(&targets))
     } else {
@@ -121,11 +127,6 @@ pub async fn run(home: &SimHome, args: DeployArgs) -> anyhow::Result<ExitCode> {
             on_interrupt.cancel();
         }
     });
-    eprintln!(
-        "Deploying to {} target(s), {} at a time",
-        targets.len(),
-        args.parallelism.max(1)
-    );
     let results = deploy::deploy(
         targets,
         &script,
