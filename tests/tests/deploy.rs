@@ -171,3 +171,52 @@ fn a_package_is_sent_once_per_agent_and_then_served_from_its_cache() {
     let _ = hub.kill();
     let _ = hub.wait();
 }
+
+#[test]
+fn ctrl_c_cancels_the_scripts_on_every_target() {
+    let sim = SimHome::new();
+    let (mut hub, hub_url, _agents) =
+        start_fleet(&sim, &[("cc-a", "slow", false), ("cc-b", "slow", true)]);
+    let script = tempfile::NamedTempFile::new().expect("script file");
+    std::fs::write(script.path(), "echo started; sleep 60; echo finished\n").expect("write script");
+    let mut deploy = std::process::Command::new(tentacle_tests::bin("tentacle-sim"))
+        .arg("--home")
+        .arg(sim.0.path())
+        .args([
+            "deploy",
+            "--role",
+            "slow",
+            "--script",
+            &script.path().to_string_lossy(),
+            "--hub",
+            &hub_url,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start deploy");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(deploy.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let started = std::time::Instant::now();
+    let output = deploy.wait_with_output().expect("deploy ends");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "cancelled promptly"
+    );
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("[cc-a] started") && stdout.contains("[cc-b] started"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("finished"), "{stdout}");
+    let summary: Vec<&str> = stdout.lines().filter(|l| l.starts_with("cc-")).collect();
+    assert_eq!(summary.len(), 2, "{stdout}");
+    assert!(
+        summary.iter().all(|l| l.contains("exit code -43")),
+        "both cancelled: {stdout}"
+    );
+    let _ = hub.kill();
+    let _ = hub.wait();
+}
