@@ -179,7 +179,7 @@ fn ctrl_c_cancels_the_scripts_on_every_target() {
         start_fleet(&sim, &[("cc-a", "slow", false), ("cc-b", "slow", true)]);
     let script = tempfile::NamedTempFile::new().expect("script file");
     std::fs::write(script.path(), "echo started; sleep 60; echo finished\n").expect("write script");
-    let mut deploy = std::process::Command::new(tentacle_tests::bin("tentacle-sim"))
+    let deploy = std::process::Command::new(tentacle_tests::bin("tentacle-sim"))
         .arg("--home")
         .arg(sim.0.path())
         .args([
