@@ -15,6 +15,8 @@ if ! command -v tinyproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/tinyproxy ]; then
 fi
 # Stock (non-Rust) gRPC tooling for the interoperability tests.
 tests/python/setup-venv.sh
+# A real trace backend (Arize Phoenix) for the tracing test.
+tests/python/setup-phoenix.sh
 # The end-to-end tests start target/debug/tentacle and tentacle-sim.
 cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -305,13 +305,26 @@ impl Scripts {
                 run
             };
         tracing::info!(ticket = %run.ticket, "script accepted");
-        tokio::spawn(self.clone().execute(run.clone(), request));
+        tracing::Span::current().record("ticket", run.ticket.as_str());
+        // The script's own span: a child of the call that started it, open
+        // until the script exits, and the parent of whatever the script runs.
+        let span = tracing::info_span!(
+            "script",
+            otel.name = "script",
+            ticket = %run.ticket,
+            exit_code = tracing::field::Empty,
+        );
+        tokio::spawn(tracing::Instrument::instrument(
+            self.clone().execute(run.clone(), request),
+            span,
+        ));
         self.report(&run, 0, None)
     }
 
     async fn execute(self: Arc<Self>, run: Arc<Run>, request: StartRequest) {
         let exit_code = self.execute_inner(&run, request).await;
         run.finish(exit_code);
+        tracing::Span::current().record("exit_code", exit_code);
         tracing::info!(ticket = %run.ticket, exit_code, "script complete");
     }
 
@@ -352,6 +365,7 @@ impl Scripts {
                     "Waiting up to {} for the isolation mutex `{mutex_name}`, which another script holds.",
                     humantime::format_duration(timeout)
                 ));
+                tracing::info!(ticket = %run.ticket, mutex = mutex_name, "script queued for the isolation mutex");
                 tokio::select! {
                     acquired = self.mutexes.acquire(mutex_name, request.isolation, timeout) => match acquired {
                         Ok(guard) => guard,
@@ -387,6 +401,16 @@ impl Scripts {
             .map(|v| (v.name.clone(), v.value.clone()))
             .collect();
         environment.push(("TENTACLE_TICKET".into(), run.ticket.to_string()));
+        // Tools the script runs can join the trace as children of its span.
+        if let Some((parent, state)) =
+            tentacle_proto::telemetry::traceparent(&tracing::Span::current())
+        {
+            environment.push(("TRACEPARENT".into(), parent));
+            if !state.is_empty() {
+                environment.push(("TRACESTATE".into(), state));
+            }
+        }
+        tracing::info!(ticket = %run.ticket, "script started");
         let job = Job {
             ticket: run.ticket.to_string(),
             workspace: run.workspace.dir().to_owned(),

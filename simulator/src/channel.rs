@@ -67,7 +67,38 @@ impl Service<http::Request<Body>> for AgentChannel {
         }
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // One client span per call, whose context travels with the request
+        // (through a hub and a tunnel alike) so the agent joins the trace.
+        let span = tracing::info_span!(
+            "call",
+            otel.name = format!("call {}", request.uri().path().trim_start_matches('/')),
+            otel.kind = "client",
+            rpc.method = %request.uri().path(),
+            target = %self.describe(),
+        );
+        {
+            let _entered = span.enter();
+            tentacle_proto::telemetry::inject(request.headers_mut());
+        }
+        let future = self.call_inner(request);
+        Box::pin(tracing::Instrument::instrument(future, span))
+    }
+}
+
+impl AgentChannel {
+    fn describe(&self) -> String {
+        match self {
+            Self::Direct(_) => "listening".to_owned(),
+            Self::Polling(polling) => format!("poll://{}", polling.agent),
+            Self::ViaHub(routed) => routed.target.to_str().unwrap_or_default().to_owned(),
+        }
+    }
+
+    fn call_inner(
+        &mut self,
+        request: http::Request<Body>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, BoxError>> {
         match self {
             Self::Direct(channel) => {
                 let future = channel.call(request);

@@ -17,17 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::Command;
 
-pub fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for people: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
 pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode> {
     let home = SimHome::new(home);
     match command {
@@ -283,17 +272,29 @@ async fn exec(home: &SimHome, args: ExecArgs) -> anyhow::Result<ExitCode> {
             on_interrupt.cancel();
         }
     });
-    let end = client
-        .run_script(
-            request,
-            demo::print_line,
-            &cancel,
-            &FollowSettings::default(),
-        )
-        .await?;
-    if !args.keep_workspace {
-        client.complete_script(&ticket).await?;
-    }
+    // One trace for the whole execution: start, watch and complete.
+    let span = tracing::info_span!(
+        "exec",
+        otel.name = format!("exec {}", args.target.target),
+        ticket = %ticket,
+        exit_code = tracing::field::Empty,
+    );
+    let run = async {
+        let end = client
+            .run_script(
+                request,
+                demo::print_line,
+                &cancel,
+                &FollowSettings::default(),
+            )
+            .await?;
+        tracing::Span::current().record("exit_code", end.exit_code);
+        if !args.keep_workspace {
+            client.complete_script(&ticket).await?;
+        }
+        Ok::<_, anyhow::Error>(end)
+    };
+    let end = tracing::Instrument::instrument(run, span).await?;
     Ok(exit_code(end.exit_code))
 }
 

@@ -85,7 +85,14 @@ pub async fn deploy(
             script_body: script.to_owned(),
             ..Default::default()
         };
-        async move {
+        let span = tracing::info_span!(
+            "deploy target",
+            otel.name = format!("deploy {}", target.name),
+            target = %target.target,
+            ticket = %request.ticket,
+            exit_code = tracing::field::Empty,
+        );
+        let run = async move {
             observer.started(&target.name);
             let started = Instant::now();
             let ticket = request.ticket.clone();
@@ -141,14 +148,22 @@ pub async fn deploy(
                 elapsed: started.elapsed(),
                 packages: delivered,
             };
+            if let TargetOutcome::Exited(code) = &result.outcome {
+                tracing::Span::current().record("exit_code", code);
+            }
             observer.finished(&result);
             result
-        }
+        };
+        tracing::Instrument::instrument(run, span)
     });
-    let mut results: Vec<TargetResult> = futures::stream::iter(runs)
-        .buffer_unordered(parallelism.max(1))
-        .collect()
-        .await;
+    let span = tracing::info_span!("deploy", otel.name = "deploy", deployment = %deployment);
+    let mut results: Vec<TargetResult> = tracing::Instrument::instrument(
+        futures::stream::iter(runs)
+            .buffer_unordered(parallelism.max(1))
+            .collect(),
+        span,
+    )
+    .await;
     results.sort_by(|a, b| a.name.cmp(&b.name));
     results
 }

@@ -18,6 +18,13 @@ struct Cli {
     /// Where the control plane keeps its certificate.
     #[arg(long, global = true, env = "TENTACLE_SIM_HOME", default_value_os_t = default_home())]
     home: PathBuf,
+    /// Logs on stderr as `text` or `json` lines.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: tentacle_proto::telemetry::LogFormat,
+    /// Export spans over OTLP/gRPC to this endpoint, e.g. http://127.0.0.1:4317
+    /// (OTEL_EXPORTER_OTLP_ENDPOINT works too). Off when neither is set.
+    #[arg(long, global = true)]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,7 +96,6 @@ fn main() -> ExitCode {
         Command::Server(_) => "info,h2=warn,hyper=warn,tower=warn",
         _ => "warn",
     };
-    commands::init_logging(default_log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -100,7 +106,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(commands::dispatch(&cli.home, cli.command));
+    let result = runtime.block_on(async {
+        // Dropped at the end of this block, which flushes the spans.
+        let _telemetry = tentacle_proto::telemetry::init(
+            "tentacle-sim",
+            cli.otlp_endpoint.as_deref(),
+            cli.log_format,
+            default_log,
+        )?;
+        commands::dispatch(&cli.home, cli.command).await
+    });
     match result {
         Ok(code) => code,
         Err(error) => {

@@ -341,11 +341,11 @@ pub fn texts(
 
 /// A `tentacle-sim` home with its own certificate.
 #[derive(Debug)]
-pub struct SimHome(pub tempfile::TempDir);
+pub struct SimHome(pub tempfile::TempDir, pub Vec<(String, String)>);
 
 impl SimHome {
     pub fn new() -> Self {
-        let home = Self(tempfile::tempdir().expect("tempdir"));
+        let home = Self(tempfile::tempdir().expect("tempdir"), Vec::new());
         assert!(home.run(&["new-certificate"]).status.success());
         home
     }
@@ -355,6 +355,7 @@ impl SimHome {
             .arg("--home")
             .arg(self.0.path())
             .args(args)
+            .envs(self.1.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run tentacle-sim")
     }
@@ -376,6 +377,7 @@ impl SimHome {
             .arg("--home")
             .arg(self.0.path())
             .args(["server", "--listen", listen])
+            .envs(self.1.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

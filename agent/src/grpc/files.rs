@@ -65,6 +65,7 @@ impl FileService for FileApi {
                 chunks,
             )
             .await?;
+        tracing::Span::current().record("bytes", stored.size);
         Ok(Response::new(pb::UploadFileResponse {
             path: stored.path.display().to_string(),
             size: stored.size,
@@ -81,6 +82,8 @@ impl FileService for FileApi {
         use pb::download_file_response::Part;
         let request = request.into_inner();
         let download = self.files.download(&request.path, request.offset).await?;
+        tracing::Span::current()
+            .record("bytes", download.info.size.saturating_sub(download.offset));
         let header = pb::DownloadFileResponse {
             part: Some(Part::Header(pb::DownloadHeader {
                 path: download.info.path.display().to_string(),

@@ -94,13 +94,24 @@ impl TunnelService for TunnelApi {
         // The session must pump bytes before the inner handshake can finish,
         // and this handler must return before any frame flows: both happen in
         // a task of their own.
-        tokio::spawn(run_tunnel(
-            self.hub.clone(),
-            peer,
-            agent_id,
-            hello.tunnel_index,
-            incoming,
-            outgoing,
+        // A root span of its own: a tunnel outlives the call that opened it.
+        let span = tracing::info_span!(
+            parent: None,
+            "tunnel",
+            otel.name = "tunnel session",
+            agent.id = %agent_id,
+            peer.thumbprint = %peer.thumbprint.short(),
+        );
+        tokio::spawn(tracing::Instrument::instrument(
+            run_tunnel(
+                self.hub.clone(),
+                peer,
+                agent_id,
+                hello.tunnel_index,
+                incoming,
+                outgoing,
+            ),
+            span,
         ));
         Ok(Response::new(Box::pin(
             ReceiverStream::new(outgoing_rx).map(Ok),

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use tentacle_agent::config::{AgentConfig, Home, PollingServer};
 use tentacle_agent::polling::ProxySettings;
 use tentacle_agent::runtime::Agent;
+use tentacle_proto::telemetry::LogFormat;
 use tentacle_proto::{Identity, Thumbprint};
 
 pub fn create_instance(home: &Path) -> anyhow::Result<()> {
@@ -235,13 +236,19 @@ pub fn show_configuration(home: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(home: &Path) -> anyhow::Result<()> {
-    init_logging();
+pub fn run(home: &Path, log_format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        // Inside the runtime: the span exporter needs one.
+        let _telemetry = tentacle_proto::telemetry::init(
+            "tentacle",
+            otlp_endpoint,
+            log_format,
+            "info,h2=warn,hyper=warn,tower=warn",
+        )?;
         let home = Home::new(home);
         let agent = Agent::load(home)?;
         let (listening, polling) = (agent.config().listen.enabled, agent.config().polling.enabled);
@@ -278,18 +285,6 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("received SIGTERM"),
         _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for people: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 /// Runs a one-shot async verb.

@@ -21,6 +21,13 @@ struct Cli {
         default_value = "/var/lib/tentacle"
     )]
     home: PathBuf,
+    /// Logs on stderr as `text` or `json` lines.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: tentacle_proto::telemetry::LogFormat,
+    /// Export spans over OTLP/gRPC to this endpoint, e.g. http://127.0.0.1:4317
+    /// (OTEL_EXPORTER_OTLP_ENDPOINT works too). Off when neither is set.
+    #[arg(long, global = true)]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,7 +89,7 @@ fn main() -> ExitCode {
             commands::block_on(registration::deregister_from(&cli.home, args))
         }
         Command::ShowConfiguration => commands::show_configuration(&cli.home),
-        Command::Run => commands::run(&cli.home),
+        Command::Run => commands::run(&cli.home, cli.log_format, cli.otlp_endpoint.as_deref()),
         Command::Version => {
             println!("tentacle {}", tentacle_agent::VERSION);
             Ok(())

@@ -1,0 +1,250 @@
+//! Logging, tracing and trace-context propagation, the same for every
+//! Tentacle process.
+//!
+//! - Logs go to stderr, human-readable or as JSON lines.
+//! - Spans are exported over OTLP/gRPC when an endpoint is configured
+//!   (`--otlp-endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT`); otherwise no
+//!   exporter exists at all. `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`
+//!   and `OTEL_TRACES_SAMPLER`(`_ARG`) are honoured by the SDK.
+//! - W3C trace context travels in gRPC metadata (`traceparent`,
+//!   `tracestate`): [`TraceLayer`] joins incoming calls to their caller's
+//!   trace and [`inject`] adds the current context to outgoing ones.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("log format `{other}` is not text or json")),
+        }
+    }
+}
+
+/// Flushes and stops span export when dropped.
+#[derive(Debug, Default)]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(error) = provider.shutdown()
+        {
+            eprintln!("could not flush spans: {error}");
+        }
+    }
+}
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("could not set up span export to the OTLP endpoint: {0}")]
+pub struct TelemetryError(String);
+
+/// Library internals whose spans are noise in a trace.
+const QUIET: &str = "h2=off,hyper=off,hyper_util=off,tower=off,tonic=off,rustls=off";
+
+/// Sets up logging and, when an endpoint is configured, span export.
+/// `default_filter` applies when `RUST_LOG` is unset.
+pub fn init(
+    service_name: &str,
+    otlp_endpoint: Option<&str>,
+    format: LogFormat,
+    default_filter: &str,
+) -> Result<TelemetryGuard, TelemetryError> {
+    let filter =
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .with_filter(filter())
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+            .boxed(),
+    };
+    let endpoint = otlp_endpoint
+        .map(str::to_owned)
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").ok())
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .filter(|e| !e.is_empty());
+    let Some(endpoint) = endpoint else {
+        tracing_subscriber::registry().with(logs).init();
+        return Ok(TelemetryGuard::default());
+    };
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| TelemetryError(e.to_string()))?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service_name.to_owned());
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    let tracer = provider.tracer("tentacle");
+    // Spans of our own code only, at info and above, whatever the log level.
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(EnvFilter::new(format!("info,{QUIET}")));
+    tracing_subscriber::registry().with(logs).with(spans).init();
+    Ok(TelemetryGuard {
+        provider: Some(provider),
+    })
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::header::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Adds the current span's trace context to outgoing headers.
+pub fn inject(headers: &mut http::HeaderMap) {
+    let context = tracing::Span::current().context();
+    if context.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(headers));
+    }
+}
+
+/// The trace context a caller sent, if any.
+pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
+    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+}
+
+/// `traceparent` and `tracestate` for `span`, for processes it starts.
+pub fn traceparent(span: &tracing::Span) -> Option<(String, String)> {
+    let context = span.context();
+    let span_ref = context.span();
+    let span_context = span_ref.span_context();
+    if !span_context.is_valid() {
+        return None;
+    }
+    let parent = format!(
+        "00-{}-{}-{:02x}",
+        span_context.trace_id(),
+        span_context.span_id(),
+        span_context.trace_flags().to_u8()
+    );
+    Some((parent, span_context.trace_state().header()))
+}
+
+/// A tower layer for servers: every call gets a span that continues the
+/// caller's trace.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceLayer {
+    /// The span's name prefix, e.g. "agent" or "hub".
+    pub side: &'static str,
+}
+
+impl<S> tower::Layer<S> for TraceLayer {
+    type Service = TraceService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TraceService {
+            inner,
+            side: self.side,
+        }
+    }
+}
+
+/// See [`TraceLayer`].
+#[derive(Debug, Clone)]
+pub struct TraceService<S> {
+    inner: S,
+    side: &'static str,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for TraceService<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let peer = request
+            .extensions()
+            .get::<crate::incoming::PeerInfo>()
+            .map(|p| p.thumbprint.short())
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = format!("{} {}", self.side, path.trim_start_matches('/')),
+            otel.kind = "server",
+            rpc.method = %path,
+            peer.thumbprint = %peer,
+            // Filled in by handlers that know them.
+            ticket = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+        );
+        let parent = extract(request.headers());
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        Box::pin(future.instrument(span))
+    }
+}
