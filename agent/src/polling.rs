@@ -284,6 +284,7 @@ async fn open_and_serve(
     };
     tracing::info!(hub = %hub.address, tunnel = index, agent_id = %settings.agent_id, "tunnel open");
 
+    let _open = TunnelGauge::open();
     let peer = PeerInfo {
         thumbprint: hub.thumbprint,
         remote_addr,
@@ -356,6 +357,22 @@ async fn open_and_serve(
     session_over.cancel();
     inner.abort();
     Ok(end)
+}
+
+/// Counts an open tunnel in the metrics while it lives.
+struct TunnelGauge;
+
+impl TunnelGauge {
+    fn open() -> Self {
+        tentacle_proto::metrics::METRICS.tunnels_open.inc();
+        Self
+    }
+}
+
+impl Drop for TunnelGauge {
+    fn drop(&mut self) {
+        tentacle_proto::metrics::METRICS.tunnels_open.dec();
+    }
 }
 
 /// How long a draining tunnel keeps accepting calls the hub picked just

@@ -322,7 +322,10 @@ impl Scripts {
     }
 
     async fn execute(self: Arc<Self>, run: Arc<Run>, request: StartRequest) {
+        let metrics = &tentacle_proto::metrics::METRICS;
+        metrics.scripts_running.inc();
         let exit_code = self.execute_inner(&run, request).await;
+        metrics.scripts_running.dec();
         run.finish(exit_code);
         tracing::Span::current().record("exit_code", exit_code);
         tracing::info!(ticket = %run.ticket, exit_code, "script complete");

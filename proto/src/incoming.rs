@@ -105,10 +105,12 @@ pub fn accept_tls(
                     Ok(Ok(tls)) => tls,
                     Ok(Err(error)) => {
                         tracing::info!(%remote_addr, %error, "TLS handshake failed");
+                        crate::metrics::METRICS.handshake_failed(handshake_failure_reason(&error));
                         return;
                     }
                     Err(_) => {
                         tracing::info!(%remote_addr, ?timeout, "TLS handshake timed out");
+                        crate::metrics::METRICS.handshake_failed("timeout");
                         return;
                     }
                 };
@@ -135,6 +137,23 @@ pub fn accept_tls(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// A short, stable name for why a handshake failed, for metrics.
+fn handshake_failure_reason(error: &io::Error) -> &'static str {
+    let tls = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::ApplicationVerificationFailure,
+        )) => "untrusted_certificate",
+        Some(rustls::Error::InvalidCertificate(_)) => "invalid_certificate",
+        Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
+        Some(rustls::Error::PeerIncompatible(_)) => "incompatible",
+        Some(_) => "tls_error",
+        None => "io_error",
+    }
 }
 
 async fn revoke_on_trust_change<T>(

@@ -14,6 +14,7 @@
 pub mod dial;
 pub mod identity;
 pub mod incoming;
+pub mod metrics;
 pub mod telemetry;
 pub mod thumbprint;
 pub mod tls;

@@ -159,12 +159,18 @@ impl PollingChannel {
             .map_or(self.pickup_timeout, |p| p.0);
         let deadline = grpc_timeout(request.headers());
         let wait = deadline.map_or(pickup, |d| d.min(pickup));
+        let waiting = std::time::Instant::now();
         let tunnel = match self
             .registry
             .pick(&self.agent, &self.thumbprint, wait)
             .await
         {
-            Ok(tunnel) => tunnel,
+            Ok(tunnel) => {
+                tentacle_proto::metrics::METRICS
+                    .hub_pickup_latency
+                    .observe(waiting.elapsed().as_secs_f64());
+                tunnel
+            }
             Err(error @ PickError::NotConnected { .. }) => {
                 let status = match deadline {
                     Some(d) if d <= pickup => tonic::Status::deadline_exceeded(error.to_string()),

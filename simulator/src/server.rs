@@ -28,6 +28,9 @@ pub struct ServerArgs {
     /// Send heartbeats on idle tunnels this often.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics.
+    #[arg(long, value_name = "ADDRESS")]
+    metrics_listen: Option<SocketAddr>,
     /// A tunnel that is silent for this long is closed.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
@@ -187,6 +190,11 @@ async fn serve(home: &SimHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
         },
         ..HubSettings::default()
     };
+    if let Some(address) = args.metrics_listen {
+        tentacle_proto::metrics::spawn_metrics(address)
+            .await
+            .with_context(|| format!("could not serve metrics on {address}"))?;
+    }
     let hub = Hub::with_store(identity, settings, HubStore::in_dir(home.dir()))?;
     let file = trust_file(home);
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -60,6 +60,8 @@ pub struct AgentProcess {
     log: Arc<Mutex<Vec<String>>>,
     /// Extra environment for the agent process.
     pub env: Vec<(String, String)>,
+    /// Extra global options before `run`, e.g. `--metrics-listen`.
+    pub run_args: Vec<String>,
 }
 
 impl AgentProcess {
@@ -97,6 +99,7 @@ impl AgentProcess {
             child: None,
             log: Arc::default(),
             env: Vec::new(),
+            run_args: Vec::new(),
         }
     }
 
@@ -142,6 +145,7 @@ impl AgentProcess {
         let mut child = Command::new(bin("tentacle"))
             .arg("--home")
             .arg(self.home.path())
+            .args(&self.run_args)
             .arg("run")
             .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -417,6 +421,29 @@ pub fn stdout_of(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The body of `GET http://127.0.0.1:PORT/PATH`, if it answers 200.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let ok = head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200");
+    ok.then(|| body.to_owned())
+}
+
+/// The value of one sample line (`name{labels} value`) in Prometheus text.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.starts_with(sample) && line[sample.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
 }
 
 /// Runs `tentacle --home HOME ARGS` and returns its output, pass or fail.

@@ -66,6 +66,7 @@ impl FileService for FileApi {
             )
             .await?;
         tracing::Span::current().record("bytes", stored.size);
+        tentacle_proto::metrics::METRICS.add_bytes("in", stored.size);
         Ok(Response::new(pb::UploadFileResponse {
             path: stored.path.display().to_string(),
             size: stored.size,
@@ -94,8 +95,11 @@ impl FileService for FileApi {
         };
         let chunks = ReceiverStream::new(download.chunks).map(|chunk| {
             chunk
-                .map(|bytes| pb::DownloadFileResponse {
-                    part: Some(Part::Chunk(bytes)),
+                .map(|bytes| {
+                    tentacle_proto::metrics::METRICS.add_bytes("out", bytes.len() as u64);
+                    pb::DownloadFileResponse {
+                        part: Some(Part::Chunk(bytes)),
+                    }
                 })
                 .map_err(Status::from)
         });

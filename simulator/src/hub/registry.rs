@@ -90,6 +90,22 @@ struct AgentSlot {
     arrivals: Option<watch::Sender<u64>>,
 }
 
+/// Counts a call waiting for its agent in the metrics.
+struct QueuedCall;
+
+impl QueuedCall {
+    fn new() -> Self {
+        tentacle_proto::metrics::METRICS.hub_queued_calls.inc();
+        Self
+    }
+}
+
+impl Drop for QueuedCall {
+    fn drop(&mut self) {
+        tentacle_proto::metrics::METRICS.hub_queued_calls.dec();
+    }
+}
+
 /// Drops a waiter's slot when the wait ends, however it ends.
 struct SlotCleanup<'a> {
     registry: &'a Registry,
@@ -171,6 +187,20 @@ impl Registry {
         if let Some(arrivals) = &slot.arrivals {
             arrivals.send_modify(|n| *n += 1);
         }
+        Self::publish(&agents);
+    }
+
+    /// Updates the tunnel and agent gauges; called with the table locked.
+    fn publish(agents: &HashMap<AgentId, AgentSlot>) {
+        let metrics = &tentacle_proto::metrics::METRICS;
+        let tunnels: usize = agents.values().map(|s| s.tunnels.len()).sum();
+        let connected = agents.values().filter(|s| !s.tunnels.is_empty()).count();
+        metrics
+            .hub_tunnels_open
+            .set(i64::try_from(tunnels).unwrap_or(i64::MAX));
+        metrics
+            .hub_connected_agents
+            .set(i64::try_from(connected).unwrap_or(i64::MAX));
     }
 
     pub fn remove(&self, tunnel: &Tunnel) {
@@ -185,6 +215,7 @@ impl Registry {
                 agents.remove(&tunnel.agent_id);
             }
         }
+        Self::publish(&agents);
     }
 
     /// Agents with at least one open tunnel.
@@ -281,6 +312,7 @@ impl Registry {
         if self.is_closing() {
             return Err(PickError::Closing);
         }
+        let _queued = QueuedCall::new();
         let mut arrivals = self.arrivals(agent);
         // Forgets the slot however the wait ends, even if the caller gives up.
         let _cleanup = SlotCleanup {

@@ -236,7 +236,12 @@ pub fn show_configuration(home: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(home: &Path, log_format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<()> {
+pub fn run(
+    home: &Path,
+    log_format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -249,6 +254,11 @@ pub fn run(home: &Path, log_format: LogFormat, otlp_endpoint: Option<&str>) -> a
             log_format,
             "info,h2=warn,hyper=warn,tower=warn",
         )?;
+        if let Some(address) = metrics_listen {
+            tentacle_proto::metrics::spawn_metrics(address)
+                .await
+                .with_context(|| format!("could not serve metrics on {address}"))?;
+        }
         let home = Home::new(home);
         let agent = Agent::load(home)?;
         let (listening, polling) = (agent.config().listen.enabled, agent.config().polling.enabled);

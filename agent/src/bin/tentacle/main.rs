@@ -28,6 +28,9 @@ struct Cli {
     /// (OTEL_EXPORTER_OTLP_ENDPOINT works too). Off when neither is set.
     #[arg(long, global = true)]
     otlp_endpoint: Option<String>,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (`run` only).
+    #[arg(long, global = true, value_name = "ADDRESS")]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,7 +92,12 @@ fn main() -> ExitCode {
             commands::block_on(registration::deregister_from(&cli.home, args))
         }
         Command::ShowConfiguration => commands::show_configuration(&cli.home),
-        Command::Run => commands::run(&cli.home, cli.log_format, cli.otlp_endpoint.as_deref()),
+        Command::Run => commands::run(
+            &cli.home,
+            cli.log_format,
+            cli.otlp_endpoint.as_deref(),
+            cli.metrics_listen,
+        ),
         Command::Version => {
             println!("tentacle {}", tentacle_agent::VERSION);
             Ok(())

@@ -1,0 +1,166 @@
+//! Process-wide measurements, served as Prometheus text by
+//! [`serve_metrics`] (`--metrics-listen`).
+//!
+//! One registry per process: the agent fills the `tentacle_agent_*`
+//! families, the hub the `tentacle_hub_*` ones, and the TLS accept loop
+//! counts refused handshakes for both.
+
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A label with one value.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Label {
+    pub value: String,
+}
+
+/// Why a TLS handshake was refused.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub reason: String,
+}
+
+/// Which way bytes went.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: String,
+}
+
+/// Every measurement a Tentacle process keeps.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub scripts_running: Gauge,
+    pub tunnels_open: Gauge,
+    pub bytes_transferred: Family<DirectionLabels, Counter>,
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    pub hub_connected_agents: Gauge,
+    pub hub_tunnels_open: Gauge,
+    pub hub_queued_calls: Gauge,
+    pub hub_pickup_latency: Histogram,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let scripts_running = Gauge::default();
+        registry.register(
+            "tentacle_agent_scripts_running",
+            "Scripts pending or running on this agent",
+            scripts_running.clone(),
+        );
+        let tunnels_open = Gauge::default();
+        registry.register(
+            "tentacle_agent_tunnels_open",
+            "Polling tunnels this agent has open",
+            tunnels_open.clone(),
+        );
+        let bytes_transferred = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "tentacle_agent_file_bytes",
+            "File bytes received (in) and sent (out) by this agent",
+            bytes_transferred.clone(),
+        );
+        let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tentacle_tls_handshake_failures",
+            "Refused or failed TLS handshakes, by reason",
+            handshake_failures.clone(),
+        );
+        let hub_connected_agents = Gauge::default();
+        registry.register(
+            "tentacle_hub_connected_agents",
+            "Polling agents with at least one open tunnel",
+            hub_connected_agents.clone(),
+        );
+        let hub_tunnels_open = Gauge::default();
+        registry.register(
+            "tentacle_hub_tunnels_open",
+            "Open tunnels",
+            hub_tunnels_open.clone(),
+        );
+        let hub_queued_calls = Gauge::default();
+        registry.register(
+            "tentacle_hub_queued_calls",
+            "Calls waiting for a polling agent to connect",
+            hub_queued_calls.clone(),
+        );
+        let hub_pickup_latency = Histogram::new(exponential_buckets(0.0005, 4.0, 12));
+        registry.register(
+            "tentacle_hub_pickup_latency_seconds",
+            "Time from a call to a polling agent until a tunnel picks it up",
+            hub_pickup_latency.clone(),
+        );
+        Self {
+            registry,
+            scripts_running,
+            tunnels_open,
+            bytes_transferred,
+            handshake_failures,
+            hub_connected_agents,
+            hub_tunnels_open,
+            hub_queued_calls,
+            hub_pickup_latency,
+        }
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    pub fn add_bytes(&self, direction: &str, bytes: u64) {
+        self.bytes_transferred
+            .get_or_create(&DirectionLabels {
+                direction: direction.to_owned(),
+            })
+            .inc_by(bytes);
+    }
+
+    pub fn handshake_failed(&self, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// This process's measurements.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve_metrics(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                METRICS.encode(),
+            )
+        }),
+    );
+    axum::serve(listener, router).await
+}
+
+/// Binds `address` and serves metrics there in the background.
+pub async fn spawn_metrics(address: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(error) = serve_metrics(listener).await {
+            tracing::warn!(%error, "the metrics endpoint stopped");
+        }
+    });
+    tracing::info!(address = %local, "serving metrics");
+    Ok(local)
+}
