@@ -309,6 +309,7 @@ impl Scripts {
         // The script's own span: a child of the call that started it, open
         // until the script exits, and the parent of whatever the script runs.
         let span = tracing::info_span!(
+            target: tentacle_proto::telemetry::TRACE_TARGET,
             "script",
             otel.name = "script",
             ticket = %run.ticket,

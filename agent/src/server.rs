@@ -127,7 +127,7 @@ where
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .max_concurrent_streams(Some(settings.max_concurrent_streams))
         .max_frame_size(Some(256 * 1024))
-        .layer(tentacle_proto::telemetry::TraceLayer { side: "agent" })
+        .trace_fn(tentacle_proto::telemetry::server_span("agent"))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -7,19 +7,14 @@
 //!   exporter exists at all. `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`
 //!   and `OTEL_TRACES_SAMPLER`(`_ARG`) are honoured by the SDK.
 //! - W3C trace context travels in gRPC metadata (`traceparent`,
-//!   `tracestate`): [`TraceLayer`] joins incoming calls to their caller's
+//!   `tracestate`): [`server_span`] joins incoming calls to their caller's
 //!   trace and [`inject`] adds the current context to outgoing ones.
-
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -66,6 +61,11 @@ impl Drop for TelemetryGuard {
 #[error("could not set up span export to the OTLP endpoint: {0}")]
 pub struct TelemetryError(String);
 
+/// The target of every span meant for traces rather than logs. Logs leave
+/// it out, so with export off these spans are disabled at their call sites
+/// and cost next to nothing.
+pub const TRACE_TARGET: &str = "tentacle::trace";
+
 /// Library internals whose spans are noise in a trace.
 const QUIET: &str = "h2=off,hyper=off,hyper_util=off,tower=off,tonic=off,rustls=off";
 
@@ -80,6 +80,24 @@ pub fn init(
     let filter =
         || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let endpoint = otlp_endpoint
+        .map(str::to_owned)
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").ok())
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .filter(|e| !e.is_empty());
+    let Some(endpoint) = endpoint else {
+        // Export off: one global filter, so every disabled callsite (ours
+        // and the libraries') is skipped at its call site, as if the
+        // tracing code were not there.
+        let logs = tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr);
+        match format {
+            LogFormat::Text => logs.with_ansi(ansi).init(),
+            LogFormat::Json => logs.json().init(),
+        }
+        return Ok(TelemetryGuard::default());
+    };
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -91,15 +109,6 @@ pub fn init(
             .with_writer(std::io::stderr)
             .with_filter(filter())
             .boxed(),
-    };
-    let endpoint = otlp_endpoint
-        .map(str::to_owned)
-        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").ok())
-        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
-        .filter(|e| !e.is_empty());
-    let Some(endpoint) = endpoint else {
-        tracing_subscriber::registry().with(logs).init();
-        return Ok(TelemetryGuard::default());
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -119,7 +128,7 @@ pub fn init(
     // Spans of our own code only, at info and above, whatever the log level.
     let spans = tracing_opentelemetry::layer()
         .with_tracer(tracer)
-        .with_filter(EnvFilter::new(format!("info,{QUIET}")));
+        .with_filter(EnvFilter::new(format!("info,{TRACE_TARGET}=info,{QUIET}")));
     tracing_subscriber::registry().with(logs).with(spans).init();
     Ok(TelemetryGuard {
         provider: Some(provider),
@@ -153,7 +162,11 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// Adds the current span's trace context to outgoing headers.
 pub fn inject(headers: &mut http::HeaderMap) {
-    let context = tracing::Span::current().context();
+    let current = tracing::Span::current();
+    if current.is_disabled() {
+        return;
+    }
+    let context = current.context();
     if context.span().span_context().is_valid() {
         TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(headers));
     }
@@ -181,70 +194,38 @@ pub fn traceparent(span: &tracing::Span) -> Option<(String, String)> {
     Some((parent, span_context.trace_state().header()))
 }
 
-/// A tower layer for servers: every call gets a span that continues the
-/// caller's trace.
-#[derive(Debug, Clone, Copy)]
-pub struct TraceLayer {
-    /// The span's name prefix, e.g. "agent" or "hub".
-    pub side: &'static str,
-}
-
-impl<S> tower::Layer<S> for TraceLayer {
-    type Service = TraceService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        TraceService {
-            inner,
-            side: self.side,
-        }
-    }
-}
-
-/// See [`TraceLayer`].
-#[derive(Debug, Clone)]
-pub struct TraceService<S> {
-    inner: S,
+/// The span for one served call, continuing the caller's trace; for
+/// tonic's `Server::trace_fn`. `side` prefixes its name ("agent", "hub").
+pub fn server_span(
     side: &'static str,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for TraceService<S>
-where
-    S: tower::Service<http::Request<B>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_owned();
-        let peer = request
-            .extensions()
-            .get::<crate::incoming::PeerInfo>()
-            .map(|p| p.thumbprint.short())
-            .unwrap_or_default();
+) -> impl Fn(&http::Request<()>) -> tracing::Span + Clone + Send + Sync + 'static {
+    move |request| {
+        if !tracing::enabled!(target: TRACE_TARGET, tracing::Level::INFO) {
+            return tracing::Span::none();
+        }
+        // Field values are only computed when the span is enabled.
+        let path = request.uri().path();
         let span = tracing::info_span!(
+            target: TRACE_TARGET,
             "rpc",
-            otel.name = format!("{} {}", self.side, path.trim_start_matches('/')),
+            otel.name = format!("{side} {}", path.trim_start_matches('/')),
             otel.kind = "server",
             rpc.method = %path,
-            peer.thumbprint = %peer,
+            peer.thumbprint = %request
+                .extensions()
+                .get::<crate::incoming::PeerInfo>()
+                .map(|p| p.thumbprint.short())
+                .unwrap_or_default(),
             // Filled in by handlers that know them.
             ticket = tracing::field::Empty,
             bytes = tracing::field::Empty,
         );
-        let parent = extract(request.headers());
-        if parent.span().span_context().is_valid() {
-            let _ = span.set_parent(parent);
+        if !span.is_disabled() {
+            let parent = extract(request.headers());
+            if parent.span().span_context().is_valid() {
+                let _ = span.set_parent(parent);
+            }
         }
-        let future = {
-            let _entered = span.enter();
-            self.inner.call(request)
-        };
-        Box::pin(future.instrument(span))
+        span
     }
 }

@@ -3,8 +3,9 @@
 //! its tunnel. Prints per-mode latency and the polling/listening ratio.
 //!
 //! Run: `cargo bench -p tentacle-sim --bench small_calls` (CALLS=1000 by
-//! default). Logs go through the same subscriber setup the binaries use
-//! (info level, to a sink), so span costs with export off are included.
+//! default). Telemetry is set up as in the binaries, so the cost of the
+//! tracing code with export off is included; set OTEL_EXPORTER_OTLP_ENDPOINT
+//! to measure with export on.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -20,7 +21,11 @@ use tentacle_sim::hub::{AgentMode, Hub, HubSettings, TrustedAgent};
 use tentacle_sim::target::Target;
 use tokio_util::sync::CancellationToken;
 
-fn agent_home(dir: &std::path::Path, name: &str, configure: impl FnOnce(&mut AgentConfig)) -> (Home, AgentConfig, Identity) {
+fn agent_home(
+    dir: &std::path::Path,
+    name: &str,
+    configure: impl FnOnce(&mut AgentConfig),
+) -> (Home, AgentConfig, Identity) {
     let home = Home::new(dir.join(name));
     let identity = Identity::generate(name).expect("identity");
     let mut config = AgentConfig::default();
@@ -30,7 +35,10 @@ fn agent_home(dir: &std::path::Path, name: &str, configure: impl FnOnce(&mut Age
     configure(&mut config);
     home.save(&config).expect("config");
     identity
-        .save(&home.resolve(&config.certificate.certificate), &home.resolve(&config.certificate.key))
+        .save(
+            &home.resolve(&config.certificate.certificate),
+            &home.resolve(&config.certificate.key),
+        )
         .expect("identity");
     (home, config, identity)
 }
@@ -65,19 +73,29 @@ async fn measure(client: &AgentClient, calls: usize) -> Vec<Duration> {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter("info,h2=warn,hyper=warn,tower=warn")
-        .with_writer(std::io::sink)
-        .init();
-    let calls: usize = std::env::var("CALLS").ok().and_then(|c| c.parse().ok()).unwrap_or(1000);
+    // The binaries' own setup: logs at info, spans exported only when an
+    // OTLP endpoint is configured (OTEL_EXPORTER_OTLP_ENDPOINT).
+    let _telemetry = tentacle_proto::telemetry::init(
+        "tentacle-bench",
+        None,
+        tentacle_proto::telemetry::LogFormat::Text,
+        "info,h2=warn,hyper=warn,tower=warn",
+    )
+    .expect("telemetry");
+    let calls: usize = std::env::var("CALLS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1000);
     let dir = tempfile::tempdir().expect("tempdir");
     let control = Identity::generate("bench control plane").expect("identity");
     let stop = CancellationToken::new();
 
     // Listening agent.
-    let (home, config, listening_identity) =
-        agent_home(dir.path(), "listening", |c| c.trust.thumbprints = vec![control.thumbprint()]);
-    let agent = Agent::with_executor(home, config.clone(), Arc::new(ProcessExecutor::default())).expect("agent");
+    let (home, config, listening_identity) = agent_home(dir.path(), "listening", |c| {
+        c.trust.thumbprints = vec![control.thumbprint()]
+    });
+    let agent = Agent::with_executor(home, config.clone(), Arc::new(ProcessExecutor::default()))
+        .expect("agent");
     let listener = agent.bind().await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(agent.serve(Some(listener), stop.clone().cancelled_owned()));
@@ -92,9 +110,14 @@ async fn main() {
 
     // Hub and polling agent.
     let hub = Hub::new(control.clone(), HubSettings::default());
-    let hub_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
+    let hub_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind hub");
     let hub_port = hub_listener.local_addr().expect("addr").port();
-    tokio::spawn(hub.clone().serve(hub_listener, stop.clone().cancelled_owned()));
+    tokio::spawn(
+        hub.clone()
+            .serve(hub_listener, stop.clone().cancelled_owned()),
+    );
     let (home, config, polling_identity) = agent_home(dir.path(), "polling", |c| {
         c.listen.enabled = false;
         c.polling.enabled = true;
@@ -114,10 +137,14 @@ async fn main() {
         previous_thumbprint: None,
         retire_previous_at: None,
     });
-    let agent = Agent::with_executor(home, config, Arc::new(ProcessExecutor::default())).expect("agent");
+    let agent =
+        Agent::with_executor(home, config, Arc::new(ProcessExecutor::default())).expect("agent");
     tokio::spawn(agent.serve(None, stop.clone().cancelled_owned()));
     let target: Target = "poll://bench".parse().expect("target");
-    let polling = hub.client(&target, polling_identity.thumbprint()).await.expect("client");
+    let polling = hub
+        .client(&target, polling_identity.thumbprint())
+        .await
+        .expect("client");
 
     let listening_p50 = summary("listening", measure(&direct, calls).await);
     let polling_p50 = summary("polling", measure(&polling, calls).await);

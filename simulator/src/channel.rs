@@ -71,6 +71,7 @@ impl Service<http::Request<Body>> for AgentChannel {
         // One client span per call, whose context travels with the request
         // (through a hub and a tunnel alike) so the agent joins the trace.
         let span = tracing::info_span!(
+            target: tentacle_proto::telemetry::TRACE_TARGET,
             "call",
             otel.name = format!("call {}", request.uri().path().trim_start_matches('/')),
             otel.kind = "client",

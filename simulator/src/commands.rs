@@ -274,6 +274,7 @@ async fn exec(home: &SimHome, args: ExecArgs) -> anyhow::Result<ExitCode> {
     });
     // One trace for the whole execution: start, watch and complete.
     let span = tracing::info_span!(
+        target: tentacle_proto::telemetry::TRACE_TARGET,
         "exec",
         otel.name = format!("exec {}", args.target.target),
         ticket = %ticket,

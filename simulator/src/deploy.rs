@@ -86,6 +86,7 @@ pub async fn deploy(
             ..Default::default()
         };
         let span = tracing::info_span!(
+            target: tentacle_proto::telemetry::TRACE_TARGET,
             "deploy target",
             otel.name = format!("deploy {}", target.name),
             target = %target.target,
@@ -156,7 +157,7 @@ pub async fn deploy(
         };
         tracing::Instrument::instrument(run, span)
     });
-    let span = tracing::info_span!("deploy", otel.name = "deploy", deployment = %deployment);
+    let span = tracing::info_span!(target: tentacle_proto::telemetry::TRACE_TARGET, "deploy", otel.name = "deploy", deployment = %deployment);
     let mut results: Vec<TargetResult> = tracing::Instrument::instrument(
         futures::stream::iter(runs)
             .buffer_unordered(parallelism.max(1))

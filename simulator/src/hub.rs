@@ -385,7 +385,7 @@ impl Hub {
             .initial_stream_window_size(Some(4 * 1024 * 1024))
             .initial_connection_window_size(Some(8 * 1024 * 1024))
             .max_frame_size(Some(256 * 1024))
-            .layer(tentacle_proto::telemetry::TraceLayer { side: "hub" })
+            .trace_fn(tentacle_proto::telemetry::server_span("hub"))
             .add_routes(Routes::from(router))
             .serve_with_incoming_shutdown(incoming, signal);
         // tonic waits for every connection to close after the signal; a

@@ -96,6 +96,7 @@ impl TunnelService for TunnelApi {
         // a task of their own.
         // A root span of its own: a tunnel outlives the call that opened it.
         let span = tracing::info_span!(
+            target: tentacle_proto::telemetry::TRACE_TARGET,
             parent: None,
             "tunnel",
             otel.name = "tunnel session",
