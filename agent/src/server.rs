@@ -122,12 +122,12 @@ where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    Server::builder()
+    let builder = Server::builder()
         .http2_keepalive_interval(settings.keepalive_interval)
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .max_concurrent_streams(Some(settings.max_concurrent_streams))
-        .max_frame_size(Some(256 * 1024))
-        .trace_fn(tentacle_proto::telemetry::server_span("agent"))
+        .max_frame_size(Some(256 * 1024));
+    tentacle_proto::telemetry::with_server_spans(builder, "agent")
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -194,15 +194,30 @@ pub fn traceparent(span: &tracing::Span) -> Option<(String, String)> {
     Some((parent, span_context.trace_state().header()))
 }
 
+/// Whether spans are exported (telemetry was set up with an endpoint).
+pub fn tracing_on() -> bool {
+    tracing::enabled!(target: TRACE_TARGET, tracing::Level::INFO)
+}
+
+/// Adds per-call server spans to `builder` when spans are exported; with
+/// export off the server gets no per-call hook at all.
+pub fn with_server_spans<L>(
+    builder: tonic::transport::Server<L>,
+    side: &'static str,
+) -> tonic::transport::Server<L> {
+    if tracing_on() {
+        builder.trace_fn(server_span(side))
+    } else {
+        builder
+    }
+}
+
 /// The span for one served call, continuing the caller's trace; for
 /// tonic's `Server::trace_fn`. `side` prefixes its name ("agent", "hub").
 pub fn server_span(
     side: &'static str,
 ) -> impl Fn(&http::Request<()>) -> tracing::Span + Clone + Send + Sync + 'static {
     move |request| {
-        if !tracing::enabled!(target: TRACE_TARGET, tracing::Level::INFO) {
-            return tracing::Span::none();
-        }
         // Field values are only computed when the span is enabled.
         let path = request.uri().path();
         let span = tracing::info_span!(

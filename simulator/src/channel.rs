@@ -68,6 +68,9 @@ impl Service<http::Request<Body>> for AgentChannel {
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        if !tentacle_proto::telemetry::tracing_on() {
+            return self.call_inner(request);
+        }
         // One client span per call, whose context travels with the request
         // (through a hub and a tunnel alike) so the agent joins the trace.
         let span = tracing::info_span!(

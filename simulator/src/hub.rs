@@ -379,13 +379,13 @@ impl Hub {
             shutdown.await;
             hub.drain().await;
         };
-        let serving = Server::builder()
+        let builder = Server::builder()
             .http2_keepalive_interval(Some(self.settings.heartbeat.interval))
             .http2_keepalive_timeout(Some(self.settings.heartbeat.timeout))
             .initial_stream_window_size(Some(4 * 1024 * 1024))
             .initial_connection_window_size(Some(8 * 1024 * 1024))
-            .max_frame_size(Some(256 * 1024))
-            .trace_fn(tentacle_proto::telemetry::server_span("hub"))
+            .max_frame_size(Some(256 * 1024));
+        let serving = tentacle_proto::telemetry::with_server_spans(builder, "hub")
             .add_routes(Routes::from(router))
             .serve_with_incoming_shutdown(incoming, signal);
         // tonic waits for every connection to close after the signal; a
