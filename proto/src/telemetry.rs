@@ -77,8 +77,15 @@ pub fn init(
     format: LogFormat,
     default_filter: &str,
 ) -> Result<TelemetryGuard, TelemetryError> {
-    let filter =
-        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Trace spans are for export only; logs never show them.
+    let filter = || {
+        let quiet_traces = format!("{TRACE_TARGET}=off")
+            .parse()
+            .unwrap_or_else(|_| tracing_subscriber::filter::LevelFilter::OFF.into());
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(default_filter))
+            .add_directive(quiet_traces)
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let endpoint = otlp_endpoint
         .map(str::to_owned)
@@ -242,5 +249,22 @@ pub fn server_span(
             }
         }
         span
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_export_off_trace_spans_are_disabled_but_logs_are_not() {
+        let _guard = init("test", None, LogFormat::Text, "info").expect("init");
+        assert!(
+            !tracing_on(),
+            "trace spans must cost nothing when export is off"
+        );
+        let span = tracing::info_span!(target: TRACE_TARGET, "probe");
+        assert!(span.is_disabled());
+        assert!(tracing::enabled!(tracing::Level::INFO), "info logs stay on");
     }
 }
