@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Creates <workspace>/.venv with the stock gRPC tooling that
-# tests/tests/stock_grpc_tools.rs drives (grpcio, health checking and
-# reflection). Idempotent: pip runs only when requirements.txt changed since
-# the last successful install.
+# Creates a virtualenv and installs a requirements file into it. Idempotent:
+# pip runs only when the requirements changed since the last successful
+# install.
+#
+#   setup-venv.sh                      .venv with requirements.txt (grpcio,
+#                                      for tests/tests/stock_grpc_tools.rs)
+#   setup-venv.sh REQUIREMENTS VENV    any other pair
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 workspace="$(cd "$here/../.." && pwd)"
-venv="${TENTACLE_VENV:-$workspace/.venv}"
-requirements="$here/requirements.txt"
+requirements="${1:-$here/requirements.txt}"
+venv="${2:-${TENTACLE_VENV:-$workspace/.venv}}"
 python="${PYTHON:-python3}"
 
 if [[ ! -x "$venv/bin/python" ]]; then

@@ -4,20 +4,14 @@
 //! and the script sees a TRACEPARENT naming its own span.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tentacle_tests::{AgentProcess, FAST_POLLING, SimHome, stdout_of, tentacle};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
+use tentacle_tests::{
+    AgentProcess, FAST_POLLING, SimHome, free_port, http_get, stdout_of, tentacle,
+};
 
 /// `phoenix serve` on free ports with its own working directory.
 struct Phoenix {
@@ -75,16 +69,7 @@ impl Phoenix {
 
     /// A GET against the query API; `None` until it answers 200.
     fn get(&self, path: &str) -> Option<String> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http)).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+        http_get(self.http, path)
     }
 
     /// Every span of `trace_id`, once at least `min` have arrived.
