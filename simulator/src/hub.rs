@@ -137,6 +137,9 @@ pub struct Hub {
     /// certificate (operators who share its home) and extra operators.
     tls_trust: Arc<TrustStore>,
     operators: ArcSwap<Vec<Thumbprint>>,
+    /// Serialises read-modify-write changes to the agent list, so
+    /// concurrent registrations do not overwrite each other.
+    agents_write: Mutex<()>,
     /// Listening connections, each with the thumbprints it accepts (more
     /// than one while the agent rotates its certificate).
     pool: Mutex<HashMap<(ListeningAddress, Thumbprint), Pooled>>,
@@ -175,6 +178,7 @@ impl Hub {
             agents: ArcSwap::from_pointee(Vec::new()),
             tls_trust: TrustStore::new([own]),
             operators: ArcSwap::from_pointee(vec![own]),
+            agents_write: Mutex::new(()),
             pool: Mutex::new(HashMap::new()),
         })
     }
@@ -215,6 +219,10 @@ impl Hub {
         if let Some(store) = &self.store {
             store.agents.remove(thumbprint)?;
         }
+        let _write = self
+            .agents_write
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut agents = (*self.agents.load_full()).clone();
         agents.retain(|a| !a.has_thumbprint(thumbprint));
         self.set_agents(agents);
@@ -252,6 +260,10 @@ impl Hub {
 
     /// Adds or replaces one trusted agent.
     pub fn trust_agent(&self, agent: TrustedAgent) {
+        let _write = self
+            .agents_write
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut agents = (*self.agents.load_full()).clone();
         agents.retain(|a| !a.has_thumbprint(&agent.thumbprint) && a.name != agent.name);
         agents.push(agent);

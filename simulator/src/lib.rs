@@ -14,6 +14,7 @@ pub mod channel;
 pub mod client;
 pub mod demo;
 pub mod deploy;
+pub mod fleet;
 pub mod home;
 pub mod hub;
 pub mod target;

@@ -80,15 +80,26 @@ pub enum TrustFileError {
     },
 }
 
-/// `agents.toml`.
+/// `agents.toml`. A lock keeps this process's read-modify-write cycles
+/// apart, so concurrent registrations neither collide nor lose updates.
 #[derive(Debug, Clone)]
 pub struct AgentTrustFile {
     path: PathBuf,
+    lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl AgentTrustFile {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self {
+            path: path.into(),
+            lock: std::sync::Arc::default(),
+        }
+    }
+
+    fn locked(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn path(&self) -> &Path {
@@ -116,6 +127,11 @@ impl AgentTrustFile {
 
     /// Replaces the file through a rename.
     pub fn save(&self, agents: &[TrustedAgent]) -> Result<(), TrustFileError> {
+        let _guard = self.locked();
+        self.save_unlocked(agents)
+    }
+
+    fn save_unlocked(&self, agents: &[TrustedAgent]) -> Result<(), TrustFileError> {
         let err = |source| TrustFileError::Write {
             path: self.path.clone(),
             source,
@@ -136,18 +152,20 @@ impl AgentTrustFile {
 
     /// Adds an entry, replacing any with the same thumbprint or name.
     pub fn upsert(&self, agent: TrustedAgent) -> Result<(), TrustFileError> {
+        let _guard = self.locked();
         let mut agents = self.load()?;
         agents.retain(|a| !a.has_thumbprint(&agent.thumbprint) && a.name != agent.name);
         agents.push(agent);
-        self.save(&agents)
+        self.save_unlocked(&agents)
     }
 
     /// Removes an entry; returns whether it was there.
     pub fn remove(&self, thumbprint: &Thumbprint) -> Result<bool, TrustFileError> {
+        let _guard = self.locked();
         let mut agents = self.load()?;
         let before = agents.len();
         agents.retain(|a| !a.has_thumbprint(thumbprint));
-        self.save(&agents)?;
+        self.save_unlocked(&agents)?;
         Ok(agents.len() != before)
     }
 }
