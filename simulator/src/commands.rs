@@ -72,6 +72,7 @@ pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode>
         }
         Command::Server(args) => crate::server::run(&home, args).await,
         Command::Deploy(args) => crate::deploy_cmd::run(&home, args).await,
+        Command::Fleet(args) => crate::fleet_cmd::run(&home, args).await,
         Command::Health(args) => crate::health_cmd::run(&home, args).await,
         Command::Tooling(super::ToolingCommand::Set { file }) => {
             let stored = home

@@ -207,22 +207,46 @@ impl Hub {
     /// Stores a registration (replacing one with the same thumbprint) and
     /// trusts it at once.
     pub fn register(&self, agent: TrustedAgent) -> Result<(), trust::TrustFileError> {
-        if let Some(store) = &self.store {
-            store.agents.upsert(agent.clone())?;
-        }
-        self.trust_agent(agent);
-        Ok(())
-    }
-
-    /// Forgets an agent; its connections are closed.
-    pub fn deregister(&self, thumbprint: &Thumbprint) -> Result<(), trust::TrustFileError> {
-        if let Some(store) = &self.store {
-            store.agents.remove(thumbprint)?;
-        }
+        // File and memory change under one lock, so a reload of the file
+        // never sees one without the other.
         let _write = self
             .agents_write
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        if let Some(store) = &self.store {
+            store.agents.upsert(agent.clone())?;
+        }
+        self.replace_agent(agent);
+        Ok(())
+    }
+
+    /// Picks up edits made to the store by other processes (`tentacle-sim
+    /// server trust add/remove`). Returns whether anything changed.
+    pub fn reload_agents(&self) -> Result<bool, trust::TrustFileError> {
+        let Some(store) = &self.store else {
+            return Ok(false);
+        };
+        let _write = self
+            .agents_write
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let agents = store.agents.load()?;
+        if *self.agents.load_full() == agents {
+            return Ok(false);
+        }
+        self.set_agents(agents);
+        Ok(true)
+    }
+
+    /// Forgets an agent; its connections are closed.
+    pub fn deregister(&self, thumbprint: &Thumbprint) -> Result<(), trust::TrustFileError> {
+        let _write = self
+            .agents_write
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(store) = &self.store {
+            store.agents.remove(thumbprint)?;
+        }
         let mut agents = (*self.agents.load_full()).clone();
         agents.retain(|a| !a.has_thumbprint(thumbprint));
         self.set_agents(agents);
@@ -264,6 +288,11 @@ impl Hub {
             .agents_write
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        self.replace_agent(agent);
+    }
+
+    /// Adds or replaces an agent; the caller holds `agents_write`.
+    fn replace_agent(&self, agent: TrustedAgent) {
         let mut agents = (*self.agents.load_full()).clone();
         agents.retain(|a| !a.has_thumbprint(&agent.thumbprint) && a.name != agent.name);
         agents.push(agent);

@@ -2,6 +2,7 @@
 
 mod commands;
 mod deploy_cmd;
+mod fleet_cmd;
 mod health_cmd;
 mod operator;
 mod server;
@@ -69,6 +70,9 @@ enum Command {
     /// The tooling bundle pushed to agents before each deployment.
     #[command(subcommand)]
     Tooling(ToolingCommand),
+    /// Runs N virtual tentacles (real transport and services, simulated
+    /// scripts) that register with a hub and poll it.
+    Fleet(fleet_cmd::FleetArgs),
     /// Runs the hub (default port 10943), or manages the agents it trusts.
     Server(server::ServerArgs),
     /// Starts a listening agent with fresh certificates in a temporary home,

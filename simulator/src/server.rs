@@ -215,16 +215,10 @@ async fn serve(home: &SimHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
     let reload = tokio::spawn({
         let hub = hub.clone();
         async move {
-            let mut last = None;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                match file.load() {
-                    Ok(agents) if last.as_ref() != Some(&agents) => {
-                        hub.set_agents(agents.clone());
-                        last = Some(agents);
-                    }
-                    Ok(_) => {}
-                    Err(error) => tracing::warn!(%error, "could not reload the agent trust file"),
+                if let Err(error) = hub.reload_agents() {
+                    tracing::warn!(%error, "could not reload the agent trust file");
                 }
             }
         }

@@ -1,0 +1,93 @@
+//! `tentacle-sim fleet`: runs N virtual tentacles against a hub until
+//! Ctrl-C or a time limit, printing how many are connected.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tentacle_proto::Thumbprint;
+use tentacle_proto::dial::ListeningAddress;
+use tentacle_sim::fleet::{self, Fleet, FleetSettings, ScriptModel};
+use tentacle_sim::home::SimHome;
+
+#[derive(Debug, clap::Args)]
+pub struct FleetArgs {
+    /// How many virtual tentacles.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// The hub they poll and register with.
+    #[arg(long, default_value = "https://127.0.0.1:10943")]
+    hub: ListeningAddress,
+    /// The hub's thumbprint; by default this home's own.
+    #[arg(long)]
+    hub_thumbprint: Option<Thumbprint>,
+    /// An API key of the hub (`tentacle-sim server api-key create`).
+    #[arg(long)]
+    api_key: String,
+    /// Agents are named PREFIX-0, PREFIX-1, …
+    #[arg(long, default_value = "virtual")]
+    name_prefix: String,
+    /// A role for every agent (repeatable).
+    #[arg(long = "role", default_value = "sim")]
+    roles: Vec<String>,
+    /// Seed for the simulated scripts; printed so a run can be replayed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop after this long (runs until Ctrl-C otherwise).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Where the agents keep their workspaces (a temporary directory by default).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+pub async fn run(home: &SimHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
+    let limit = fleet::raise_open_file_limit().context("raising the open-file limit")?;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    eprintln!("open-file limit {limit}; seed {seed} (replay with --seed {seed})");
+    let hub_thumbprint = match args.hub_thumbprint {
+        Some(thumbprint) => thumbprint,
+        None => home.identity()?.thumbprint(),
+    };
+    let temp = tempfile::tempdir()?;
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_owned());
+    let started = Instant::now();
+    let fleet = Fleet::start(FleetSettings {
+        agents: args.agents,
+        name_prefix: args.name_prefix.clone(),
+        hub: args.hub.clone(),
+        hub_thumbprint,
+        api_key: args.api_key.clone(),
+        roles: args.roles.clone(),
+        environments: Vec::new(),
+        work_dir,
+        model: ScriptModel::default(),
+        seed,
+        registration_parallelism: 32,
+        heartbeat: Default::default(),
+        reconnect_initial: Duration::from_secs(5),
+        reconnect_max: Duration::from_secs(60),
+    })
+    .await?;
+    eprintln!(
+        "{} virtual tentacles registered in {:.1?}",
+        fleet.agents.len(),
+        started.elapsed()
+    );
+    let until = async {
+        match args.duration {
+            Some(duration) => tokio::time::sleep(duration).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = until => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("stopping the fleet"),
+    }
+    fleet.stop();
+    Ok(ExitCode::SUCCESS)
+}
