@@ -103,6 +103,25 @@ impl AgentProcess {
         }
     }
 
+    /// Creates an instance that polls the hub at `hub_url` (pinning
+    /// `hub_thumbprint`) and reconnects quickly, without starting it.
+    pub fn prepare_polling(hub_url: &str, hub_thumbprint: &str) -> Self {
+        let agent = Self::prepare(&[], FAST_POLLING);
+        tentacle(
+            agent.home(),
+            &[
+                "configure",
+                "--mode",
+                "polling",
+                "--server",
+                hub_url,
+                "--server-thumbprint",
+                hub_thumbprint,
+            ],
+        );
+        agent
+    }
+
     /// Merges more settings into tentacle.toml.
     pub fn configure(&self, extra_config: &str) {
         let path = self.home.path().join("tentacle.toml");
@@ -362,6 +381,23 @@ impl SimHome {
             .envs(self.1.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run tentacle-sim")
+    }
+
+    /// `server trust add` for a polling agent under its agent id.
+    pub fn trust_polling(&self, agent: &AgentProcess) {
+        let thumbprint = agent.thumbprint.to_string();
+        let name = agent.agent_id();
+        stdout_of(&self.run(&[
+            "server",
+            "trust",
+            "add",
+            "--thumbprint",
+            &thumbprint,
+            "--name",
+            &name,
+            "--mode",
+            "polling",
+        ]));
     }
 
     pub fn thumbprint(&self) -> String {
@@ -641,21 +677,7 @@ impl HubFixture {
     /// Makes a polling agent instance for this hub without trusting or
     /// starting it.
     pub fn prepare_polling_agent(&self, extra_config: &str) -> AgentProcess {
-        let agent = AgentProcess::prepare(&[], FAST_POLLING);
-        let url = self.url();
-        let thumbprint = self.thumbprint().to_string();
-        tentacle(
-            agent.home(),
-            &[
-                "configure",
-                "--mode",
-                "polling",
-                "--server",
-                &url,
-                "--server-thumbprint",
-                &thumbprint,
-            ],
-        );
+        let agent = AgentProcess::prepare_polling(&self.url(), &self.thumbprint().to_string());
         if !extra_config.is_empty() {
             agent.configure(extra_config);
         }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tentacle_tests::{AgentProcess, FAST_POLLING, SimHome, tentacle};
+use tentacle_tests::{AgentProcess, SimHome};
 
 #[test]
 fn exec_reaches_a_polling_agent_through_a_running_hub() {
@@ -12,19 +12,7 @@ fn exec_reaches_a_polling_agent_through_a_running_hub() {
     let (mut hub, address) = sim.serve();
     let hub_url = format!("https://{address}");
 
-    let mut agent = AgentProcess::prepare(&[], FAST_POLLING);
-    tentacle(
-        agent.home(),
-        &[
-            "configure",
-            "--mode",
-            "polling",
-            "--server",
-            &hub_url,
-            "--server-thumbprint",
-            &sim.thumbprint(),
-        ],
-    );
+    let mut agent = AgentProcess::prepare_polling(&hub_url, &sim.thumbprint());
     let agent_id = agent.agent_id();
     let agent_thumbprint = agent.thumbprint.to_string();
     let added = sim.run(&[

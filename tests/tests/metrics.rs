@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use tentacle_proto::dial::DialSettings;
 use tentacle_sim::client::AgentClient;
 use tentacle_tests::{
-    AgentProcess, FAST_POLLING, SimHome, bash, client_identity, free_port, http_get, metric,
-    run_to_end, stdout_of, tentacle,
+    AgentProcess, SimHome, bash, client_identity, free_port, http_get, metric, run_to_end,
+    stdout_of,
 };
 
 /// Waits until `sample` is at least `wanted`; returns the whole exposition.
@@ -110,32 +110,10 @@ fn the_hub_reports_connected_agents_and_pickup_latency() {
     while http_get(metrics_port, "/metrics").is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut agent = AgentProcess::prepare(&[], FAST_POLLING);
-    tentacle(
-        agent.home(),
-        &[
-            "configure",
-            "--mode",
-            "polling",
-            "--server",
-            &hub_url,
-            "--server-thumbprint",
-            &sim.thumbprint(),
-        ],
-    );
+    let mut agent = AgentProcess::prepare_polling(&hub_url, &sim.thumbprint());
     let thumbprint = agent.thumbprint.to_string();
     let id = agent.agent_id();
-    stdout_of(&sim.run(&[
-        "server",
-        "trust",
-        "add",
-        "--thumbprint",
-        &thumbprint,
-        "--name",
-        &id,
-        "--mode",
-        "polling",
-    ]));
+    sim.trust_polling(&agent);
     agent.spawn();
     wait_for_metric(metrics_port, "tentacle_hub_connected_agents", 1.0);
     let target = format!("poll://{id}");

@@ -9,9 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tentacle_tests::{
-    AgentProcess, FAST_POLLING, SimHome, free_port, http_get, stdout_of, tentacle,
-};
+use tentacle_tests::{AgentProcess, SimHome, free_port, http_get, stdout_of};
 
 /// `phoenix serve` on free ports with its own working directory.
 struct Phoenix {
@@ -161,32 +159,10 @@ fn each_execution_is_one_trace_from_the_control_plane_into_the_script() {
     let hub_thumbprint = sim.thumbprint();
 
     // A polling agent, trusted by the hub.
-    let mut poller = AgentProcess::prepare(&[], FAST_POLLING);
-    tentacle(
-        poller.home(),
-        &[
-            "configure",
-            "--mode",
-            "polling",
-            "--server",
-            &hub_url,
-            "--server-thumbprint",
-            &hub_thumbprint,
-        ],
-    );
+    let mut poller = AgentProcess::prepare_polling(&hub_url, &hub_thumbprint);
     let poller_id = poller.agent_id();
     let poller_thumbprint = poller.thumbprint.to_string();
-    stdout_of(&sim.run(&[
-        "server",
-        "trust",
-        "add",
-        "--thumbprint",
-        &poller_thumbprint,
-        "--name",
-        &poller_id,
-        "--mode",
-        "polling",
-    ]));
+    sim.trust_polling(&poller);
     poller.env = otel.clone();
     poller.spawn();
 
