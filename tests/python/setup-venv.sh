@@ -4,7 +4,7 @@
 # install.
 #
 #   setup-venv.sh                      .venv with requirements.txt (grpcio,
-#                                      for tests/tests/stock_grpc_tools.rs)
+#                                      for tests/tests/e2e/stock_grpc_tools.rs)
 #   setup-venv.sh REQUIREMENTS VENV    any other pair
 set -euo pipefail
 

@@ -1,0 +1,24 @@
+//! The end-to-end suite: real `tentacle` and `tentacle-sim` processes over
+//! real mutual TLS, real proxies and a real trace backend.
+//!
+//! One test binary rather than one per file: each binary links every
+//! dependency again, and a single link keeps the build's time and disk use
+//! down. Filter by module as usual, e.g. `cargo test -p tentacle-tests polling::`.
+
+mod cancel;
+mod deploy;
+mod files;
+mod fleet;
+mod health;
+mod hub_cli;
+mod isolation;
+mod metrics;
+mod polling;
+mod proxy;
+mod registration;
+mod restart;
+mod rotation;
+mod script_output;
+mod stock_grpc_tools;
+mod traces;
+mod trust;
