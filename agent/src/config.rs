@@ -185,7 +185,9 @@ impl AgentConfig {
             reconnect_max: polling.reconnect_max,
             connect_timeout: polling.connect_timeout,
             shutdown_grace: self.server.shutdown_grace,
-            proxy: polling.proxy.clone(),
+            dialer: std::sync::Arc::new(crate::polling::TcpDialer {
+                proxy: polling.proxy.clone(),
+            }),
         })
     }
 }

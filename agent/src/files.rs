@@ -30,6 +30,11 @@ pub struct FileSettings {
     pub min_free_bytes: u64,
     /// Size of each download chunk.
     pub chunk_bytes: usize,
+    /// Verify each upload's size and SHA-256, then drop its bytes instead of
+    /// storing them. For the fleet simulator's virtual agents, so that a load
+    /// test measures the transport rather than the disk; never set on a
+    /// real agent.
+    pub discard_uploads: bool,
 }
 
 impl FileSettings {
@@ -39,6 +44,7 @@ impl FileSettings {
             max_upload_bytes: 64 * 1024 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
             chunk_bytes: 256 * 1024,
+            discard_uploads: false,
         }
     }
 }
@@ -136,11 +142,7 @@ impl Files {
 
     /// Stores the chunks at the header's path once they match its size and
     /// digest.
-    pub async fn upload<S>(
-        &self,
-        header: UploadHeader,
-        mut chunks: S,
-    ) -> Result<FileInfo, FileError>
+    pub async fn upload<S>(&self, header: UploadHeader, chunks: S) -> Result<FileInfo, FileError>
     where
         S: Stream<Item = Result<Vec<u8>, FileError>> + Unpin,
     {
@@ -157,6 +159,14 @@ impl Files {
             .parent()
             .ok_or_else(|| PathError::IsRoot(header.path.clone()))?
             .to_owned();
+        if self.settings.discard_uploads {
+            let actual = verify(&header, expected_digest, chunks, None).await?;
+            return Ok(FileInfo {
+                path: destination,
+                size: header.size,
+                sha256: actual,
+            });
+        }
         tokio::fs::create_dir_all(&parent)
             .await
             .map_err(io_error("creating directory", &parent))?;
@@ -187,44 +197,22 @@ impl Files {
             .open(temp.path())
             .await
             .map_err(io_error("creating", temp.path()))?;
-        let mut hasher = Sha256::new();
-        let mut received = 0u64;
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk?;
-            received += chunk.len() as u64;
-            if received > header.size {
-                return Err(FileError::BadRequest(format!(
-                    "upload sent more than the {} bytes its header declared; nothing was written",
-                    header.size
-                )));
-            }
-            hasher.update(&chunk);
-            file.write_all(&chunk)
-                .await
-                .map_err(io_error("writing", temp.path()))?;
-        }
-        if received != header.size {
-            return Err(FileError::SizeMismatch {
-                received,
-                expected: header.size,
-            });
-        }
-        let actual = hex::encode(hasher.finalize());
-        if actual != expected_digest {
-            return Err(FileError::DigestMismatch {
-                expected: expected_digest,
-                actual,
-            });
-        }
+        let actual = verify(
+            &header,
+            expected_digest,
+            chunks,
+            Some((&mut file, temp.path())),
+        )
+        .await?;
         file.sync_all()
             .await
             .map_err(io_error("syncing", temp.path()))?;
         drop(file);
         temp.persist(&destination).await?;
-        tracing::info!(path = %destination.display(), bytes = received, "file stored");
+        tracing::info!(path = %destination.display(), bytes = header.size, "file stored");
         Ok(FileInfo {
             path: destination,
-            size: received,
+            size: header.size,
             sha256: actual,
         })
     }
@@ -387,6 +375,51 @@ impl Drop for TempFile {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Hashes and counts `chunks`, writing each to `sink` if there is one, and
+/// checks them against the header's size and digest. Returns the digest.
+async fn verify<S>(
+    header: &UploadHeader,
+    expected_digest: String,
+    mut chunks: S,
+    mut sink: Option<(&mut tokio::fs::File, &Path)>,
+) -> Result<String, FileError>
+where
+    S: Stream<Item = Result<Vec<u8>, FileError>> + Unpin,
+{
+    let mut hasher = Sha256::new();
+    let mut received = 0u64;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        received += chunk.len() as u64;
+        if received > header.size {
+            return Err(FileError::BadRequest(format!(
+                "upload sent more than the {} bytes its header declared; nothing was written",
+                header.size
+            )));
+        }
+        hasher.update(&chunk);
+        if let Some((file, path)) = sink.as_mut() {
+            file.write_all(&chunk)
+                .await
+                .map_err(io_error("writing", path))?;
+        }
+    }
+    if received != header.size {
+        return Err(FileError::SizeMismatch {
+            received,
+            expected: header.size,
+        });
+    }
+    let actual = hex::encode(hasher.finalize());
+    if actual != expected_digest {
+        return Err(FileError::DigestMismatch {
+            expected: expected_digest,
+            actual,
+        });
+    }
+    Ok(actual)
 }
 
 #[cfg(test)]

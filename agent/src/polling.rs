@@ -5,6 +5,7 @@
 //! reconnects with exponential backoff and full jitter so that thousands of
 //! agents dropped at once (a hub restart) come back spread out over time.
 
+pub mod dialer;
 pub mod proxy;
 
 use std::sync::Arc;
@@ -20,7 +21,6 @@ use tentacle_proto::v1::tunnel_frame::Kind;
 use tentacle_proto::v1::tunnel_service_client::TunnelServiceClient;
 use tentacle_proto::v1::{TunnelFrame, TunnelHello};
 use tentacle_proto::{Thumbprint, TrustStore};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,7 @@ use tonic::service::Routes;
 use tonic::transport::{Endpoint, Uri};
 
 use crate::server::{self, ServeSettings};
+pub use dialer::{Dialer, TcpDialer};
 pub use proxy::ProxySettings;
 
 /// One hub to poll.
@@ -53,8 +54,9 @@ pub struct PollingSettings {
     pub connect_timeout: Duration,
     /// How long calls inside a tunnel may run on after the agent is told to stop.
     pub shutdown_grace: Duration,
-    /// An explicit proxy; without one, `HTTPS_PROXY` is honoured.
-    pub proxy: Option<ProxySettings>,
+    /// Opens each tunnel's connection; [`TcpDialer`] unless a test or the
+    /// simulator brings its own.
+    pub dialer: Arc<dyn Dialer>,
 }
 
 /// Why one attempt to open a tunnel failed.
@@ -156,24 +158,6 @@ async fn maintain(
     }
 }
 
-async fn dial(settings: &PollingSettings, hub: &HubEndpoint) -> std::io::Result<TcpStream> {
-    let (host, port) = (hub.address.host(), hub.address.port());
-    let proxy = settings
-        .proxy
-        .clone()
-        .or_else(|| ProxySettings::from_env(host));
-    let tcp = match proxy {
-        Some(proxy) => proxy.connect(host, port, settings.connect_timeout).await?,
-        None => tokio::time::timeout(settings.connect_timeout, TcpStream::connect((host, port)))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??,
-    };
-    tcp.set_nodelay(true)?;
-    Ok(tcp)
-}
-
 async fn open_and_serve(
     settings: &PollingSettings,
     hub: &HubEndpoint,
@@ -191,13 +175,15 @@ async fn open_and_serve(
     let identity = identity_cell.current();
     let tls_config =
         tentacle_proto::tls::client_config(&identity, TrustStore::new([hub.thumbprint]))?;
-    let tcp = dial(settings, hub)
+    let dialed = settings
+        .dialer
+        .dial(&hub.address, settings.connect_timeout)
         .await
         .map_err(|source| TunnelError::Connect {
             address: address.clone(),
             source,
         })?;
-    let remote_addr = tcp.peer_addr().ok();
+    let (tcp, remote_addr) = (dialed.stream, dialed.remote_addr);
     let server_name = rustls::pki_types::ServerName::try_from(hub.address.host().to_owned())
         .map_err(|e| TunnelError::Open {
             address: address.clone(),

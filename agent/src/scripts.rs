@@ -220,6 +220,8 @@ pub struct Scripts {
     executor: Arc<dyn Executor>,
     mutexes: IsolationMutexes,
     runs: Mutex<HashMap<Ticket, Arc<Run>>>,
+    /// Fired by [`Scripts::halt`].
+    halted: CancellationToken,
 }
 
 impl Scripts {
@@ -229,7 +231,17 @@ impl Scripts {
             executor,
             mutexes: IsolationMutexes::default(),
             runs: Mutex::new(HashMap::new()),
+            halted: CancellationToken::new(),
         })
+    }
+
+    /// Abandons every script without recording an outcome, exactly as if
+    /// the agent process had been killed: nothing more is written, and the
+    /// next [`Scripts`] over the same work root completes them with
+    /// [`exit_code::AGENT_RESTARTED`] in [`Scripts::recover`]. A fault seam
+    /// for the fleet simulator's crashes; a real agent never calls it.
+    pub fn halt(&self) {
+        self.halted.cancel();
     }
 
     pub fn settings(&self) -> &ScriptSettings {
@@ -325,7 +337,13 @@ impl Scripts {
     async fn execute(self: Arc<Self>, run: Arc<Run>, request: StartRequest) {
         let metrics = &tentacle_proto::metrics::METRICS;
         metrics.scripts_running.inc();
-        let exit_code = self.execute_inner(&run, request).await;
+        let exit_code = tokio::select! {
+            exit_code = self.execute_inner(&run, request) => exit_code,
+            () = self.halted.cancelled() => {
+                metrics.scripts_running.dec();
+                return;
+            }
+        };
         metrics.scripts_running.dec();
         run.finish(exit_code);
         tracing::Span::current().record("exit_code", exit_code);

@@ -170,7 +170,7 @@ async fn start_agent(
         reconnect_max: settings.reconnect_max,
         connect_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(5),
-        proxy: None,
+        dialer: Arc::new(tentacle_agent::polling::TcpDialer::default()),
     };
     let thumbprint = identity.thumbprint();
     let cell = IdentityCell::new(identity)?;

@@ -148,3 +148,30 @@ async fn limits_and_bad_requests_are_refused_clearly() {
         Err(FileError::OffsetBeyondEnd { size: 3, .. })
     ));
 }
+
+#[tokio::test]
+async fn a_discarding_sink_verifies_but_stores_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = FileSettings::new(dir.path().to_owned());
+    settings.discard_uploads = true;
+    let files = Files::new(settings).expect("files");
+    let body = b"virtual agents hash and drop uploads";
+    let info = files
+        .upload(header("pkg/a.bin", body), chunks(&[&body[..7], &body[7..]]))
+        .await
+        .expect("a matching upload is accepted");
+    assert_eq!((info.size, info.sha256), (body.len() as u64, sha(body)));
+    assert!(leftovers(dir.path()).is_empty(), "nothing is written");
+    let mut wrong = header("pkg/b.bin", body);
+    wrong.sha256 = sha(b"something else");
+    assert!(matches!(
+        files.upload(wrong, chunks(&[body])).await,
+        Err(FileError::DigestMismatch { .. })
+    ));
+    assert!(matches!(
+        files
+            .upload(header("pkg/c.bin", body), chunks(&[&body[..3]]))
+            .await,
+        Err(FileError::SizeMismatch { .. })
+    ));
+}
