@@ -99,7 +99,24 @@ impl AgentChannel {
         }
     }
 
+    /// Routes the call, and reports a connection that broke before or
+    /// during it as `Unavailable`, the status gRPC gives a lost connection
+    /// and the one callers retry on; the transport layers underneath would
+    /// otherwise surface it as `Unknown`.
     fn call_inner(
+        &mut self,
+        request: http::Request<Body>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, BoxError>> {
+        let future = self.route(request);
+        Box::pin(async move {
+            match future.await {
+                Ok(response) => Ok(response.map(|body| Body::new(ConnectionBody::new(body, None)))),
+                Err(error) => Ok(connection_lost(&*error).into_http()),
+            }
+        })
+    }
+
+    fn route(
         &mut self,
         request: http::Request<Body>,
     ) -> BoxFuture<'static, Result<http::Response<Body>, BoxError>> {
@@ -190,12 +207,7 @@ impl PollingChannel {
         let mut channel = tunnel.channel.clone();
         let response = channel.ready().await?.call(request).await?;
         // Count the call as in flight until its response body is done.
-        Ok(response.map(|body| {
-            Body::new(GuardedBody {
-                inner: body,
-                _guard: guard,
-            })
-        }))
+        Ok(response.map(|body| Body::new(ConnectionBody::new(body, Some(guard)))))
     }
 }
 
@@ -246,12 +258,29 @@ pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 /// A response body that keeps its call counted until it ends.
-struct GuardedBody {
+struct ConnectionBody {
     inner: Body,
-    _guard: CallGuard,
+    _guard: Option<CallGuard>,
 }
 
-impl http_body::Body for GuardedBody {
+impl ConnectionBody {
+    fn new(inner: Body, guard: Option<CallGuard>) -> Self {
+        Self {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+/// The status for a call whose connection to the agent broke.
+fn connection_lost(error: &(dyn std::error::Error + 'static)) -> tonic::Status {
+    tonic::Status::unavailable(format!(
+        "the connection to the agent broke: {}",
+        tentacle_proto::dial::describe_connect_error(error)
+    ))
+}
+
+impl http_body::Body for ConnectionBody {
     type Data = Bytes;
     type Error = tonic::Status;
 
@@ -259,7 +288,12 @@ impl http_body::Body for GuardedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        // Errors here are the transport's: a gRPC error status arrives as a
+        // trailer frame, not as a body error.
+        match Pin::new(&mut self.get_mut().inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Err(connection_lost(&status)))),
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {

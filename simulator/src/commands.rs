@@ -73,6 +73,8 @@ pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode>
         Command::Server(args) => crate::server::run(&home, args).await,
         Command::Deploy(args) => crate::deploy_cmd::run(&home, args).await,
         Command::Fleet(args) => crate::fleet_cmd::run(&home, args).await,
+        Command::Run(args) => crate::run_cmd::run(&home, *args).await,
+        Command::Report(command) => crate::run_cmd::report(command),
         Command::Health(args) => crate::health_cmd::run(&home, args).await,
         Command::Tooling(super::ToolingCommand::Set { file }) => {
             let stored = home

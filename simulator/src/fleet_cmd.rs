@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tentacle_proto::Thumbprint;
 use tentacle_proto::dial::ListeningAddress;
-use tentacle_sim::fleet::{self, Fleet, FleetSettings, ScriptModel};
+use tentacle_sim::fleet::{self, Fleet, FleetSettings};
 use tentacle_sim::home::SimHome;
 
 #[derive(Debug, clap::Args)]
@@ -56,23 +56,17 @@ pub async fn run(home: &SimHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| temp.path().to_owned());
     let started = Instant::now();
-    let fleet = Fleet::start(FleetSettings {
-        agents: args.agents,
-        name_prefix: args.name_prefix.clone(),
-        hub: args.hub.clone(),
+    let mut settings = FleetSettings::new(
+        args.agents,
+        args.hub.clone(),
         hub_thumbprint,
-        api_key: args.api_key.clone(),
-        roles: args.roles.clone(),
-        environments: Vec::new(),
+        args.api_key.clone(),
         work_dir,
-        model: ScriptModel::default(),
-        seed,
-        registration_parallelism: 32,
-        heartbeat: Default::default(),
-        reconnect_initial: Duration::from_secs(5),
-        reconnect_max: Duration::from_secs(60),
-    })
-    .await?;
+    );
+    settings.name_prefix = args.name_prefix.clone();
+    settings.roles = args.roles.clone();
+    settings.seed = seed;
+    let fleet = Fleet::start(settings).await?;
     eprintln!(
         "{} virtual tentacles registered in {:.1?}",
         fleet.agents.len(),

@@ -3,7 +3,9 @@
 //! some probability, a failure code. Everything is drawn from a seed and
 //! the ticket, so a run replays exactly.
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -13,9 +15,12 @@ use tentacle_agent::scripts::{Executor, Job, Outcome, OutputSink, Stream};
 use tokio_util::sync::CancellationToken;
 
 /// What simulated scripts do.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ScriptModel {
+    #[serde(with = "humantime_serde")]
     pub min_duration: Duration,
+    #[serde(with = "humantime_serde")]
     pub max_duration: Duration,
     /// Output lines per script (inclusive range).
     pub min_lines: u32,
@@ -73,17 +78,73 @@ impl ScriptModel {
     }
 }
 
+/// How many times each script really started, across every agent of a
+/// fleet and across their simulated restarts: the ground truth for the
+/// "ran exactly once" invariant.
+#[derive(Debug, Default)]
+pub struct ExecutionLedger {
+    starts: Mutex<HashMap<(String, String), u32>>,
+}
+
+impl ExecutionLedger {
+    fn started(&self, agent: &str, ticket: &str) {
+        *self
+            .starts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((agent.to_owned(), ticket.to_owned()))
+            .or_default() += 1;
+    }
+
+    /// How many times `agent` started `ticket`.
+    pub fn starts(&self, agent: &str, ticket: &str) -> u32 {
+        self.starts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(agent.to_owned(), ticket.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
 /// The simulated executor.
 #[derive(Debug, Clone)]
 pub struct SimulatedExecutor {
     model: ScriptModel,
     seed: u64,
+    ledger: Option<(Arc<ExecutionLedger>, String)>,
 }
 
 impl SimulatedExecutor {
     pub fn new(model: ScriptModel, seed: u64) -> Self {
-        Self { model, seed }
+        Self {
+            model,
+            seed,
+            ledger: None,
+        }
     }
+
+    /// Records every start in `ledger` under `agent`.
+    pub fn with_ledger(mut self, ledger: Arc<ExecutionLedger>, agent: String) -> Self {
+        self.ledger = Some((ledger, agent));
+        self
+    }
+}
+
+/// The text of line `line` (1-based) of `lines` for `ticket`, padded to
+/// `line_bytes`: what a watcher must receive, in this order.
+pub fn line_text(ticket: &str, line: u32, lines: u32, line_bytes: usize) -> String {
+    let mut text = format!("{ticket} line {line} of {lines}");
+    if text.len() < line_bytes {
+        text.push_str(&".".repeat(line_bytes - text.len()));
+    }
+    text
+}
+
+/// The line number in a simulated script's output line, if it is one.
+pub fn parse_line_number(ticket: &str, text: &str) -> Option<u32> {
+    let rest = text.strip_prefix(ticket)?.strip_prefix(" line ")?;
+    rest.split(' ').next()?.parse().ok()
 }
 
 impl Executor for SimulatedExecutor {
@@ -95,6 +156,9 @@ impl Executor for SimulatedExecutor {
     ) -> BoxFuture<'static, Outcome> {
         let plan = self.model.plan(self.seed, &job.ticket);
         let line_bytes = self.model.line_bytes;
+        if let Some((ledger, agent)) = &self.ledger {
+            ledger.started(agent, &job.ticket);
+        }
         async move {
             // Output is spread over the script's run, as a real one's would be.
             let step = plan.duration / plan.lines.max(1);
@@ -103,10 +167,7 @@ impl Executor for SimulatedExecutor {
                     () = tokio::time::sleep(step) => {}
                     () = stop.cancelled() => return Outcome::Stopped,
                 }
-                let mut text = format!("{} line {line} of {}", job.ticket, plan.lines);
-                if text.len() < line_bytes {
-                    text.push_str(&".".repeat(line_bytes - text.len()));
-                }
+                let text = line_text(&job.ticket, line, plan.lines, line_bytes);
                 output.write([(Stream::Stdout, text)]);
             }
             Outcome::Exited(plan.exit_code)

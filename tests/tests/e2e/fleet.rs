@@ -21,24 +21,20 @@ async fn a_hundred_virtual_agents_connect_and_run_scripts() {
     };
     let seed = 20261124;
     let started = Instant::now();
-    let fleet = Fleet::start(FleetSettings {
-        agents: 100,
-        name_prefix: "virtual".into(),
-        hub: ListeningAddress::new("127.0.0.1", hub.address.port()),
-        hub_thumbprint: hub.thumbprint(),
-        api_key: key,
-        roles: vec!["sim".into()],
-        environments: vec!["test".into()],
-        work_dir: work.path().to_owned(),
-        model: model.clone(),
-        seed,
-        registration_parallelism: 16,
-        heartbeat: Default::default(),
-        reconnect_initial: Duration::from_millis(200),
-        reconnect_max: Duration::from_secs(2),
-    })
-    .await
-    .expect("the fleet starts");
+    let mut settings = FleetSettings::new(
+        100,
+        ListeningAddress::new("127.0.0.1", hub.address.port()),
+        hub.thumbprint(),
+        key,
+        work.path().to_owned(),
+    );
+    settings.environments = vec!["test".into()];
+    settings.model = model.clone();
+    settings.seed = seed;
+    settings.registration_parallelism = 16;
+    settings.reconnect_initial = Duration::from_millis(200);
+    settings.reconnect_max = Duration::from_secs(2);
+    let fleet = Fleet::start(settings).await.expect("the fleet starts");
     while hub.hub.registry().connected_agents() < 100 && started.elapsed() < Duration::from_secs(60)
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
