@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::target::{AgentId, Target};
 
 pub use executor::{ExecutionLedger, ScriptModel, SimulatedExecutor};
-pub use faults::{FaultDialer, Faults};
+pub use faults::{FaultDialer, Faults, FaultyStream};
 
 /// How to build a fleet.
 #[derive(Debug, Clone)]
@@ -359,12 +359,16 @@ async fn launch(settings: &FleetSettings, agent: &VirtualAgent) -> Result<Runnin
                 .map_err(storage)?;
             let trust = TrustStore::new([settings.hub_thumbprint]);
             let tls = tentacle_proto::tls::server_config(cell, trust.clone())?;
+            let faults = agent.faults.clone();
+            // Every connection obeys the agent's faults, so a crash or a
+            // cut also ends the calls the hub has open on it.
             let incoming = accept_tls(
                 listener,
                 tokio_rustls::TlsAcceptor::from(tls),
                 trust,
                 AcceptSettings::default(),
-            );
+            )
+            .map(move |accepted| accepted.map(|tls| FaultyStream::new(tls, faults.clone())));
             let stopped = stop.clone();
             tokio::spawn(async move {
                 let shutdown = stopped.cancelled_owned();

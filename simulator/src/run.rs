@@ -94,6 +94,33 @@ pub enum HubChoice {
     },
 }
 
+/// A fault planted in the observations before they are checked, to prove
+/// the invariant checks catch it (`--plant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Plant {
+    /// One log line recorded twice.
+    DuplicateLine,
+    /// One log line dropped.
+    LostLine,
+}
+
+impl Plant {
+    fn apply(self, observations: &mut invariants::Observations) {
+        let Some(script) = observations.scripts.iter_mut().find(|s| s.lines.len() >= 3) else {
+            return;
+        };
+        match self {
+            Plant::DuplicateLine => {
+                let line = script.lines[1].clone();
+                script.lines.insert(2, line);
+            }
+            Plant::LostLine => {
+                script.lines.remove(1);
+            }
+        }
+    }
+}
+
 /// Everything a run needs.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -104,6 +131,7 @@ pub struct RunSettings {
     /// Agents' workspaces and the in-process hub's store.
     pub work_dir: PathBuf,
     pub open_file_limit: u64,
+    pub plant: Option<Plant>,
 }
 
 /// Why a run could not be carried out (as opposed to a run whose
@@ -304,6 +332,9 @@ async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, Run
     let mut observations = ctx.recorder.take_observations();
     for script in &mut observations.scripts {
         script.executions = ledger.starts(&script.agent, &script.ticket);
+    }
+    if let Some(plant) = settings.plant {
+        plant.apply(&mut observations);
     }
     let invariants = invariants::check(&observations);
     let scripts = script_totals(&observations.scripts, &ctx.model, settings.seed);
@@ -587,11 +618,8 @@ async fn play_chaos(
             },
             (_, None) => false,
             (ChaosKind::Disconnect, Some(agent)) => {
-                // A listening agent has no connection of its own to cut.
-                agent.port.is_none() && {
-                    agent.faults.cut();
-                    true
-                }
+                agent.faults.cut();
+                true
             }
             (ChaosKind::Latency, Some(agent)) => {
                 agent.faults.set_latency(spec.latency, spec.jitter);

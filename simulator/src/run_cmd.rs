@@ -15,7 +15,7 @@ use tentacle_proto::dial::ListeningAddress;
 use tentacle_sim::fleet;
 use tentacle_sim::home::SimHome;
 use tentacle_sim::report::{Report, html};
-use tentacle_sim::run::{self, HubChoice, Live, RunSettings, Shard};
+use tentacle_sim::run::{self, HubChoice, Live, Plant, RunSettings, Shard};
 use tentacle_sim::scenario::Scenario;
 
 #[derive(Debug, clap::Args)]
@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// Where the agents keep their workspaces (a temporary directory by default).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Corrupt what was observed before checking it, to see the invariant
+    /// checks fail (for testing the checks themselves).
+    #[arg(long, value_enum)]
+    plant: Option<Plant>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -124,6 +128,7 @@ pub async fn run(home: &SimHome, args: RunArgs) -> anyhow::Result<ExitCode> {
             hub,
             work_dir,
             open_file_limit,
+            plant: args.plant,
         },
         live,
     )

@@ -233,7 +233,17 @@ impl Scenario {
             path: origin.to_owned(),
             message,
         };
-        let scenario: Scenario = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let scenario: Scenario = toml::from_str(text).map_err(|e| {
+            // One line: where, and what; toml's own text spans several.
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            let message = e.message().trim().replace('\n', " ");
+            invalid(match line {
+                Some(line) => format!("line {line}: {message}"),
+                None => message,
+            })
+        })?;
         scenario.validate().map_err(invalid)?;
         Ok(scenario)
     }

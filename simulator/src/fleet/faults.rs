@@ -1,7 +1,7 @@
-//! Faults injected into a virtual tentacle's connection to its hub: added
-//! latency with jitter, and cut connections. Each agent has one [`Faults`]
-//! handle; its [`FaultDialer`] wraps every connection it opens in a
-//! [`FaultyStream`] that obeys the handle.
+//! Faults injected into a virtual tentacle's connections: added latency
+//! with jitter, and cut connections. Each agent has one [`Faults`] handle;
+//! its [`FaultDialer`] (polling) or its listener (listening) wraps every
+//! connection in a [`FaultyStream`] that obeys the handle.
 //!
 //! The dialer also spreads agents over several loopback source addresses
 //! (127.0.0.x) so that thousands of connections to one hub port do not run
@@ -164,6 +164,18 @@ impl<S> FaultyStream<S> {
             )),
             Poll::Pending => Ok(()),
         }
+    }
+}
+
+// A listening agent's accepted connections keep the peer details the
+// services read.
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
+    for FaultyStream<S>
+{
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
     }
 }
 

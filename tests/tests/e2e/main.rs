@@ -18,6 +18,7 @@ mod proxy;
 mod registration;
 mod restart;
 mod rotation;
+mod scenario_run;
 mod script_output;
 mod stock_grpc_tools;
 mod traces;
