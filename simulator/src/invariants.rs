@@ -271,6 +271,23 @@ pub fn errors_by_kind(failures: &[FailedCall]) -> BTreeMap<String, u64> {
     counts
 }
 
+/// Up to [`MAX_EXAMPLES`] failures per status, each with a different
+/// message (agents' names aside), for a person to start from.
+pub fn error_examples(failures: &[FailedCall]) -> BTreeMap<String, Vec<String>> {
+    let mut examples: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for f in failures {
+        let kind = format!("{:?}", f.code);
+        let list = examples.entry(kind.clone()).or_default();
+        if list.len() < MAX_EXAMPLES
+            && seen.insert((kind, f.call.clone(), f.message.replace(&f.agent, "")))
+        {
+            list.push(format!("{} to {}: {}", f.call, f.agent, f.message));
+        }
+    }
+    examples
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,9 @@ pub struct Report {
     pub calls: BTreeMap<String, CallStats>,
     /// Failed calls by gRPC status (`Unavailable`, ...).
     pub errors: BTreeMap<String, u64>,
+    /// A few distinct failures per status: "CALL to AGENT: message".
+    #[serde(default)]
+    pub error_examples: BTreeMap<String, Vec<String>>,
     pub scripts: ScriptTotals,
     pub uploads: UploadTotals,
     pub invariants: Vec<InvariantResult>,
@@ -291,6 +294,11 @@ impl Report {
         }
         add_counts(&mut self.chaos, other.chaos);
         add_counts(&mut self.errors, other.errors);
+        for (kind, examples) in other.error_examples {
+            let mine = self.error_examples.entry(kind).or_default();
+            mine.extend(examples);
+            mine.truncate(crate::invariants::MAX_EXAMPLES);
+        }
         for (i, sample) in other.timeline.into_iter().enumerate() {
             match self.timeline.get_mut(i) {
                 Some(mine) => {
@@ -431,6 +439,11 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(", ");
             let _ = writeln!(out, "errors by status: {errors}");
+            for (kind, examples) in &self.error_examples {
+                for example in examples.iter().take(3) {
+                    let _ = writeln!(out, "  {kind}: {example}");
+                }
+            }
         }
         for invariant in &self.invariants {
             let _ = writeln!(
@@ -503,6 +516,10 @@ mod tests {
                 .collect(),
             calls: BTreeMap::from([("StartScript".into(), latencies.stats())]),
             errors: BTreeMap::from([("Unavailable".into(), 1)]),
+            error_examples: BTreeMap::from([(
+                "Unavailable".into(),
+                vec!["StartScript to virtual-1: the agent is not connected".into()],
+            )]),
             scripts: ScriptTotals {
                 dispatched: 10,
                 succeeded: 9,

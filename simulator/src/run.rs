@@ -339,6 +339,7 @@ async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, Run
     let invariants = invariants::check(&observations);
     let scripts = script_totals(&observations.scripts, &ctx.model, settings.seed);
     let errors = invariants::errors_by_kind(&observations.failures);
+    let error_examples = invariants::error_examples(&observations.failures);
     let duration_ms = started.elapsed().as_millis() as u64;
     fleet.stop();
     ctx.hub.shutdown().await;
@@ -370,6 +371,7 @@ async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, Run
         timeline,
         calls: ctx.recorder.call_stats(),
         errors,
+        error_examples,
         scripts,
         uploads: upload_totals,
         invariants,

@@ -31,7 +31,7 @@ pub fn render(report: &Report) -> String {
     page.push_str(&invariants_section(&report.invariants));
     page.push_str(&timeline_section(&report.timeline));
     page.push_str(&latency_section(&report.calls));
-    page.push_str(&errors_section(&report.errors));
+    page.push_str(&errors_section(&report.errors, &report.error_examples));
     page.push_str(&hub_section(&report.timeline));
     page.push_str(&totals_section(report));
     let _ = writeln!(
@@ -299,7 +299,10 @@ fn latency_section(calls: &BTreeMap<String, CallStats>) -> String {
     out
 }
 
-fn errors_section(errors: &BTreeMap<String, u64>) -> String {
+fn errors_section(
+    errors: &BTreeMap<String, u64>,
+    examples: &BTreeMap<String, Vec<String>>,
+) -> String {
     let mut out = String::from("<section id=\"errors\">\n<h2>Errors by kind</h2>\n");
     if errors.values().all(|n| *n == 0) {
         out.push_str("<p class=\"ok\">No failed calls.</p>\n</section>\n");
@@ -309,6 +312,17 @@ fn errors_section(errors: &BTreeMap<String, u64>) -> String {
     let mut bars: Vec<(&str, u64)> = errors.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     bars.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     out.push_str(&bar_chart("Failed calls by gRPC status", &bars));
+    for (kind, list) in examples.iter().filter(|(_, l)| !l.is_empty()) {
+        let _ = write!(
+            out,
+            "<h3>Examples: {}</h3>\n<ul class=\"examples\">\n",
+            escape(kind)
+        );
+        for example in list {
+            let _ = writeln!(out, "<li><code>{}</code></li>", escape(example));
+        }
+        out.push_str("</ul>\n");
+    }
     out.push_str("</section>\n");
     out
 }
@@ -1056,6 +1070,10 @@ mod tests {
         report.stages[0].name = format!("stage{hostile}");
         report.invariants[0].passed = false;
         report.invariants[0].examples = vec![format!("agent-1 said {hostile}")];
+        report.error_examples.insert(
+            "Unavailable".into(),
+            vec![format!("GetStatus to agent-2: {hostile}")],
+        );
         let html = render(&report);
         assert!(!html.contains("<script>"), "raw script tag");
         assert!(!html.contains("\"double\""));
@@ -1065,6 +1083,7 @@ mod tests {
             "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;double&quot; &#39;single&#39;"
         ));
         assert!(html.contains("agent-1 said &lt;script&gt;"));
+        assert!(html.contains("GetStatus to agent-2: &lt;script&gt;"));
     }
 
     #[test]
