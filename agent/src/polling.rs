@@ -132,12 +132,16 @@ async fn maintain(
             Ok(SessionEnd::Replaced) => {
                 // A new certificate: open the replacement at once while the
                 // old tunnel finishes its calls.
-                tracing::info!(hub = %hub.address, tunnel = index, "reopening the tunnel with the new certificate");
+                tracing::info!(agent_id = %settings.agent_id, hub = %hub.address, tunnel = index, "reopening the tunnel with the new certificate");
                 attempt = 0;
                 continue;
             }
-            Ok(end) => tracing::info!(hub = %hub.address, tunnel = index, ?end, "tunnel closed"),
-            Err(error) => tracing::warn!(tunnel = index, %error, "tunnel attempt failed"),
+            Ok(end) => {
+                tracing::info!(agent_id = %settings.agent_id, hub = %hub.address, tunnel = index, ?end, "tunnel closed")
+            }
+            Err(error) => {
+                tracing::warn!(agent_id = %settings.agent_id, tunnel = index, %error, "tunnel attempt failed")
+            }
         }
         // A tunnel that stayed up a while resets the backoff.
         if opened.elapsed() > settings.reconnect_max {
@@ -150,7 +154,7 @@ async fn maintain(
             &mut rand::rng(),
         );
         attempt = attempt.saturating_add(1);
-        tracing::debug!(?wait, tunnel = index, "reconnecting after a jittered wait");
+        tracing::debug!(agent_id = %settings.agent_id, ?wait, attempt, tunnel = index, "reconnecting after a jittered wait");
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = stop.cancelled() => return,

@@ -192,16 +192,7 @@ impl PollingChannel {
                     .observe(waiting.elapsed().as_secs_f64());
                 tunnel
             }
-            Err(error @ PickError::NotConnected { .. }) => {
-                let status = match deadline {
-                    Some(d) if d <= pickup => tonic::Status::deadline_exceeded(error.to_string()),
-                    _ => tonic::Status::unavailable(error.to_string()),
-                };
-                return Ok(status.into_http());
-            }
-            Err(error) => {
-                return Ok(tonic::Status::permission_denied(error.to_string()).into_http());
-            }
+            Err(error) => return Ok(pick_status(&error, deadline, pickup).into_http()),
         };
         let guard = tunnel.begin_call();
         let mut channel = tunnel.channel.clone();
@@ -272,11 +263,39 @@ impl ConnectionBody {
     }
 }
 
+/// The status for a call no tunnel could be picked for: waiting out the
+/// caller's own deadline is `DEADLINE_EXCEEDED`; an absent agent or a hub
+/// going away is `UNAVAILABLE` (worth a retry); a certificate mismatch is
+/// `PERMISSION_DENIED` (retrying will not help).
+fn pick_status(error: &PickError, deadline: Option<Duration>, pickup: Duration) -> tonic::Status {
+    match error {
+        PickError::NotConnected { .. } => match deadline {
+            Some(d) if d <= pickup => tonic::Status::deadline_exceeded(error.to_string()),
+            _ => tonic::Status::unavailable(error.to_string()),
+        },
+        PickError::Closing => tonic::Status::unavailable(error.to_string()),
+        PickError::WrongThumbprint { .. } => tonic::Status::permission_denied(error.to_string()),
+    }
+}
+
 /// The status for a call whose connection to the agent broke.
 fn connection_lost(error: &(dyn std::error::Error + 'static)) -> tonic::Status {
     tonic::Status::unavailable(format!(
         "the connection to the agent broke: {}",
         tentacle_proto::dial::describe_connect_error(error)
+    ))
+}
+
+/// A response body's error as the caller sees it: a broken connection is
+/// `UNAVAILABLE`, and one already classified (by a channel nested inside
+/// this one) keeps its message rather than gaining a second prefix.
+fn body_error(status: tonic::Status) -> tonic::Status {
+    if status.code() == tonic::Code::Unavailable {
+        return status;
+    }
+    tonic::Status::unavailable(format!(
+        "the connection to the agent broke: {}",
+        status.message()
     ))
 }
 
@@ -291,7 +310,7 @@ impl http_body::Body for ConnectionBody {
         // Errors here are the transport's: a gRPC error status arrives as a
         // trailer frame, not as a body error.
         match Pin::new(&mut self.get_mut().inner).poll_frame(cx) {
-            Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Err(connection_lost(&status)))),
+            Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Err(body_error(status)))),
             other => other,
         }
     }
@@ -308,6 +327,50 @@ impl http_body::Body for ConnectionBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pick_failures_map_to_statuses_callers_can_act_on() {
+        let pickup = Duration::from_secs(10);
+        let absent = PickError::NotConnected {
+            agent: "web-1".into(),
+            waited: "10s".into(),
+        };
+        assert_eq!(
+            pick_status(&absent, None, pickup).code(),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            pick_status(&absent, Some(Duration::from_secs(2)), pickup).code(),
+            tonic::Code::DeadlineExceeded
+        );
+        assert_eq!(
+            pick_status(&PickError::Closing, None, pickup).code(),
+            tonic::Code::Unavailable
+        );
+        let wrong = PickError::WrongThumbprint {
+            agent: "web-1".into(),
+            actual: "aa".into(),
+            expected: "bb".into(),
+        };
+        assert_eq!(
+            pick_status(&wrong, None, pickup).code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn a_broken_body_is_unavailable_and_named_once() {
+        let broken = body_error(tonic::Status::unknown(
+            "stream closed because of a broken pipe",
+        ));
+        assert_eq!(broken.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            broken.message(),
+            "the connection to the agent broke: stream closed because of a broken pipe"
+        );
+        let again = body_error(broken.clone());
+        assert_eq!(again.message(), broken.message());
+    }
 
     #[test]
     fn parses_grpc_timeouts() {

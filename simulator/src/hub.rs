@@ -35,6 +35,7 @@ use tentacle_proto::v1::{TunnelDrain, TunnelFrame};
 use tentacle_proto::{Identity, Thumbprint, TrustStore};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::{Channel, Server};
 
@@ -416,9 +417,14 @@ impl Hub {
             .into_axum_router()
             .fallback_service(proxy::Forwarder::new(self.clone()));
         let hub = self.clone();
-        let signal = async move {
-            shutdown.await;
-            hub.drain().await;
+        let drained = CancellationToken::new();
+        let signal = {
+            let drained = drained.clone();
+            async move {
+                shutdown.await;
+                hub.drain().await;
+                drained.cancel();
+            }
         };
         let builder = Server::builder()
             .http2_keepalive_interval(Some(self.settings.heartbeat.interval))
@@ -429,14 +435,13 @@ impl Hub {
         let serving = tentacle_proto::telemetry::with_server_spans(builder, "hub")
             .add_routes(Routes::from(router))
             .serve_with_incoming_shutdown(incoming, signal);
-        // tonic waits for every connection to close after the signal; a
+        // tonic waits for every connection to close after the drain; a
         // connection that never does must not keep the hub alive forever.
-        let closing = self.registry.closing();
         tokio::pin!(serving);
         let result = tokio::select! {
             result = &mut serving => result,
             () = async {
-                closing.cancelled().await;
+                drained.cancelled().await;
                 tokio::time::sleep(Duration::from_secs(5)).await;
             } => {
                 tracing::warn!("connections still open after the drain; stopping anyway");
@@ -505,9 +510,12 @@ impl Hub {
         Ok(retire_at)
     }
 
-    /// Tells every tunnel the hub is going away, waits for their calls, and
-    /// closes them.
+    /// Refuses new tunnels, tells every open one the hub is going away,
+    /// waits for their calls, and closes them.
     pub async fn drain(&self) {
+        // Closed first: a tunnel accepted during the drain would miss the
+        // snapshot below and outlive this hub, holding its agent captive.
+        self.registry.close();
         let tunnels = self.registry.tunnels();
         tracing::info!(tunnels = tunnels.len(), "draining tunnels");
         for tunnel in &tunnels {

@@ -657,6 +657,11 @@ impl HubFixture {
         self.hub.identity().thumbprint()
     }
 
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.stop.cancel();
+    }
+
     /// Shuts the hub down gracefully (drain) and waits for it.
     pub async fn shutdown(&mut self) {
         self.stop.cancel();

@@ -177,11 +177,14 @@ impl Registry {
 
     /// Registers a tunnel; a closing registry stops it at once instead.
     pub fn add(&self, tunnel: Arc<Tunnel>) {
+        // Checked under the lock: `Hub::drain` closes the registry before it
+        // takes its snapshot, so a tunnel is either in the snapshot or
+        // stopped here.
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
         if self.is_closing() {
             tunnel.stop.cancel();
             return;
         }
-        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
         let slot = agents.entry(tunnel.agent_id.clone()).or_default();
         slot.tunnels.push(tunnel);
         if let Some(arrivals) = &slot.arrivals {

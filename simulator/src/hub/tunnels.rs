@@ -9,8 +9,6 @@ use tentacle_proto::v1::tunnel_frame::Kind;
 use tentacle_proto::v1::tunnel_service_server::TunnelService;
 use tentacle_proto::v1::{TunnelFrame, TunnelWelcome};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Endpoint, Uri};
 use tonic::{Request, Response, Status, Streaming};
@@ -103,6 +101,10 @@ impl TunnelService for TunnelApi {
             agent.id = %agent_id,
             peer.thumbprint = %peer.thumbprint.short(),
         );
+        // The reply stream ends with the session, not with the last frame
+        // sender: a caller still holding a call on this tunnel must not keep
+        // the agent's connection open after the hub has closed the tunnel.
+        let ended = CancellationToken::new();
         tokio::spawn(tracing::Instrument::instrument(
             run_tunnel(
                 self.hub.clone(),
@@ -111,13 +113,32 @@ impl TunnelService for TunnelApi {
                 hello.tunnel_index,
                 incoming,
                 outgoing,
+                ended.clone().drop_guard(),
             ),
             span,
         ));
-        Ok(Response::new(Box::pin(
-            ReceiverStream::new(outgoing_rx).map(Ok),
-        )))
+        Ok(Response::new(Box::pin(frames_until(outgoing_rx, ended))))
     }
+}
+
+/// The frames queued for the agent, ending once `ended` fires and the
+/// frames already queued (a drain notice among them) are sent.
+fn frames_until(
+    frames: mpsc::Receiver<TunnelFrame>,
+    ended: CancellationToken,
+) -> impl tokio_stream::Stream<Item = Result<TunnelFrame, Status>> + Send + 'static {
+    futures::stream::unfold((frames, ended), |(mut frames, ended)| async move {
+        let frame = tokio::select! {
+            biased;
+            frame = frames.recv() => frame,
+            () = ended.cancelled() => {
+                // No more senders may add to the queue; what is in it still goes.
+                frames.close();
+                frames.recv().await
+            }
+        };
+        frame.map(|frame| (Ok(frame), (frames, ended)))
+    })
 }
 
 async fn run_tunnel(
@@ -127,6 +148,9 @@ async fn run_tunnel(
     index: u32,
     incoming: Streaming<TunnelFrame>,
     outgoing: mpsc::Sender<TunnelFrame>,
+    // Dropped when this function returns, however it returns: that ends
+    // the reply stream.
+    _ended: tokio_util::sync::DropGuard,
 ) {
     let (io, ends) = tunnel::pipe(Some(peer.clone()));
     let stop = CancellationToken::new();

@@ -184,9 +184,17 @@ impl LocalHub {
     }
 
     async fn stop(&self) {
-        if let Some((stop, task)) = self.serving.lock().await.take() {
+        if let Some((stop, mut task)) = self.serving.lock().await.take() {
             stop.cancel();
-            let _ = tokio::time::timeout(self.settings.drain_grace * 2, task).await;
+            // Past the drain and its margin nothing of the old hub may linger
+            // beside the next one.
+            if tokio::time::timeout(self.settings.drain_grace * 2, &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the in-process hub did not stop in time; aborting it");
+                task.abort();
+            }
         }
     }
 

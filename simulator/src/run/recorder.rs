@@ -12,6 +12,10 @@ use tonic::Status;
 use crate::invariants::{FailedCall, Observations, ScriptRecord, UploadRecord};
 use crate::report::Latencies;
 
+/// Successful calls slower than this are logged at debug level, so a stall
+/// can be traced to an agent and a call.
+const SLOW_CALL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Shared by every task of a run.
 #[derive(Debug)]
 pub struct Recorder {
@@ -56,10 +60,18 @@ impl Recorder {
     ) {
         self.window_calls.fetch_add(1, Ordering::Relaxed);
         self.total_calls.fetch_add(1, Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        match result {
+            Err(status) => {
+                tracing::debug!(call, agent, ?elapsed, code = ?status.code(), message = status.message(), "call failed")
+            }
+            Ok(_) if elapsed > SLOW_CALL => tracing::debug!(call, agent, ?elapsed, "slow call"),
+            Ok(_) => {}
+        }
         let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
         let latencies = calls.entry(call).or_default();
         match result {
-            Ok(_) => latencies.record(started.elapsed()),
+            Ok(_) => latencies.record(elapsed),
             Err(status) => {
                 latencies.record_error();
                 drop(calls);

@@ -195,6 +195,70 @@ async fn after_a_hub_restart_the_agent_reconnects() {
     assert_eq!(caps.os, std::env::consts::OS);
 }
 
+/// A tunnel that arrives while the hub drains is refused: accepted, it
+/// would miss the drain and hold its agent on a hub that is going away.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_hub_refuses_new_tunnels_and_leaves_no_connection_behind() {
+    let settings = tentacle_sim::hub::HubSettings {
+        drain_grace: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let mut hub = HubFixture::start_with(client_identity(), settings, "127.0.0.1:0").await;
+    let port = hub.address.port();
+    let busy = hub.polling_agent("");
+    let client = hub.client(&busy).await;
+    // A watch on a long script is a call in flight, so the drain lasts its
+    // whole grace period.
+    let request = bash("sleep 30");
+    let ticket = request.ticket.clone();
+    client
+        .scripts()
+        .start_script(request)
+        .await
+        .expect("start the long script");
+    let _watch = client
+        .scripts()
+        .watch_script(pb::WatchScriptRequest {
+            ticket,
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch the long script");
+
+    let mut late = hub.prepare_polling_agent(tentacle_tests::FAST_POLLING);
+    hub.trust(&late);
+    hub.begin_shutdown();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !hub.hub.registry().is_closing() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(hub.hub.registry().is_closing(), "the drain began");
+    let _events = late.spawn_no_wait();
+    assert!(
+        late.wait_for_log("shutting down", Duration::from_secs(10)),
+        "the late agent was told the hub is going away; log:\n{}",
+        late.log_text()
+    );
+    assert!(
+        !late.log_text().contains("tunnel open"),
+        "no tunnel was accepted during the drain; log:\n{}",
+        late.log_text()
+    );
+
+    tokio::time::timeout(Duration::from_secs(20), hub.shutdown())
+        .await
+        .expect("the hub stops after its drain");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while established_connections_to(port) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        established_connections_to(port),
+        0,
+        "every connection to the stopped hub is closed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_hub_refuses_an_untrusted_agent() {
     let hub = HubFixture::start(client_identity()).await;
