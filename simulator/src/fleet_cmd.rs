@@ -40,6 +40,18 @@ pub struct FleetArgs {
     /// Where the agents keep their workspaces (a temporary directory by default).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// How many of the agents listen (each on its own loopback port)
+    /// instead of polling.
+    #[arg(long, default_value_t = 0)]
+    listening: usize,
+    /// Polling agents dial a loopback hub from 127.0.0.1 ..= 127.0.0.N, so
+    /// that thousands of connections do not exhaust one address's ephemeral
+    /// ports. Ignored for a hub that is not on loopback.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..))]
+    source_addresses: u8,
+    /// Spread the agents' starts evenly over this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    ramp: Duration,
 }
 
 pub async fn run(home: &SimHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
@@ -66,11 +78,17 @@ pub async fn run(home: &SimHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
     settings.name_prefix = args.name_prefix.clone();
     settings.roles = args.roles.clone();
     settings.seed = seed;
+    settings.listening = args.listening.min(args.agents);
+    settings.source_addresses = args.source_addresses;
+    settings.ramp = args.ramp;
     let fleet = Fleet::start(settings).await?;
+    let listening = fleet.agents.iter().filter(|a| a.port.is_some()).count();
     eprintln!(
-        "{} virtual tentacles registered in {:.1?}",
+        "{} virtual tentacles registered in {:.1?} ({} polling from {} source address(es), {listening} listening)",
         fleet.agents.len(),
-        started.elapsed()
+        started.elapsed(),
+        fleet.agents.len() - listening,
+        args.source_addresses,
     );
     let until = async {
         match args.duration {

@@ -449,6 +449,44 @@ impl Default for SimHome {
     }
 }
 
+/// The local (source) addresses of established TCP connections to `port`
+/// on this machine, from /proc/net/tcp{,6}: one entry per connection.
+pub fn established_sources_to(port: u16) -> Vec<std::net::IpAddr> {
+    let needle = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|table| table.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl, local_address, rem_address, st: 01 is ESTABLISHED.
+            if fields.len() <= 3 || !fields[2].ends_with(&needle) || fields[3] != "01" {
+                return None;
+            }
+            proc_net_address(fields[1].split(':').next()?)
+        })
+        .collect()
+}
+
+/// An address as /proc/net/tcp prints it: 32-bit words in host (little
+/// endian) order, as hex.
+fn proc_net_address(hex: &str) -> Option<std::net::IpAddr> {
+    let words: Vec<u32> = hex
+        .as_bytes()
+        .chunks(8)
+        .map(|w| u32::from_str_radix(std::str::from_utf8(w).ok()?, 16).ok())
+        .collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    match bytes.len() {
+        4 => Some(std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()),
+        16 => {
+            let octets: [u8; 16] = bytes.try_into().ok()?;
+            Some(std::net::Ipv6Addr::from(octets).into())
+        }
+        _ => None,
+    }
+}
+
 /// The trimmed stdout of a command that must succeed.
 pub fn stdout_of(output: &Output) -> String {
     assert!(
@@ -573,6 +611,19 @@ mod tests {
             .parse()
             .expect("toml");
         assert_eq!(merged, expected);
+    }
+
+    #[test]
+    fn decodes_proc_net_addresses() {
+        assert_eq!(
+            proc_net_address("0300007F"),
+            Some("127.0.0.3".parse().expect("ip"))
+        );
+        assert_eq!(
+            proc_net_address("00000000000000000000000001000000"),
+            Some("::1".parse().expect("ip"))
+        );
+        assert_eq!(proc_net_address("zz"), None);
     }
 
     #[test]

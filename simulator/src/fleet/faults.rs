@@ -109,7 +109,10 @@ impl Dialer for FaultDialer {
                 .next()
                 .ok_or_else(|| io::Error::other(format!("{} did not resolve", hub.host())))?;
             let tcp = match self.source {
-                Some(source) if source.is_ipv4() == remote.is_ipv4() => {
+                // A loopback source can only reach a loopback hub.
+                Some(source)
+                    if remote.ip().is_loopback() && source.is_ipv4() == remote.is_ipv4() =>
+                {
                     let socket = if remote.is_ipv4() {
                         TcpSocket::new_v4()?
                     } else {

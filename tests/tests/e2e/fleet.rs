@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use tentacle_proto::dial::ListeningAddress;
 use tentacle_sim::fleet::{Fleet, FleetSettings, ScriptModel};
 use tentacle_sim::target::Target;
-use tentacle_tests::{HubFixture, bash, client_identity, run_to_end};
+use tentacle_tests::{
+    HubFixture, SimHome, bash, bin, client_identity, established_sources_to, run_to_end, stdout_of,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hundred_virtual_agents_connect_and_run_scripts() {
@@ -81,4 +83,64 @@ async fn a_hundred_virtual_agents_connect_and_run_scripts() {
             "{ticket}: every line once, in order"
         );
     }
+}
+
+/// `tentacle-sim fleet` against a running `tentacle-sim server`: polling
+/// agents dial from several loopback source addresses, listening ones serve
+/// on ports of their own, and the hub trusts every one of them.
+#[test]
+fn the_fleet_verb_runs_both_modes_and_spreads_source_addresses() {
+    let sim = SimHome::new();
+    let (mut hub, address) = sim.serve();
+    let key = stdout_of(&sim.run(&["server", "api-key", "create"]));
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let mut fleet = std::process::Command::new(bin("tentacle-sim"))
+        .arg("--home")
+        .arg(sim.0.path())
+        .args(["fleet", "--agents", "24", "--listening", "4"])
+        .args(["--source-addresses", "4", "--duration", "60s"])
+        .args(["--hub", &format!("https://{address}"), "--api-key", &key])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log.reopen().expect("log"))
+        .spawn()
+        .expect("start the fleet");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut sources = Vec::new();
+    while Instant::now() < deadline {
+        // Connections *to* the hub's port: the agents' ends, by source.
+        sources = established_sources_to(address.port());
+        if sources.len() >= 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let listed = stdout_of(&sim.run(&["server", "trust", "list"]));
+    let _ = fleet.kill();
+    let _ = fleet.wait();
+    let _ = hub.kill();
+    let _ = hub.wait();
+    let stderr = std::fs::read_to_string(log.path()).unwrap_or_default();
+
+    assert_eq!(
+        sources.len(),
+        20,
+        "one tunnel per polling agent; log:\n{stderr}"
+    );
+    let mut distinct: Vec<String> = sources.iter().map(ToString::to_string).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct,
+        ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"],
+        "polling agents spread over four source addresses"
+    );
+    assert!(
+        stderr.contains("24 virtual tentacles registered")
+            && stderr.contains("20 polling from 4 source address(es), 4 listening"),
+        "{stderr}"
+    );
+    assert_eq!(listed.matches("  polling  ").count(), 20, "{listed}");
+    assert_eq!(listed.matches("  listening").count(), 4, "{listed}");
 }

@@ -10,19 +10,9 @@ use tentacle_sim::target::Target;
 use tentacle_tests::{Fixture, HubFixture, Mode, bash, client_identity, run_to_end, texts};
 use tonic::Code;
 
-/// Established TCP connections to `port`, from /proc/net/tcp{,6}.
+/// Established TCP connections to `port`.
 fn established_connections_to(port: u16) -> usize {
-    let needle = format!(":{port:04X} ");
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|path| std::fs::read_to_string(path).ok())
-        .flat_map(|table| table.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
-        .filter(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // local_address, rem_address, st: 01 is ESTABLISHED.
-            fields.len() > 3 && format!("{} ", fields[2]).ends_with(&needle) && fields[3] == "01"
-        })
-        .count()
+    tentacle_tests::established_sources_to(port).len()
 }
 
 #[tokio::test(flavor = "multi_thread")]
