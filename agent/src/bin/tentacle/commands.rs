@@ -27,7 +27,7 @@ pub fn create_instance(home: &Path) -> anyhow::Result<()> {
     }
     println!("Created an instance at {}", home.dir().display());
     println!(
-        "Next: `tentacle new-certificate`, then `tentacle configure --trust <server thumbprint>`."
+        "Next: `tentacle new-certificate`, then either `tentacle configure --trust <server thumbprint>` or `tentacle register-with ...` (which sets up trust both ways)."
     );
     Ok(())
 }

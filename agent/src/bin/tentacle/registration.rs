@@ -232,12 +232,14 @@ pub async fn rotate_certificate(home: &Path, args: RotateArgs) -> anyhow::Result
                 )
             })?
             .into_inner();
+        let retires =
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(answer.retire_old_at_unix);
         println!(
-            "{} trusts {} now and retires {} at {} (Unix time)",
+            "{} trusts {} now and retires {} at {} (UTC)",
             hub.url,
             answer.new_thumbprint,
             current.thumbprint(),
-            answer.retire_old_at_unix
+            humantime::format_rfc3339_seconds(retires)
         );
     }
     // New files, then one atomic switch of the configuration: a running
