@@ -206,6 +206,12 @@ async fn open_and_serve(
         address: address.clone(),
         reason: tentacle_proto::dial::describe_connect_error(&e),
     })?;
+    let tls = tentacle_proto::dial::wait_until_accepted(tls, settings.connect_timeout)
+        .await
+        .map_err(|e| TunnelError::Open {
+            address: address.clone(),
+            reason: tentacle_proto::dial::describe_connect_error(&e),
+        })?;
 
     // The outer HTTP/2 connection runs over exactly this one TLS stream.
     let mut once = Some(tls);

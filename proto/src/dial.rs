@@ -1,6 +1,8 @@
 //! Dials a listening agent over pinned mutual TLS and returns a tonic
 //! [`Channel`], so callers use the generated clients unchanged.
 
+pub mod accepted;
+
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +13,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tonic::transport::{Channel, Endpoint, Uri};
+
+pub use accepted::{Accepted, wait_until_accepted};
 
 /// The port a listening agent uses unless told otherwise.
 pub const DEFAULT_LISTENING_PORT: u16 = 10933;
@@ -179,12 +183,13 @@ fn describe_tls_error(error: &rustls::Error) -> String {
     }
 }
 
-/// Opens a TCP connection with `TCP_NODELAY` and runs the pinned handshake.
+/// Opens a TCP connection with `TCP_NODELAY`, runs the pinned handshake,
+/// and waits until the server shows it accepted our certificate.
 pub async fn dial_tls(
     address: &ListeningAddress,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
-) -> io::Result<TlsStream<TcpStream>> {
+) -> io::Result<Accepted<TlsStream<TcpStream>>> {
     let server_name = ServerName::try_from(address.host().to_owned())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let connect = async {
@@ -193,9 +198,11 @@ pub async fn dial_tls(
         tcp.set_nodelay(true)?;
         TlsConnector::from(tls).connect(server_name, tcp).await
     };
-    tokio::time::timeout(timeout, connect)
+    let started = tokio::time::Instant::now();
+    let tls = tokio::time::timeout(timeout, connect)
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    wait_until_accepted(tls, timeout.saturating_sub(started.elapsed())).await
 }
 
 /// A channel to a listening agent. The first connection is made before this
