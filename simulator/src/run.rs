@@ -41,17 +41,40 @@ pub struct Shard {
     pub count: usize,
 }
 
+/// Set by Kubernetes in each pod of an Indexed Job: 0, 1, ... N-1.
+pub const JOB_INDEX_VARIABLE: &str = "JOB_COMPLETION_INDEX";
+
 impl Shard {
     pub const WHOLE: Shard = Shard { index: 0, count: 1 };
 
-    /// Parses `K/N` with 1 <= K <= N.
+    /// Parses `K/N` with 1 <= K <= N, or `job/N`, where K comes from the
+    /// 0-based `JOB_COMPLETION_INDEX` that a Kubernetes Indexed Job gives
+    /// each of its pods.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = || format!("`{text}` is not a shard: give K/N with 1 <= K <= N, e.g. 2/4");
+        Self::parse_with_job_index(text, std::env::var(JOB_INDEX_VARIABLE).ok().as_deref())
+    }
+
+    /// [`Self::parse`] with the job index given rather than read.
+    pub fn parse_with_job_index(text: &str, job_index: Option<&str>) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "`{text}` is not a shard: give K/N with 1 <= K <= N (e.g. 2/4), or job/N in a Kubernetes Indexed Job"
+            )
+        };
         let (k, n) = text.split_once('/').ok_or_else(bad)?;
-        let (k, n): (usize, usize) = (
-            k.trim().parse().map_err(|_| bad())?,
-            n.trim().parse().map_err(|_| bad())?,
-        );
+        let n: usize = n.trim().parse().map_err(|_| bad())?;
+        let k: usize = if k.trim() == "job" {
+            let index = job_index.ok_or_else(|| {
+                format!("`{text}` takes the shard from {JOB_INDEX_VARIABLE}, which is not set; give K/N instead")
+            })?;
+            let index: usize = index
+                .trim()
+                .parse()
+                .map_err(|_| format!("{JOB_INDEX_VARIABLE}=`{index}` is not a number"))?;
+            index + 1
+        } else {
+            k.trim().parse().map_err(|_| bad())?
+        };
         if k == 0 || n == 0 || k > n {
             return Err(bad());
         }
@@ -675,6 +698,17 @@ mod tests {
         for bad in ["0/3", "4/3", "x", "1/0", "1-3"] {
             assert!(Shard::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_indexed_job_pod_takes_its_shard_from_the_job_index() {
+        let shard = Shard::parse_with_job_index("job/4", Some("2")).expect("shard");
+        assert_eq!(shard.to_string(), "3/4");
+        assert_eq!(shard.slice(8), 4..6);
+        let unset = Shard::parse_with_job_index("job/4", None).expect_err("unset");
+        assert!(unset.contains("JOB_COMPLETION_INDEX"), "{unset}");
+        assert!(Shard::parse_with_job_index("job/4", Some("4")).is_err());
+        assert!(Shard::parse_with_job_index("job/4", Some("x")).is_err());
     }
 
     #[test]

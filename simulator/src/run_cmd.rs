@@ -26,7 +26,8 @@ pub struct RunArgs {
     /// Replays a run; overrides the scenario's seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// Run only slice K of N of the fleet (1-based), e.g. 2/4.
+    /// Run only slice K of N of the fleet (1-based), e.g. 2/4; `job/N` in
+    /// a Kubernetes Indexed Job takes K from JOB_COMPLETION_INDEX.
     #[arg(long, value_parser = Shard::parse, default_value = "1/1")]
     shard: Shard,
     /// Load-test this hub instead of starting one in this process.

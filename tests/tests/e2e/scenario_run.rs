@@ -44,12 +44,17 @@ crash = 1
 "#;
 
 fn run_sim(args: &[&str]) -> (Output, PathBuf, tempfile::TempDir) {
+    run_sim_with_env(args, &[])
+}
+
+fn run_sim_with_env(args: &[&str], env: &[(&str, &str)]) -> (Output, PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("report");
     let output = Command::new(bin("tentacle-sim"))
         .arg("--home")
         .arg(dir.path().join("home"))
         .args(args)
+        .envs(env.iter().copied())
         .arg("--out")
         .arg(&out)
         .output()
@@ -144,8 +149,8 @@ fn a_seed_replays_the_chaos_schedule_and_shards_merge() {
     let dir = tempfile::tempdir().expect("tempdir");
     let scenario = tiny_scenario(dir.path());
     let scenario = scenario.to_str().expect("path");
-    let digest = |args: &[&str]| {
-        let (output, out, _dir) = run_sim(args);
+    let digest = |args: &[&str], env: &[(&str, &str)]| {
+        let (output, out, _dir) = run_sim_with_env(args, env);
         assert!(
             output.status.success(),
             "{}",
@@ -161,32 +166,41 @@ fn a_seed_replays_the_chaos_schedule_and_shards_merge() {
             _dir,
         )
     };
-    let (first, _, _a) = digest(&["run", "--scenario", scenario, "--seed", "41"]);
-    let (again, _, _b) = digest(&["run", "--scenario", scenario, "--seed", "41"]);
-    let (other, _, _c) = digest(&["run", "--scenario", scenario, "--seed", "42"]);
+    let (first, _, _a) = digest(&["run", "--scenario", scenario, "--seed", "41"], &[]);
+    let (again, _, _b) = digest(&["run", "--scenario", scenario, "--seed", "41"], &[]);
+    let (other, _, _c) = digest(&["run", "--scenario", scenario, "--seed", "42"], &[]);
     assert_eq!(first, again, "the same seed replays the same chaos");
     assert_ne!(first, other, "another seed, other chaos");
 
-    // Two shards hold disjoint agents; their reports merge into one.
-    let (_, one, _d) = digest(&[
-        "run",
-        "--scenario",
-        scenario,
-        "--seed",
-        "41",
-        "--shard",
-        "1/2",
-    ]);
-    let (_, two, _e) = digest(&[
-        "run",
-        "--scenario",
-        scenario,
-        "--seed",
-        "41",
-        "--shard",
-        "2/2",
-    ]);
+    // Two shards hold disjoint agents; their reports merge into one. The
+    // second is named as a pod of a Kubernetes Indexed Job names it.
+    let (_, one, _d) = digest(
+        &[
+            "run",
+            "--scenario",
+            scenario,
+            "--seed",
+            "41",
+            "--shard",
+            "1/2",
+        ],
+        &[],
+    );
+    let (_, two, _e) = digest(
+        &[
+            "run",
+            "--scenario",
+            scenario,
+            "--seed",
+            "41",
+            "--shard",
+            "job/2",
+        ],
+        &[("JOB_COMPLETION_INDEX", "1")],
+    );
     let (r1, r2) = (report(&one), report(&two));
+    assert_eq!(r1["shards"][0]["shard"], "1/2");
+    assert_eq!(r2["shards"][0]["shard"], "2/2");
     assert_eq!(r1["shards"][0]["agents"], 6);
     assert_eq!(r2["shards"][0]["agents"], 6);
     let merged_dir = tempfile::tempdir().expect("tempdir");
