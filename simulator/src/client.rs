@@ -97,7 +97,14 @@ pub fn is_transient(status: &Status) -> bool {
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     channel: AgentChannel,
+    unary_timeout: Duration,
 }
+
+/// How long a unary call may take before the client gives up on it: a
+/// safety net against a connection that died without telling anyone. It is
+/// longer than the hub's default pickup timeout, so waiting for a polling
+/// agent to connect is governed by that, not by this.
+pub const DEFAULT_UNARY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The end of a script as the caller saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +131,22 @@ impl AgentClient {
     pub fn new(channel: impl Into<AgentChannel>) -> Self {
         Self {
             channel: channel.into(),
+            unary_timeout: DEFAULT_UNARY_TIMEOUT,
         }
+    }
+
+    /// Replaces [`DEFAULT_UNARY_TIMEOUT`] for this client's unary calls.
+    #[must_use]
+    pub fn with_unary_timeout(mut self, timeout: Duration) -> Self {
+        self.unary_timeout = timeout;
+        self
+    }
+
+    /// A unary request carrying this client's deadline.
+    fn unary<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.unary_timeout);
+        request
     }
 
     pub fn channel(&self) -> &AgentChannel {
@@ -144,7 +166,7 @@ impl AgentClient {
     pub async fn capabilities(&self) -> Result<pb::Capabilities, ClientError> {
         let mut client = CapabilitiesServiceClient::new(self.channel.clone());
         Ok(client
-            .get_capabilities(pb::GetCapabilitiesRequest {})
+            .get_capabilities(self.unary(pb::GetCapabilitiesRequest {}))
             .await?
             .into_inner())
     }
@@ -179,10 +201,10 @@ impl AgentClient {
                         message = stream.message() => message?,
                         () = cancel.cancelled(), if !cancel_sent => {
                             cancel_sent = true;
-                            client.cancel_script(pb::CancelScriptRequest {
+                            client.cancel_script(self.unary(pb::CancelScriptRequest {
                                 ticket: ticket.to_owned(),
                                 after_sequence: after,
-                            }).await?;
+                            })).await?;
                             continue;
                         }
                     };
@@ -248,17 +270,17 @@ impl AgentClient {
         settings: &FollowSettings,
     ) -> Result<ScriptEnd, ClientError> {
         let ticket = request.ticket.clone();
-        self.scripts().start_script(request).await?;
+        self.scripts().start_script(self.unary(request)).await?;
         self.follow(&ticket, 0, on_line, cancel, settings).await
     }
 
     /// Deletes a complete script's workspace on the agent.
     pub async fn complete_script(&self, ticket: &str) -> Result<(), ClientError> {
         self.scripts()
-            .complete_script(pb::CompleteScriptRequest {
+            .complete_script(self.unary(pb::CompleteScriptRequest {
                 ticket: ticket.to_owned(),
                 after_sequence: u64::MAX,
-            })
+            }))
             .await?;
         Ok(())
     }
@@ -293,9 +315,9 @@ impl AgentClient {
     pub async fn package_status(&self, sha256: &str) -> Result<pb::PackageStatus, ClientError> {
         Ok(self
             .packages()
-            .get_package(pb::GetPackageRequest {
+            .get_package(self.unary(pb::GetPackageRequest {
                 sha256: sha256.to_owned(),
-            })
+            }))
             .await?
             .into_inner())
     }
@@ -335,10 +357,10 @@ impl AgentClient {
         }
         let extracted = self
             .packages()
-            .extract_package(pb::ExtractPackageRequest {
+            .extract_package(self.unary(pb::ExtractPackageRequest {
                 sha256: sha256.to_owned(),
                 application: application.to_owned(),
-            })
+            }))
             .await?
             .into_inner();
         Ok(PackageDelivery {
@@ -356,7 +378,7 @@ impl AgentClient {
     pub async fn health(&self) -> Result<pb::AgentHealth, ClientError> {
         let mut client = CapabilitiesServiceClient::new(self.channel.clone());
         Ok(client
-            .get_health(pb::GetHealthRequest {})
+            .get_health(self.unary(pb::GetHealthRequest {}))
             .await?
             .into_inner())
     }

@@ -108,3 +108,39 @@ in_both_modes!(
     a_script_interrupted_by_a_crash_reports_agent_restarted,
     super::a_script_interrupted_by_a_crash_reports_agent_restarted
 );
+
+/// A unary call to an agent that stops answering (frozen, not gone: its
+/// connection stays open) gives up at the client's deadline rather than
+/// waiting forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_to_a_frozen_agent_gives_up_at_its_deadline() {
+    let me = client_identity();
+    let agent = AgentProcess::start(&[me.thumbprint()], "");
+    let client = agent
+        .client(&me)
+        .await
+        .with_unary_timeout(Duration::from_secs(2));
+    client.capabilities().await.expect("a first call");
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(30), client.capabilities()).await;
+    let waited = started.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+
+    let error = result
+        .expect("the call ends on its own deadline")
+        .expect_err("a frozen agent cannot answer");
+    assert!(
+        error.to_string().to_lowercase().contains("deadline")
+            || error.to_string().to_lowercase().contains("timeout"),
+        "{error}"
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(10),
+        "gave up after {waited:?}"
+    );
+    // Thawed, the agent answers again.
+    client.capabilities().await.expect("a call after SIGCONT");
+}
