@@ -107,11 +107,18 @@ fn the_fleet_verb_runs_both_modes_and_spreads_source_addresses() {
         .expect("start the fleet");
 
     let deadline = Instant::now() + Duration::from_secs(60);
+    let registered = || {
+        std::fs::read_to_string(log.path())
+            .unwrap_or_default()
+            .contains("virtual tentacles registered")
+    };
     let mut sources = Vec::new();
     while Instant::now() < deadline {
         // Connections *to* the hub's port: the agents' ends, by source.
+        // Registrations use short-lived connections of their own, so count
+        // only once every agent has registered.
         sources = established_sources_to(address.port());
-        if sources.len() >= 20 {
+        if registered() && sources.len() == 20 {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
