@@ -165,8 +165,13 @@ impl RegistrationService for RegistrationApi {
             previous_thumbprint: None,
             retire_previous_at: None,
         };
-        self.hub
-            .register(agent.clone())
+        // Storing rewrites the registry file, which grows with the fleet:
+        // keep that off the threads that pump every tunnel.
+        let hub = self.hub.clone();
+        let stored = agent.clone();
+        tokio::task::spawn_blocking(move || hub.register(stored))
+            .await
+            .map_err(|e| Status::internal(format!("the registration was interrupted: {e}")))?
             .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(%name, thumbprint = %peer.thumbprint, ?mode, "agent registered");
         Ok(Response::new(pb::RegisterResponse {

@@ -82,10 +82,40 @@ pub enum TrustFileError {
 
 /// `agents.toml`. A lock keeps this process's read-modify-write cycles
 /// apart, so concurrent registrations neither collide nor lose updates.
+///
+/// The parsed file is cached under its size and modification time: the
+/// file grows with the fleet, and a hub rereads it every second and before
+/// every registration, so it is parsed again only when it changed.
 #[derive(Debug, Clone)]
 pub struct AgentTrustFile {
     path: PathBuf,
     lock: std::sync::Arc<std::sync::Mutex<()>>,
+    cache: std::sync::Arc<std::sync::Mutex<Cached>>,
+}
+
+/// The last version of the file this handle read or wrote.
+type Cached = Option<(FileStamp, Vec<TrustedAgent>)>;
+
+/// What identifies one version of the file on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    // Every writer replaces the file through a rename, so each version is
+    // a new inode, even if its size and time match the last one's.
+    inode: u64,
+    len: u64,
+    modified: std::time::SystemTime,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(path)?;
+        Ok(Self {
+            inode: metadata.ino(),
+            len: metadata.len(),
+            modified: metadata.modified()?,
+        })
+    }
 }
 
 impl AgentTrustFile {
@@ -93,7 +123,14 @@ impl AgentTrustFile {
         Self {
             path: path.into(),
             lock: std::sync::Arc::default(),
+            cache: std::sync::Arc::default(),
         }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Option<(FileStamp, Vec<TrustedAgent>)>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn locked(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -108,6 +145,12 @@ impl AgentTrustFile {
 
     /// Every trusted agent; a missing file means none.
     pub fn load(&self) -> Result<Vec<TrustedAgent>, TrustFileError> {
+        let stamp = FileStamp::of(&self.path).ok();
+        if let (Some(stamp), Some((cached, agents))) = (stamp, self.cache().as_ref())
+            && *cached == stamp
+        {
+            return Ok(agents.clone());
+        }
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -122,6 +165,9 @@ impl AgentTrustFile {
             path: self.path.clone(),
             message: e.message().to_owned(),
         })?;
+        // The stamp taken before reading: a write racing this read changes
+        // the file's stamp afterwards, so the next load parses again.
+        *self.cache() = stamp.map(|stamp| (stamp, file.agents.clone()));
         Ok(file.agents)
     }
 
@@ -147,7 +193,11 @@ impl AgentTrustFile {
             .path
             .with_extension(format!("tmp-{}", std::process::id()));
         std::fs::write(&temp, text).map_err(err)?;
-        std::fs::rename(&temp, &self.path).map_err(err)
+        std::fs::rename(&temp, &self.path).map_err(err)?;
+        *self.cache() = FileStamp::of(&self.path)
+            .ok()
+            .map(|stamp| (stamp, agents.to_vec()));
+        Ok(())
     }
 
     /// Adds an entry, replacing any with the same thumbprint or name.
@@ -197,5 +247,42 @@ mod tests {
         assert_eq!(file.load().expect("load"), [renamed]);
         assert!(file.remove(&a.thumbprint).expect("remove"));
         assert!(!file.remove(&a.thumbprint).expect("again"));
+    }
+
+    fn agent(name: &str) -> TrustedAgent {
+        TrustedAgent {
+            thumbprint: Thumbprint::of_der(name.as_bytes()),
+            name: name.into(),
+            mode: AgentMode::Polling,
+            address: None,
+            roles: Vec::new(),
+            environments: Vec::new(),
+            previous_thumbprint: None,
+            retire_previous_at: None,
+        }
+    }
+
+    /// The hub and a `server trust` command in another process each hold
+    /// their own handle on the file; the cache never hides the other's edit.
+    #[test]
+    fn a_cached_load_still_sees_another_writers_edits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agents.toml");
+        let hub = AgentTrustFile::new(&path);
+        let cli = AgentTrustFile::new(&path);
+        hub.upsert(agent("web-01")).expect("hub adds");
+        assert_eq!(hub.load().expect("cached"), [agent("web-01")]);
+        // Same length, written at once: only the inode tells them apart.
+        cli.save(&[agent("web-02")]).expect("cli replaces");
+        assert_eq!(hub.load().expect("reloaded"), [agent("web-02")]);
+        cli.upsert(agent("web-03")).expect("cli adds");
+        hub.upsert(agent("web-04")).expect("hub adds again");
+        let names: Vec<String> = cli
+            .load()
+            .expect("load")
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        assert_eq!(names, ["web-02", "web-03", "web-04"]);
     }
 }
