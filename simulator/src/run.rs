@@ -71,6 +71,11 @@ impl Shard {
                 .trim()
                 .parse()
                 .map_err(|_| format!("{JOB_INDEX_VARIABLE}=`{index}` is not a number"))?;
+            if index >= n {
+                return Err(format!(
+                    "{JOB_INDEX_VARIABLE}={index} is outside `{text}`: the job's completions must equal N"
+                ));
+            }
             index + 1
         } else {
             k.trim().parse().map_err(|_| bad())?
@@ -707,7 +712,8 @@ mod tests {
         assert_eq!(shard.slice(8), 4..6);
         let unset = Shard::parse_with_job_index("job/4", None).expect_err("unset");
         assert!(unset.contains("JOB_COMPLETION_INDEX"), "{unset}");
-        assert!(Shard::parse_with_job_index("job/4", Some("4")).is_err());
+        let outside = Shard::parse_with_job_index("job/4", Some("4")).expect_err("outside");
+        assert!(outside.contains("completions must equal N"), "{outside}");
         assert!(Shard::parse_with_job_index("job/4", Some("x")).is_err());
     }
 
