@@ -12,6 +12,7 @@
 //! - `trust`: the agents this hub trusts, on disk.
 
 pub mod credentials;
+pub mod grouped;
 pub mod proxy;
 pub mod registration;
 pub mod registry;
@@ -144,6 +145,8 @@ pub struct Hub {
     /// Listening connections, each with the thumbprints it accepts (more
     /// than one while the agent rotates its certificate).
     pool: Mutex<HashMap<(ListeningAddress, Thumbprint), Pooled>>,
+    /// Registrations waiting to be stored together.
+    grouped: grouped::GroupedRegistrations,
 }
 
 /// A pooled connection to a listening agent and the thumbprints it accepts.
@@ -181,6 +184,7 @@ impl Hub {
             operators: ArcSwap::from_pointee(vec![own]),
             agents_write: Mutex::new(()),
             pool: Mutex::new(HashMap::new()),
+            grouped: grouped::GroupedRegistrations::default(),
         })
     }
 
@@ -205,9 +209,15 @@ impl Hub {
         self.agents.load_full()
     }
 
-    /// Stores a registration (replacing one with the same thumbprint) and
-    /// trusts it at once.
+    /// Stores a registration (replacing one with the same thumbprint or
+    /// name) and trusts it at once.
     pub fn register(&self, agent: TrustedAgent) -> Result<(), trust::TrustFileError> {
+        self.register_all(vec![agent])
+    }
+
+    /// Stores registrations in order with one write of the store, and
+    /// trusts them at once.
+    pub fn register_all(&self, batch: Vec<TrustedAgent>) -> Result<(), trust::TrustFileError> {
         // File and memory change under one lock, so a reload of the file
         // never sees one without the other.
         let _write = self
@@ -215,9 +225,13 @@ impl Hub {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(store) = &self.store {
-            store.agents.upsert(agent.clone())?;
+            store.agents.upsert_all(batch.clone())?;
         }
-        self.replace_agent(agent);
+        let mut agents = (*self.agents.load_full()).clone();
+        for agent in batch {
+            trust::upsert_into(&mut agents, agent);
+        }
+        self.set_agents(agents);
         Ok(())
     }
 
@@ -295,8 +309,7 @@ impl Hub {
     /// Adds or replaces an agent; the caller holds `agents_write`.
     fn replace_agent(&self, agent: TrustedAgent) {
         let mut agents = (*self.agents.load_full()).clone();
-        agents.retain(|a| !a.has_thumbprint(&agent.thumbprint) && a.name != agent.name);
-        agents.push(agent);
+        trust::upsert_into(&mut agents, agent);
         self.set_agents(agents);
     }
 

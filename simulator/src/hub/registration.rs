@@ -166,13 +166,11 @@ impl RegistrationService for RegistrationApi {
             retire_previous_at: None,
         };
         // Storing rewrites the registry file, which grows with the fleet:
-        // keep that off the threads that pump every tunnel.
-        let hub = self.hub.clone();
-        let stored = agent.clone();
-        tokio::task::spawn_blocking(move || hub.register(stored))
+        // registrations arriving together share one write, made off the
+        // threads that pump every tunnel.
+        super::grouped::register(&self.hub, agent.clone())
             .await
-            .map_err(|e| Status::internal(format!("the registration was interrupted: {e}")))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(Status::internal)?;
         tracing::info!(%name, thumbprint = %peer.thumbprint, ?mode, "agent registered");
         Ok(Response::new(pb::RegisterResponse {
             agent: Some(registered(&agent)),

@@ -80,6 +80,13 @@ pub enum TrustFileError {
     },
 }
 
+/// Adds `agent` to `agents`, replacing any entry with its thumbprint or
+/// its name.
+pub fn upsert_into(agents: &mut Vec<TrustedAgent>, agent: TrustedAgent) {
+    agents.retain(|a| !a.has_thumbprint(&agent.thumbprint) && a.name != agent.name);
+    agents.push(agent);
+}
+
 /// `agents.toml`. A lock keeps this process's read-modify-write cycles
 /// apart, so concurrent registrations neither collide nor lose updates.
 ///
@@ -202,10 +209,16 @@ impl AgentTrustFile {
 
     /// Adds an entry, replacing any with the same thumbprint or name.
     pub fn upsert(&self, agent: TrustedAgent) -> Result<(), TrustFileError> {
+        self.upsert_all(vec![agent])
+    }
+
+    /// [`Self::upsert`] for several entries in order, with one write.
+    pub fn upsert_all(&self, batch: Vec<TrustedAgent>) -> Result<(), TrustFileError> {
         let _guard = self.locked();
         let mut agents = self.load()?;
-        agents.retain(|a| !a.has_thumbprint(&agent.thumbprint) && a.name != agent.name);
-        agents.push(agent);
+        for agent in batch {
+            upsert_into(&mut agents, agent);
+        }
         self.save_unlocked(&agents)
     }
 
