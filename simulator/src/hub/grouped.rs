@@ -53,11 +53,15 @@ pub async fn register(hub: &Arc<Hub>, agent: TrustedAgent) -> Result<(), String>
 
 /// Writes groups until nothing is queued.
 fn write_until_empty(hub: &Hub) {
-    // Whatever happens below, the next registration can lead a writer.
+    // A panic below must not leave `writing` set, or no registration
+    // would ever lead a writer again. On a normal return the loop clears it
+    // under the lock, and another writer may already have set it since.
     struct Release<'a>(&'a GroupedRegistrations);
     impl Drop for Release<'_> {
         fn drop(&mut self) {
-            self.0.state().writing = false;
+            if std::thread::panicking() {
+                self.0.state().writing = false;
+            }
         }
     }
     let _release = Release(&hub.grouped);
