@@ -10,6 +10,7 @@
 //! - `tunnels`: the `TunnelService` that polling agents call.
 //! - `proxy`: forwards operators' calls to the agent they name.
 //! - `trust`: the agents this hub trusts, on disk.
+//! - `grouped`: registrations that arrive together share one write.
 
 pub mod credentials;
 pub mod grouped;
@@ -227,11 +228,7 @@ impl Hub {
         if let Some(store) = &self.store {
             store.agents.upsert_all(batch.clone())?;
         }
-        let mut agents = (*self.agents.load_full()).clone();
-        for agent in batch {
-            trust::upsert_into(&mut agents, agent);
-        }
-        self.set_agents(agents);
+        self.replace_agents(batch);
         Ok(())
     }
 
@@ -303,13 +300,15 @@ impl Hub {
             .agents_write
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        self.replace_agent(agent);
+        self.replace_agents([agent]);
     }
 
-    /// Adds or replaces an agent; the caller holds `agents_write`.
-    fn replace_agent(&self, agent: TrustedAgent) {
+    /// Adds or replaces agents in order; the caller holds `agents_write`.
+    fn replace_agents(&self, batch: impl IntoIterator<Item = TrustedAgent>) {
         let mut agents = (*self.agents.load_full()).clone();
-        trust::upsert_into(&mut agents, agent);
+        for agent in batch {
+            trust::upsert_into(&mut agents, agent);
+        }
         self.set_agents(agents);
     }
 

@@ -715,7 +715,7 @@ impl HubFixture {
 
     /// Shuts the hub down gracefully (drain) and waits for it.
     pub async fn shutdown(&mut self) {
-        self.stop.cancel();
+        self.begin_shutdown();
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }

@@ -24,12 +24,6 @@ pub struct Accepted<S> {
     inner: S,
 }
 
-impl<S> Accepted<S> {
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
 /// The sentence for a server that hung up right after our handshake.
 pub const CLOSED_AFTER_HANDSHAKE: &str = "the peer closed the connection right after the TLS handshake, which usually means it does not trust our thumbprint (`configure --trust`)";
 

@@ -90,7 +90,7 @@ pub fn upsert_into(agents: &mut Vec<TrustedAgent>, agent: TrustedAgent) {
 /// `agents.toml`. A lock keeps this process's read-modify-write cycles
 /// apart, so concurrent registrations neither collide nor lose updates.
 ///
-/// The parsed file is cached under its size and modification time: the
+/// The parsed file is cached under its inode, size and modification time: the
 /// file grows with the fleet, and a hub rereads it every second and before
 /// every registration, so it is parsed again only when it changed.
 #[derive(Debug, Clone)]
@@ -134,7 +134,7 @@ impl AgentTrustFile {
         }
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, Option<(FileStamp, Vec<TrustedAgent>)>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cached> {
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

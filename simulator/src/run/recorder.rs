@@ -61,20 +61,19 @@ impl Recorder {
         self.window_calls.fetch_add(1, Ordering::Relaxed);
         self.total_calls.fetch_add(1, Ordering::Relaxed);
         let elapsed = started.elapsed();
-        match result {
-            Err(status) => {
-                tracing::debug!(call, agent, ?elapsed, code = ?status.code(), message = status.message(), "call failed")
-            }
-            Ok(_) if elapsed > SLOW_CALL => tracing::debug!(call, agent, ?elapsed, "slow call"),
-            Ok(_) => {}
-        }
         let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
         let latencies = calls.entry(call).or_default();
         match result {
-            Ok(_) => latencies.record(elapsed),
+            Ok(_) => {
+                latencies.record(elapsed);
+                if elapsed > SLOW_CALL {
+                    tracing::debug!(call, agent, ?elapsed, "slow call");
+                }
+            }
             Err(status) => {
                 latencies.record_error();
                 drop(calls);
+                tracing::debug!(call, agent, ?elapsed, code = ?status.code(), message = status.message(), "call failed");
                 self.window_errors.fetch_add(1, Ordering::Relaxed);
                 self.total_errors.fetch_add(1, Ordering::Relaxed);
                 self.observations
