@@ -17,6 +17,6 @@ fi
 tests/python/setup-venv.sh
 # A real trace backend (Arize Phoenix) for the tracing test.
 tests/python/setup-phoenix.sh
-# The end-to-end tests start target/debug/tentacle and tentacle-sim.
+# The end-to-end tests start target/debug/tentacle, tentacle-hub and tentacle-sim.
 cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -17,6 +17,7 @@ use crate::polling::{HubEndpoint, PollingSettings, ProxySettings};
 use crate::scripts::ScriptSettings;
 use crate::scripts::process::ProcessSettings;
 use tentacle_proto::dial::ListeningAddress;
+use tentacle_proto::http2::Http2Settings;
 use tentacle_proto::tunnel::HeartbeatSettings;
 
 /// The file name of the configuration inside the home.
@@ -29,10 +30,30 @@ pub enum ConfigError {
     NoInstance(PathBuf),
     #[error("could not read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
-    #[error("{path} is not a valid configuration: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("{path} is not a valid configuration: {source}")]
+    Parse { path: PathBuf, source: ParseError },
     #[error("could not write {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+}
+
+/// `tentacle.toml` text that is not a configuration. Shown on one line: the
+/// TOML parser's own message, which names the offending key or value, and
+/// where it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}", .0.message(), span_hint(.0))]
+pub struct ParseError(toml::de::Error);
+
+/// Why the polling settings cannot be used; each says which command fixes it.
+#[derive(Debug, thiserror::Error)]
+pub enum PollingConfigError {
+    #[error("polling needs an agent id: set one with `tentacle configure --agent-id NAME`")]
+    NoAgentId,
+    #[error(
+        "polling is enabled but no hub is configured: add one with `tentacle configure --mode polling --server https://HOST:10943 --server-thumbprint T`"
+    )]
+    NoHub,
+    #[error(transparent)]
+    HubAddress(#[from] tentacle_proto::dial::ParseTargetError),
 }
 
 /// An instance home directory.
@@ -79,7 +100,7 @@ impl Home {
                 }
             }
         })?;
-        AgentConfig::parse(&text).map_err(|message| ConfigError::Parse { path, message })
+        AgentConfig::parse(&text).map_err(|source| ConfigError::Parse { path, source })
     }
 
     /// Writes through a temporary file and a rename, so a running agent that
@@ -119,8 +140,8 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.message().to_owned() + &span_hint(&e))
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        toml::from_str(text).map_err(ParseError)
     }
 
     pub fn script_settings(&self, home: &Home) -> ScriptSettings {
@@ -128,6 +149,12 @@ impl AgentConfig {
         settings.default_mutex_timeout = self.scripts.default_mutex_timeout;
         settings.workspace_max_age = self.scripts.workspace_max_age;
         settings.cleanup_interval = self.scripts.cleanup_interval;
+        // `ScriptSettings::page_limit` keeps these sane, whatever is here.
+        settings.default_page_lines = self.scripts.default_page_lines;
+        settings.max_page_lines = self.scripts.max_page_lines;
+        settings.max_page_bytes = self.scripts.max_page_bytes;
+        settings.completed_tickets_max = self.scripts.completed_tickets_max;
+        settings.completed_tickets_max_age = self.scripts.completed_tickets_max_age;
         settings
     }
 
@@ -149,30 +176,24 @@ impl AgentConfig {
 
 impl AgentConfig {
     /// The polling settings, or why they cannot be used.
-    pub fn polling_settings(&self) -> Result<PollingSettings, String> {
+    pub fn polling_settings(&self) -> Result<PollingSettings, PollingConfigError> {
         let polling = &self.polling;
         if polling.agent_id.is_empty() {
-            return Err(
-                "polling needs an agent id: set one with `tentacle configure --agent-id NAME`"
-                    .into(),
-            );
+            return Err(PollingConfigError::NoAgentId);
         }
         if polling.servers.is_empty() {
-            return Err("polling is enabled but no hub is configured: add one with `tentacle configure --mode polling --server https://HOST:10943 --server-thumbprint T`".into());
+            return Err(PollingConfigError::NoHub);
         }
         let hubs = polling
             .servers
             .iter()
             .map(|server| {
                 Ok(HubEndpoint {
-                    address: server
-                        .url
-                        .parse::<ListeningAddress>()
-                        .map_err(|e| e.to_string())?,
+                    address: server.url.parse::<ListeningAddress>()?,
                     thumbprint: server.thumbprint,
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, PollingConfigError>>()?;
         Ok(PollingSettings {
             agent_id: polling.agent_id.clone(),
             hubs,
@@ -366,6 +387,20 @@ pub struct ScriptsConfig {
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
     pub max_line_bytes: usize,
+    /// Log lines in one GetStatus reply when the caller asks for 0 (its
+    /// default), and in one WatchScript batch.
+    pub default_page_lines: usize,
+    /// A caller asking for more lines in one reply gets this many.
+    pub max_page_lines: usize,
+    /// Log bytes in one reply or batch (one longer line still goes whole).
+    pub max_page_bytes: usize,
+    /// Completed tickets remembered after their workspace is deleted, so
+    /// they never run again; the oldest are forgotten first.
+    pub completed_tickets_max: usize,
+    /// How long a completed ticket is remembered after its workspace is
+    /// deleted.
+    #[serde(with = "humantime_serde")]
+    pub completed_tickets_max_age: Duration,
 }
 
 impl Default for ScriptsConfig {
@@ -380,6 +415,11 @@ impl Default for ScriptsConfig {
             workspace_max_age: scripts.workspace_max_age,
             cleanup_interval: scripts.cleanup_interval,
             max_line_bytes: process.max_line_bytes,
+            default_page_lines: scripts.default_page_lines,
+            max_page_lines: scripts.max_page_lines,
+            max_page_bytes: scripts.max_page_bytes,
+            completed_tickets_max: scripts.completed_tickets_max,
+            completed_tickets_max_age: scripts.completed_tickets_max_age,
         }
     }
 }
@@ -419,6 +459,10 @@ pub struct ServerConfig {
     /// How often the configuration is re-read for trust changes.
     #[serde(with = "humantime_serde")]
     pub trust_reload_interval: Duration,
+    /// HTTP/2 keepalive, flow-control windows and frame size, for the
+    /// listening server and the server inside each tunnel (which never
+    /// pings). Every key is optional.
+    pub http2: Http2Settings,
 }
 
 impl Default for ServerConfig {
@@ -429,6 +473,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: 1024,
             shutdown_grace: Duration::from_secs(30),
             trust_reload_interval: Duration::from_secs(1),
+            http2: Http2Settings::default(),
         }
     }
 }
@@ -450,10 +495,100 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_thumbprints_are_reported() {
-        let unknown = AgentConfig::parse("[listen]\nprot = 1\n").expect_err("typo");
+        let unknown = AgentConfig::parse("[listen]\nprot = 1\n")
+            .expect_err("typo")
+            .to_string();
         assert!(unknown.contains("prot"), "{unknown}");
-        let bad = AgentConfig::parse("[trust]\nthumbprints = [\"abc\"]\n").expect_err("bad");
+        assert!(!unknown.contains('\n'), "one line: {unknown}");
+        let bad = AgentConfig::parse("[trust]\nthumbprints = [\"abc\"]\n")
+            .expect_err("bad")
+            .to_string();
         assert!(bad.contains("64 hex"), "{bad}");
+        assert!(bad.contains("(at byte "), "{bad}");
+    }
+
+    #[test]
+    fn a_bad_file_names_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        std::fs::write(home.config_path(), "[listen]\nprot = 1\n").expect("write");
+        let err = home.load().expect_err("typo");
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains(CONFIG_FILE), "{message}");
+        assert!(message.contains("prot"), "{message}");
+    }
+
+    #[test]
+    fn polling_errors_say_which_command_fixes_them() {
+        let mut config = AgentConfig::default();
+        config.polling.enabled = true;
+        let no_id = config.polling_settings().expect_err("no agent id");
+        assert!(matches!(no_id, PollingConfigError::NoAgentId), "{no_id:?}");
+        assert!(no_id.to_string().contains("--agent-id"), "{no_id}");
+        config.polling.agent_id = "agent1".into();
+        let no_hub = config.polling_settings().expect_err("no hub");
+        assert!(matches!(no_hub, PollingConfigError::NoHub), "{no_hub:?}");
+        assert!(no_hub.to_string().contains("--server"), "{no_hub}");
+        config.polling.servers.push(PollingServer {
+            url: "http://hub:10943".into(),
+            thumbprint: "a".repeat(64).parse().expect("thumbprint"),
+        });
+        let bad_url = config.polling_settings().expect_err("bad url");
+        assert!(
+            matches!(bad_url, PollingConfigError::HubAddress(_)),
+            "{bad_url:?}"
+        );
+        assert!(
+            bad_url.to_string().contains("http://hub:10943"),
+            "{bad_url}"
+        );
+        config.polling.servers[0].url = "https://hub:10943".into();
+        let settings = config.polling_settings().expect("valid");
+        assert_eq!(settings.hubs.len(), 1);
+    }
+
+    #[test]
+    fn script_page_and_tombstone_settings_reach_the_script_settings() {
+        let config = AgentConfig::parse(
+            "[scripts]\nmax_page_lines = 50\ndefault_page_lines = 20\nmax_page_bytes = 4096\ncompleted_tickets_max = 7\ncompleted_tickets_max_age = \"2days\"\n",
+        )
+        .expect("parse");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = config.script_settings(&Home::new(dir.path()));
+        assert_eq!(
+            (
+                settings.default_page_lines,
+                settings.max_page_lines,
+                settings.max_page_bytes
+            ),
+            (20, 50, 4096)
+        );
+        assert_eq!(settings.completed_tickets_max, 7);
+        assert_eq!(
+            settings.completed_tickets_max_age,
+            Duration::from_secs(2 * 24 * 60 * 60)
+        );
+        let defaults = ScriptSettings::new(PathBuf::new());
+        let scripts = ScriptsConfig::default();
+        assert_eq!(
+            scripts.completed_tickets_max,
+            defaults.completed_tickets_max
+        );
+        assert_eq!(scripts.max_page_lines, defaults.max_page_lines);
+    }
+
+    #[test]
+    fn http2_limits_are_settings_checked_when_the_file_is_read() {
+        let config =
+            AgentConfig::parse("[server.http2]\nkeepalive_interval = \"10s\"\n").expect("parse");
+        assert_eq!(
+            config.server.http2.keepalive_interval,
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(config.server.http2.max_frame_bytes, Some(256 * 1024));
+        let error = AgentConfig::parse("[server.http2]\nmax_frame_bytes = 1\n").expect_err("small");
+        assert!(error.to_string().contains("16 KiB"), "{error}");
     }
 
     #[test]

@@ -10,14 +10,27 @@ pub mod paths;
 
 use std::io::{self, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-pub use disk::available_bytes;
+pub use disk::{FakeFreeSpace, FreeSpace, Statvfs, available_bytes};
 pub use paths::PathError;
+
+/// Where a verified upload's bytes go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UploadSink {
+    /// Into place at the destination: what a real agent does.
+    #[default]
+    Store,
+    /// Nowhere: the size, digest, path and free-space checks all run, then
+    /// the bytes are dropped. For the fleet simulator's virtual agents, so
+    /// that a load test measures the transport rather than the disk.
+    Discard,
+}
 
 /// Limits for file transfer.
 #[derive(Debug, Clone)]
@@ -30,11 +43,10 @@ pub struct FileSettings {
     pub min_free_bytes: u64,
     /// Size of each download chunk.
     pub chunk_bytes: usize,
-    /// Verify each upload's size and SHA-256, then drop its bytes instead of
-    /// storing them. For the fleet simulator's virtual agents, so that a load
-    /// test measures the transport rather than the disk; never set on a
-    /// real agent.
-    pub discard_uploads: bool,
+    /// What happens to an upload once it is verified.
+    pub upload_sink: UploadSink,
+    /// Answers the free-space check.
+    pub free_space: Arc<dyn FreeSpace>,
 }
 
 impl FileSettings {
@@ -44,7 +56,8 @@ impl FileSettings {
             max_upload_bytes: 64 * 1024 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
             chunk_bytes: 256 * 1024,
-            discard_uploads: false,
+            upload_sink: UploadSink::Store,
+            free_space: Arc::new(Statvfs),
         }
     }
 }
@@ -136,6 +149,11 @@ impl Files {
         Ok(Self { settings, root })
     }
 
+    /// The probe that says how much may still be written.
+    pub fn free_space(&self) -> &Arc<dyn FreeSpace> {
+        &self.settings.free_space
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -159,7 +177,11 @@ impl Files {
             .parent()
             .ok_or_else(|| PathError::IsRoot(header.path.clone()))?
             .to_owned();
-        if self.settings.discard_uploads {
+        if self.settings.upload_sink == UploadSink::Discard {
+            // Nothing is created, so the root is the nearest directory that
+            // is sure to exist; the check still refuses what a full disk
+            // would.
+            self.check_free_space(&self.root, header.size)?;
             let actual = verify(&header, expected_digest, chunks, None).await?;
             return Ok(FileInfo {
                 path: destination,
@@ -179,16 +201,7 @@ impl Files {
                 header.path
             )));
         }
-        let available =
-            disk::available_bytes(&parent).map_err(io_error("checking free space on", &parent))?;
-        if available < header.size.saturating_add(self.settings.min_free_bytes) {
-            return Err(FileError::DiskFull {
-                path: parent,
-                size: header.size,
-                available,
-                reserve: self.settings.min_free_bytes,
-            });
-        }
+        self.check_free_space(&parent, header.size)?;
 
         let temp = TempFile::new(&parent);
         let mut file = tokio::fs::OpenOptions::new()
@@ -215,6 +228,25 @@ impl Files {
             size: header.size,
             sha256: actual,
         })
+    }
+
+    /// Refuses an upload of `size` bytes into `dir` that would leave less
+    /// than the reserve free.
+    fn check_free_space(&self, dir: &Path, size: u64) -> Result<(), FileError> {
+        let available = self
+            .settings
+            .free_space
+            .available_bytes(dir)
+            .map_err(io_error("checking free space on", dir))?;
+        if available < size.saturating_add(self.settings.min_free_bytes) {
+            return Err(FileError::DiskFull {
+                path: dir.to_owned(),
+                size,
+                available,
+                reserve: self.settings.min_free_bytes,
+            });
+        }
+        Ok(())
     }
 
     /// Opens `path` for download from `offset`. The whole file's digest is

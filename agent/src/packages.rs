@@ -10,11 +10,12 @@ mod extract;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::Stream;
 
-use crate::files::{FileError, FileSettings, Files, UploadHeader};
+use crate::files::{FileError, FileSettings, Files, FreeSpace, Statvfs, UploadHeader};
 
 /// Limits for the package cache.
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ pub struct PackageSettings {
     pub max_extracted_bytes: u64,
     /// Uploads that would leave less free space than this are refused.
     pub min_free_bytes: u64,
+    /// Answers the free-space check for package uploads.
+    pub free_space: Arc<dyn FreeSpace>,
 }
 
 impl PackageSettings {
@@ -43,6 +46,7 @@ impl PackageSettings {
             max_package_bytes: 16 * 1024 * 1024 * 1024,
             max_extracted_bytes: 64 * 1024 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
+            free_space: Arc::new(Statvfs),
         }
     }
 }
@@ -119,6 +123,9 @@ impl Packages {
         let mut store = FileSettings::new(settings.cache_dir.clone());
         store.max_upload_bytes = settings.max_package_bytes;
         store.min_free_bytes = settings.min_free_bytes;
+        // Packages are always stored, even on an agent that discards file
+        // uploads: extraction reads them back.
+        store.free_space = settings.free_space.clone();
         Ok(Self {
             store: Files::new(store)?,
             settings,

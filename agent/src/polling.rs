@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use rand::Rng;
+use tentacle_proto::backoff::Backoff;
 use tentacle_proto::dial::ListeningAddress;
+use tentacle_proto::http2::Http2Settings;
 use tentacle_proto::incoming::PeerInfo;
 use tentacle_proto::tls::IdentityCell;
 use tentacle_proto::tunnel::{self, HeartbeatSettings, SessionEnd, SessionSignals};
@@ -98,14 +99,6 @@ pub async fn run(
     futures::future::join_all(tasks).await;
 }
 
-/// The random wait before reconnect attempt `attempt` (0-based): uniform in
-/// `[0, min(max, initial * 2^attempt)]`.
-pub fn backoff(attempt: u32, initial: Duration, max: Duration, rng: &mut impl Rng) -> Duration {
-    let window = initial.saturating_mul(1u32 << attempt.min(20)).min(max);
-    let millis = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(rng.random_range(0..=millis))
-}
-
 async fn maintain(
     settings: PollingSettings,
     hub: HubEndpoint,
@@ -115,7 +108,7 @@ async fn maintain(
     serve: ServeSettings,
     stop: CancellationToken,
 ) {
-    let mut attempt = 0u32;
+    let mut backoff = Backoff::new(settings.reconnect_initial, settings.reconnect_max);
     while !stop.is_cancelled() {
         let opened = tokio::time::Instant::now();
         match open_and_serve(
@@ -133,7 +126,7 @@ async fn maintain(
                 // A new certificate: open the replacement at once while the
                 // old tunnel finishes its calls.
                 tracing::info!(agent_id = %settings.agent_id, hub = %hub.address, tunnel = index, "reopening the tunnel with the new certificate");
-                attempt = 0;
+                backoff.reset();
                 continue;
             }
             Ok(end) => {
@@ -145,16 +138,10 @@ async fn maintain(
         }
         // A tunnel that stayed up a while resets the backoff.
         if opened.elapsed() > settings.reconnect_max {
-            attempt = 0;
+            backoff.reset();
         }
-        let wait = backoff(
-            attempt,
-            settings.reconnect_initial,
-            settings.reconnect_max,
-            &mut rand::rng(),
-        );
-        attempt = attempt.saturating_add(1);
-        tracing::debug!(agent_id = %settings.agent_id, ?wait, attempt, tunnel = index, "reconnecting after a jittered wait");
+        let wait = backoff.next_delay(&mut rand::rng());
+        tracing::debug!(agent_id = %settings.agent_id, ?wait, attempt = backoff.attempts(), tunnel = index, "reconnecting after a jittered wait");
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = stop.cancelled() => return,
@@ -215,12 +202,13 @@ async fn open_and_serve(
 
     // The outer HTTP/2 connection runs over exactly this one TLS stream.
     let mut once = Some(tls);
-    let channel = Endpoint::from_static("http://tentacle-hub")
-        .http2_keep_alive_interval(settings.heartbeat.interval)
-        .keep_alive_timeout(settings.heartbeat.timeout)
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(8 * 1024 * 1024))
+    let http2 = Http2Settings {
+        // Clients have always advertised HTTP/2's own 16 KiB frames.
+        max_frame_bytes: None,
+        ..Http2Settings::for_tunnels(&settings.heartbeat)
+    };
+    let channel = http2
+        .apply_to_endpoint(Endpoint::from_static("http://tentacle-hub"))
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let tls = once.take();
             async move {
@@ -293,7 +281,7 @@ async fn open_and_serve(
             tokio_stream::pending(),
         );
         let serve = ServeSettings {
-            keepalive_interval: None,
+            http2: serve.http2.without_keepalive(),
             ..serve.clone()
         };
         let done = session_over.clone();
@@ -374,30 +362,3 @@ impl Drop for TunnelGauge {
 /// How long a draining tunnel keeps accepting calls the hub picked just
 /// before it heard of the drain.
 const DRAIN_SETTLE: Duration = Duration::from_millis(500);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn backoff_is_jittered_within_a_doubling_window_and_capped() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let initial = Duration::from_secs(1);
-        let max = Duration::from_secs(60);
-        for attempt in 0..12 {
-            let window = initial.saturating_mul(1 << attempt).min(max);
-            let waits: Vec<Duration> = (0..200)
-                .map(|_| backoff(attempt, initial, max, &mut rng))
-                .collect();
-            assert!(waits.iter().all(|w| *w <= window));
-            // Full jitter: waits spread over the window rather than bunching.
-            let spread = waits.iter().max().copied().unwrap_or_default()
-                - waits.iter().min().copied().unwrap_or_default();
-            assert!(
-                spread > window / 2,
-                "attempt {attempt}: spread {spread:?} of {window:?}"
-            );
-        }
-    }
-}

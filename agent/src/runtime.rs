@@ -1,5 +1,16 @@
 //! One agent instance at run time: its configuration, identity, trust, script
 //! table and background tasks, and the listening server.
+//!
+//! [`Agent::builder`] assembles an agent ([`AgentBuilder`], in `builder`);
+//! two of the parts it may swap are seams of their own here: where the
+//! configuration comes from and how it is reloaded ([`ConfigSource`], in
+//! `reload`), and the layer over accepted connections ([`StreamLayer`], in
+//! `stream`). [`Agent::serve`] runs everything else the same way for every
+//! agent.
+
+mod builder;
+mod reload;
+mod stream;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,15 +22,19 @@ use tentacle_proto::tls::IdentityCell;
 use tentacle_proto::{Identity, TrustStore};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AgentConfig, ConfigError, Home};
+use crate::config::{AgentConfig, ConfigError, Home, PollingConfigError};
 use crate::files::Files;
 use crate::grpc::{CapabilitiesApi, FileApi, HealthSource, PackageApi, ScriptApi};
 use crate::packages::Packages;
-use crate::scripts::process::ProcessExecutor;
+use crate::polling::Dialer;
 use crate::scripts::{Executor, Scripts};
 use crate::server::{self, ServeSettings};
+
+pub use builder::{AgentBuilder, ConfigSource};
+pub use stream::{Accepted, BoxedIo, StreamLayer};
 
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +60,8 @@ pub enum AgentError {
         address: SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Polling(String),
+    #[error(transparent)]
+    Polling(#[from] PollingConfigError),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -54,67 +69,42 @@ pub enum AgentError {
 /// A loaded agent, ready to serve.
 #[derive(Debug)]
 pub struct Agent {
-    home: Home,
     config: AgentConfig,
     identity: Arc<IdentityCell>,
     trust: Arc<TrustStore>,
     scripts: Arc<Scripts>,
     files: Files,
     packages: Packages,
+    /// The files to reload while serving; none for an in-memory source.
+    reload: Option<reload::FileSource>,
+    /// Replaces the configured dialer for polling, if set.
+    dialer: Option<Arc<dyn Dialer>>,
+    stream_layer: StreamLayer,
 }
 
 impl Agent {
-    /// Loads the instance at `home` with the real process executor.
-    pub fn load(home: Home) -> Result<Self, AgentError> {
-        let config = home.load()?;
-        let executor = Arc::new(ProcessExecutor::new(config.process_settings()));
-        Self::with_executor(home, config, executor)
+    /// Starts assembling the instance at `home`; every part not swapped is
+    /// the real agent's.
+    pub fn builder(home: Home) -> AgentBuilder {
+        AgentBuilder::new(home)
     }
 
-    /// Loads the instance with any script executor.
+    /// Loads the real agent at `home`: its files, its process executor.
+    pub fn load(home: Home) -> Result<Self, AgentError> {
+        Self::builder(home).build()
+    }
+
+    /// Loads the instance with any script executor, starting from `config`
+    /// (already read from the home, whose files are still reloaded).
     pub fn with_executor(
         home: Home,
         config: AgentConfig,
         executor: Arc<dyn Executor>,
     ) -> Result<Self, AgentError> {
-        let identity = IdentityCell::new(Identity::load(
-            &home.resolve(&config.certificate.certificate),
-            &home.resolve(&config.certificate.key),
-        )?)?;
-        let trust = TrustStore::new(config.trust.thumbprints.iter().copied());
-        let script_settings = config.script_settings(&home);
-        let work_root = script_settings.work_root.clone();
-        let scripts = Scripts::new(script_settings, executor);
-        let recovered = scripts.recover().map_err(|source| AgentError::Storage {
-            what: "the script work directory",
-            path: work_root,
-            source,
-        })?;
-        if recovered > 0 {
-            tracing::info!(recovered, "loaded workspaces left by an earlier run");
-        }
-        let file_settings = config.file_settings(&home);
-        let files = Files::new(file_settings.clone()).map_err(|source| AgentError::Storage {
-            what: "the files root",
-            path: file_settings.root,
-            source,
-        })?;
-        let package_settings = config.package_settings(&home);
-        let packages =
-            Packages::new(package_settings.clone()).map_err(|source| AgentError::Storage {
-                what: "the package cache",
-                path: package_settings.cache_dir,
-                source,
-            })?;
-        Ok(Self {
-            home,
-            config,
-            identity,
-            trust,
-            scripts,
-            files,
-            packages,
-        })
+        Self::builder(home)
+            .config_source(ConfigSource::HomeStartingWith(config))
+            .executor(executor)
+            .build()
     }
 
     pub fn config(&self) -> &AgentConfig {
@@ -138,7 +128,7 @@ impl Agent {
         ServeSettings {
             max_message_bytes: self.config.server.max_message_bytes,
             max_concurrent_streams: self.config.server.max_concurrent_streams,
-            ..ServeSettings::default()
+            http2: self.config.server.http2,
         }
     }
 
@@ -153,20 +143,25 @@ impl Agent {
     /// Serves until `shutdown` completes: in listening mode on `listener`
     /// (when given) and in polling mode when the configuration enables it.
     /// After `shutdown`, running calls get the configured grace period.
+    ///
+    /// Dropping the future (aborting its task) stops the background tasks
+    /// and tunnels at once, without the grace period: a crash.
     pub async fn serve(
-        self,
+        mut self,
         listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AgentError> {
         let background = CancellationToken::new();
         let _stop_background = background.clone().drop_guard();
-        tokio::spawn(reload_config(
-            self.home.clone(),
-            self.trust.clone(),
-            self.identity.clone(),
-            self.config.server.trust_reload_interval,
-            background.clone(),
-        ));
+        if let Some(source) = self.reload.take() {
+            tokio::spawn(reload::run(
+                source,
+                self.trust.clone(),
+                self.identity.clone(),
+                self.config.server.trust_reload_interval,
+                background.clone(),
+            ));
+        }
         tokio::spawn(self.scripts.clone().run_cleaner(background.clone()));
 
         let settings = self.serve_settings();
@@ -176,6 +171,7 @@ impl Agent {
             packages: PackageApi::new(self.packages.clone()),
             capabilities: CapabilitiesApi::with_health(HealthSource {
                 files_root: self.files.root().to_owned(),
+                free_space: self.files.free_space().clone(),
                 scripts: self.scripts.clone(),
                 started: std::time::Instant::now(),
             }),
@@ -183,11 +179,12 @@ impl Agent {
         let (routes, health) = server::routes(services, &settings).await?;
 
         let polling_stop = CancellationToken::new();
+        let _stop_polling = polling_stop.clone().drop_guard();
         let polling = if self.config.polling.enabled {
-            let polling_settings = self
-                .config
-                .polling_settings()
-                .map_err(AgentError::Polling)?;
+            let mut polling_settings = self.config.polling_settings()?;
+            if let Some(dialer) = &self.dialer {
+                polling_settings.dialer = dialer.clone();
+            }
             tracing::info!(
                 agent_id = %polling_settings.agent_id,
                 hubs = polling_settings.hubs.len(),
@@ -245,6 +242,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let tls = tentacle_proto::tls::server_config(self.identity.clone(), self.trust.clone())?;
         let local = listener.local_addr().ok();
+        let layer = self.stream_layer.clone();
         let incoming = accept_tls(
             listener,
             TlsAcceptor::from(tls),
@@ -253,7 +251,8 @@ impl Agent {
                 handshake_timeout: self.config.server.handshake_timeout,
                 ..AcceptSettings::default()
             },
-        );
+        )
+        .map(move |accepted| accepted.map(|stream| layer.wrap(stream)));
         tracing::info!(
             address = %local.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
             thumbprint = %self.identity.thumbprint(),
@@ -291,60 +290,5 @@ impl Agent {
     }
 }
 
-/// Re-reads the configuration, so `configure --trust` and friends apply to a
-/// running agent without a restart, and so does a rotated certificate
-/// (`rotate-certificate` points the configuration at the new files).
-async fn reload_config(
-    home: Home,
-    trust: Arc<TrustStore>,
-    identity: Arc<IdentityCell>,
-    every: Duration,
-    stop: CancellationToken,
-) {
-    let mut interval = tokio::time::interval(every.max(Duration::from_millis(50)));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_error = None;
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        match home.load() {
-            Ok(config) => {
-                last_error = None;
-                let before = trust.snapshot();
-                trust.replace(config.trust.thumbprints);
-                let after = trust.snapshot();
-                if before != after {
-                    tracing::info!(trusted = after.len(), "trust list changed");
-                }
-                let next = Identity::load(
-                    &home.resolve(&config.certificate.certificate),
-                    &home.resolve(&config.certificate.key),
-                );
-                match next
-                    .map_err(|e| e.to_string())
-                    .and_then(|i| identity.replace(i).map_err(|e| e.to_string()))
-                {
-                    Ok(true) => {
-                        tracing::info!(thumbprint = %identity.thumbprint(), "switched to a new certificate")
-                    }
-                    Ok(false) => {}
-                    Err(message) => {
-                        if last_error.as_ref() != Some(&message) {
-                            tracing::warn!(%message, "could not load the configured certificate; keeping the current one");
-                            last_error = Some(message);
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                let message = error.to_string();
-                if last_error.as_ref() != Some(&message) {
-                    tracing::warn!(%message, "could not reload the configuration; keeping the current trust list");
-                    last_error = Some(message);
-                }
-            }
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

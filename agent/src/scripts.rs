@@ -8,7 +8,10 @@
 //! Architecture Invariant: a ticket runs at most once per agent home. The
 //! table entry is made under one lock before anything runs, and after a
 //! restart every workspace on disk is loaded back before the first call is
-//! served.
+//! served. Once a workspace is deleted (by `CompleteScript` or the cleaner)
+//! the ticket's result moves to the [`tombstone`] record of completed
+//! tickets first, so the ticket is still refused; that record is bounded by
+//! count and age (see [`ScriptSettings::completed_tickets_max`]).
 
 pub mod executor;
 pub mod isolation;
@@ -16,6 +19,7 @@ pub mod log;
 pub mod masking;
 pub mod process;
 mod ticket;
+pub mod tombstone;
 pub mod workspace;
 
 use std::collections::HashMap;
@@ -30,22 +34,16 @@ use tokio_util::sync::CancellationToken;
 pub use executor::{Executor, Job, Outcome, OutputSink};
 pub use isolation::IsolationLevel;
 pub use log::{LogRecord, ReadLimit, Stream};
-use tentacle_proto::v1::ReservedExitCode;
 pub use ticket::{InvalidTicket, Ticket};
 use workspace::{Phase, StateFile, Workspace};
 
 use isolation::IsolationMutexes;
 use masking::Masker;
+use tombstone::{Completed, Tombstone};
 
-/// Exit codes the agent reports itself; see `ReservedExitCode` in the proto.
-pub mod exit_code {
-    use super::ReservedExitCode;
-    pub const FATAL: i32 = ReservedExitCode::ExitCodeFatal as i32;
-    pub const CANCELED: i32 = ReservedExitCode::ExitCodeCanceled as i32;
-    pub const TIMED_OUT: i32 = ReservedExitCode::ExitCodeTimedOut as i32;
-    pub const UNKNOWN_TICKET: i32 = ReservedExitCode::ExitCodeUnknownTicket as i32;
-    pub const AGENT_RESTARTED: i32 = ReservedExitCode::ExitCodeAgentRestarted as i32;
-}
+/// Exit codes the agent reports itself; they live in the wire crate so
+/// callers explain them the same way.
+pub use tentacle_proto::exit_code;
 
 /// Settings for script runs.
 #[derive(Debug, Clone)]
@@ -58,12 +56,30 @@ pub struct ScriptSettings {
     pub workspace_max_age: Duration,
     /// How often the cleaner runs.
     pub cleanup_interval: Duration,
-    /// Lines in one GetStatus reply when the caller asks for no limit.
+    /// Lines in one GetStatus reply when the caller asks for none in
+    /// particular (`max_lines = 0`), and in one WatchScript batch.
     pub default_page_lines: usize,
-    /// Upper bound on lines in one reply or stream message.
+    /// Upper bound on lines in one reply or stream message, whatever the
+    /// caller asks for.
     pub max_page_lines: usize,
-    /// Upper bound on the bytes of log text in one reply or stream message.
+    /// Upper bound on the bytes of log text in one reply or stream message
+    /// (one longer line still goes through whole). Keep it well under the
+    /// callers' gRPC receive limit, which is 4 MiB in most clients.
     pub max_page_bytes: usize,
+    /// Completed tickets whose workspace is gone that are still remembered,
+    /// so a repeated StartScript for one is answered with its result rather
+    /// than run again. The oldest are forgotten first. At the default, the
+    /// record on disk (`<work_root>/.tentacle-completed-tickets`) holds at
+    /// most 2 × 100,000 + 1,024 lines of at most 183 bytes (37 MB; 14 MB
+    /// with 36-character tickets), half that just after a rewrite, and
+    /// memory holds about 100 bytes plus twice the ticket per entry (17 MB
+    /// with 36-character tickets). 0 remembers none: a ticket may then run
+    /// again once its workspace is deleted.
+    pub completed_tickets_max: usize,
+    /// How long a completed ticket is remembered after its workspace is
+    /// deleted; the whole window in which it is refused is its workspace's
+    /// life plus this.
+    pub completed_tickets_max_age: Duration,
 }
 
 impl ScriptSettings {
@@ -76,6 +92,32 @@ impl ScriptSettings {
             default_page_lines: 1000,
             max_page_lines: 10_000,
             max_page_bytes: 1024 * 1024,
+            completed_tickets_max: 100_000,
+            completed_tickets_max_age: Duration::from_secs(7 * 24 * 60 * 60),
+        }
+    }
+
+    /// The limit for one page of log when the caller asked for `requested`
+    /// lines (`None` or 0: the default). A caller's number comes from the
+    /// network, so it never raises the page past the configured maximum;
+    /// the settings themselves are kept sane too, so a page always has room
+    /// for at least one line.
+    pub fn page_limit(&self, requested: Option<usize>) -> ReadLimit {
+        let max_lines = self.max_page_lines.max(1);
+        let default_lines = self.default_page_lines.clamp(1, max_lines);
+        ReadLimit {
+            max_lines: requested
+                .filter(|&lines| lines > 0)
+                .unwrap_or(default_lines)
+                .min(max_lines),
+            max_bytes: self.max_page_bytes.max(1),
+        }
+    }
+
+    fn tombstone_bounds(&self) -> tombstone::Bounds {
+        tombstone::Bounds {
+            max_entries: self.completed_tickets_max,
+            max_age: self.completed_tickets_max_age,
         }
     }
 }
@@ -220,17 +262,26 @@ pub struct Scripts {
     executor: Arc<dyn Executor>,
     mutexes: IsolationMutexes,
     runs: Mutex<HashMap<Ticket, Arc<Run>>>,
+    /// Tickets whose workspace is gone. Looked up only after `runs`, and
+    /// written before a run leaves `runs`, so every completed ticket is in
+    /// at least one of them.
+    tombstone: Arc<Tombstone>,
     /// Fired by [`Scripts::halt`].
     halted: CancellationToken,
 }
 
 impl Scripts {
     pub fn new(settings: ScriptSettings, executor: Arc<dyn Executor>) -> Arc<Self> {
+        let tombstone = Arc::new(Tombstone::new(
+            &settings.work_root,
+            settings.tombstone_bounds(),
+        ));
         Arc::new(Self {
             settings,
             executor,
             mutexes: IsolationMutexes::default(),
             runs: Mutex::new(HashMap::new()),
+            tombstone,
             halted: CancellationToken::new(),
         })
     }
@@ -269,7 +320,8 @@ impl Scripts {
     /// Starts `request`, or returns the status of the ticket if it is known.
     pub fn start(self: &Arc<Self>, request: StartRequest) -> Result<StatusReport, ScriptError> {
         for (name, _) in &request.files {
-            workspace::validate_file_name(name).map_err(ScriptError::InvalidRequest)?;
+            workspace::validate_file_name(name)
+                .map_err(|error| ScriptError::InvalidRequest(error.to_string()))?;
         }
         if let Interpreter::Custom(path) = &request.interpreter
             && !path.is_absolute()
@@ -279,43 +331,52 @@ impl Scripts {
                 path.display()
             )));
         }
-        let run =
-            {
-                let mut runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(existing) = runs.get(&request.ticket) {
-                    let existing = existing.clone();
-                    drop(runs);
-                    return self.report(&existing, 0, None);
-                }
-                let workspace = Workspace::create(&self.settings.work_root, &request.ticket)
-                    .map_err(|source| ScriptError::Workspace {
-                        ticket: request.ticket.clone(),
-                        source,
-                    })?;
-                let log = log::ScriptLog::open(&workspace.output_log()).map_err(|source| {
-                    let _ = workspace.delete();
+        let run = {
+            let mut runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(existing) = runs.get(&request.ticket) {
+                let existing = existing.clone();
+                drop(runs);
+                return self.report(&existing, 0, None);
+            }
+            // Still under the table's lock: a run leaves the table only
+            // after its tombstone entry is written, so a ticket missing
+            // from both has never run (within the record's bounds).
+            if let Some(completed) = self.tombstone.lookup(&request.ticket, log::now_ms()) {
+                drop(runs);
+                tracing::info!(ticket = %request.ticket, exit_code = completed.exit_code, "script already completed; not running it again");
+                return Ok(forgotten(&request.ticket, completed, 0));
+            }
+            let workspace =
+                Workspace::create(&self.settings.work_root, &request.ticket).map_err(|source| {
                     ScriptError::Workspace {
                         ticket: request.ticket.clone(),
                         source,
                     }
                 })?;
-                let run = Arc::new(Run {
+            let log = log::ScriptLog::open(&workspace.output_log()).map_err(|source| {
+                let _ = workspace.delete();
+                ScriptError::Workspace {
                     ticket: request.ticket.clone(),
-                    workspace,
-                    log,
-                    progress: watch::Sender::new(Progress {
-                        phase: Phase::Pending,
-                        exit_code: 0,
-                    }),
-                    stop: CancellationToken::new(),
-                    stop_reason: OnceLock::new(),
-                    created_ms: log::now_ms(),
-                    completed_ms: Mutex::new(None),
-                });
-                run.persist();
-                runs.insert(request.ticket.clone(), run.clone());
-                run
-            };
+                    source,
+                }
+            })?;
+            let run = Arc::new(Run {
+                ticket: request.ticket.clone(),
+                workspace,
+                log,
+                progress: watch::Sender::new(Progress {
+                    phase: Phase::Pending,
+                    exit_code: 0,
+                }),
+                stop: CancellationToken::new(),
+                stop_reason: OnceLock::new(),
+                created_ms: log::now_ms(),
+                completed_ms: Mutex::new(None),
+            });
+            run.persist();
+            runs.insert(request.ticket.clone(), run.clone());
+            run
+        };
         tracing::info!(ticket = %run.ticket, "script accepted");
         tracing::Span::current().record("ticket", run.ticket.as_str());
         // The script's own span: a child of the call that started it, open
@@ -485,14 +546,23 @@ impl Scripts {
     ) -> Result<StatusReport, ScriptError> {
         match self.get(ticket) {
             Some(run) => self.report(&run, after, max_lines),
-            None => Ok(unknown(ticket, after)),
+            None => Ok(self.not_in_table(ticket, after)),
+        }
+    }
+
+    /// The status of a ticket that has no run in the table: its remembered
+    /// result, or unknown.
+    fn not_in_table(&self, ticket: &Ticket, after: u64) -> StatusReport {
+        match self.tombstone.lookup(ticket, log::now_ms()) {
+            Some(completed) => forgotten(ticket, completed, after),
+            None => unknown(ticket, after),
         }
     }
 
     /// Stops the script; a complete script is left as it is.
     pub fn cancel(&self, ticket: &Ticket, after: u64) -> Result<StatusReport, ScriptError> {
         let Some(run) = self.get(ticket) else {
-            return Ok(unknown(ticket, after));
+            return Ok(self.not_in_table(ticket, after));
         };
         if run.progress().phase != Phase::Complete {
             let _ = run.stop_reason.set(exit_code::CANCELED);
@@ -502,10 +572,11 @@ impl Scripts {
         self.report(&run, after, None)
     }
 
-    /// Returns the final status and deletes the workspace.
+    /// Returns the final status and deletes the workspace. Repeating it
+    /// returns the remembered result.
     pub async fn complete(&self, ticket: &Ticket, after: u64) -> Result<StatusReport, ScriptError> {
         let Some(run) = self.get(ticket) else {
-            return Ok(unknown(ticket, after));
+            return Ok(self.not_in_table(ticket, after));
         };
         match run.progress().phase {
             Phase::Complete => {}
@@ -513,11 +584,42 @@ impl Scripts {
             Phase::Running => return Err(ScriptError::NotComplete(ticket.clone(), "running")),
         }
         let report = self.report(&run, after, None)?;
-        self.forget(&run).await;
+        // Not forgotten (the record could not be written) leaves the
+        // workspace in place; the caller still gets the final status, and
+        // a repeated call or the cleaner tries again.
+        let _forgotten = self.forget(&run).await;
         Ok(report)
     }
 
-    async fn forget(&self, run: &Arc<Run>) {
+    /// Moves a complete run from the table and its workspace to the
+    /// tombstone: the entry is synced first, then the run leaves the table,
+    /// then the workspace is deleted. If the entry cannot be written the run
+    /// and its workspace stay, so the ticket is still refused, and the next
+    /// CompleteScript or cleaner pass tries again. Returns whether the run
+    /// was forgotten.
+    async fn forget(&self, run: &Arc<Run>) -> bool {
+        if self.halted.is_cancelled() {
+            // A halted agent writes nothing more, like a killed one.
+            return false;
+        }
+        let progress = run.progress();
+        let completed = Completed {
+            exit_code: progress.exit_code,
+            completed_ms: run
+                .completed_ms
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .unwrap_or(run.created_ms),
+            recorded_ms: log::now_ms(),
+        };
+        let tombstone = self.tombstone.clone();
+        let ticket = run.ticket.clone();
+        let recorded =
+            tokio::task::spawn_blocking(move || tombstone.record(&ticket, completed)).await;
+        if let Ok(Err(error)) | Err(error) = recorded.map_err(io::Error::other) {
+            tracing::error!(ticket = %run.ticket, %error, path = %self.tombstone.path().display(), "could not record a completed ticket; keeping its workspace so it cannot run again");
+            return false;
+        }
         self.runs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -525,8 +627,10 @@ impl Scripts {
         let workspace = run.workspace.clone();
         let deleted = tokio::task::spawn_blocking(move || workspace.delete()).await;
         if let Ok(Err(error)) | Err(error) = deleted.map_err(io::Error::other) {
+            // The entry stands; the next agent start deletes what is left.
             tracing::warn!(ticket = %run.ticket, %error, "could not delete a workspace");
         }
+        true
     }
 
     fn report(
@@ -538,12 +642,7 @@ impl Scripts {
         // Read the phase before the log: if it says complete, the log the
         // caller gets is the whole log.
         let progress = run.progress();
-        let limit = ReadLimit {
-            max_lines: max_lines
-                .unwrap_or(self.settings.default_page_lines)
-                .clamp(1, self.settings.max_page_lines),
-            max_bytes: self.settings.max_page_bytes,
-        };
+        let limit = self.settings.page_limit(max_lines);
         let lines = run
             .log
             .read_after(after, limit)
@@ -571,16 +670,16 @@ impl Scripts {
     ) -> mpsc::Receiver<Result<WatchEvent, ScriptError>> {
         let (tx, rx) = mpsc::channel(4);
         let Some(run) = self.get(ticket) else {
+            // A remembered ticket's log is gone with its workspace: only
+            // the result remains.
+            let report = self.not_in_table(ticket, after);
             let _ = tx.try_send(Ok(WatchEvent::Result {
-                exit_code: exit_code::UNKNOWN_TICKET,
-                last_sequence: after,
+                exit_code: report.exit_code,
+                last_sequence: report.last_sequence,
             }));
             return rx;
         };
-        let limit = ReadLimit {
-            max_lines: self.settings.default_page_lines,
-            max_bytes: self.settings.max_page_bytes,
-        };
+        let limit = self.settings.page_limit(None);
         tokio::spawn(async move {
             let mut log_changes = run.log.subscribe();
             let mut progress_changes = run.progress.subscribe();
@@ -637,12 +736,30 @@ impl Scripts {
         rx
     }
 
-    /// Loads every workspace left on disk. Scripts that were pending or
-    /// running when the previous agent process stopped are completed with
-    /// [`exit_code::AGENT_RESTARTED`]. Returns how many workspaces were loaded.
+    /// Loads the record of completed tickets and every workspace left on
+    /// disk. Scripts that were pending or running when the previous agent
+    /// process stopped are completed with [`exit_code::AGENT_RESTARTED`]. A
+    /// workspace whose ticket is already in the record was being deleted
+    /// when the agent stopped; its deletion is finished. Returns how many
+    /// workspaces were loaded.
+    ///
+    /// A record that cannot be read does not stop the agent: the failure is
+    /// logged, lines that do not parse are skipped, and what parses is kept.
     pub fn recover(&self) -> io::Result<usize> {
         let root = &self.settings.work_root;
         std::fs::create_dir_all(root)?;
+        let now = log::now_ms();
+        match self.tombstone.load(now) {
+            Ok(loaded) if loaded.unreadable_lines > 0 => {
+                tracing::warn!(path = %self.tombstone.path().display(), kept = loaded.kept, skipped = loaded.unreadable_lines, "skipped unreadable lines in the record of completed tickets");
+            }
+            Ok(loaded) => {
+                tracing::debug!(kept = loaded.kept, "loaded the record of completed tickets");
+            }
+            Err(error) => {
+                tracing::error!(path = %self.tombstone.path().display(), %error, "could not read the record of completed tickets; tickets in it may run again until it can be read");
+            }
+        }
         let mut loaded = 0;
         for entry in std::fs::read_dir(root)? {
             let entry = entry?;
@@ -654,6 +771,13 @@ impl Scripts {
                 continue;
             };
             if !entry.file_type()?.is_dir() {
+                continue;
+            }
+            if self.tombstone.lookup(&ticket, now).is_some() {
+                tracing::info!(%ticket, "finishing the deletion of a completed workspace");
+                if let Err(error) = Workspace::open(entry.path()).delete() {
+                    tracing::warn!(%ticket, %error, "could not delete a workspace");
+                }
                 continue;
             }
             match recover_run(entry.path(), &ticket) {
@@ -693,11 +817,14 @@ impl Scripts {
             })
             .cloned()
             .collect();
+        let mut deleted = 0;
         for run in &expired {
             tracing::info!(ticket = %run.ticket, "deleting an expired workspace");
-            self.forget(run).await;
+            if self.forget(run).await {
+                deleted += 1;
+            }
         }
-        expired.len()
+        deleted
     }
 
     /// Runs [`Self::clean_expired`] every cleanup interval until `shutdown`.
@@ -751,6 +878,19 @@ fn recover_run(dir: PathBuf, ticket: &Ticket) -> io::Result<Run> {
         tracing::warn!(%ticket, "a script was interrupted by an agent restart");
     }
     Ok(run)
+}
+
+/// A ticket whose workspace is gone: complete, with its exit code and no
+/// lines.
+fn forgotten(ticket: &Ticket, completed: Completed, after: u64) -> StatusReport {
+    StatusReport {
+        ticket: ticket.to_string(),
+        phase: Phase::Complete,
+        exit_code: completed.exit_code,
+        lines: Vec::new(),
+        last_sequence: after,
+        more: false,
+    }
 }
 
 fn unknown(ticket: &Ticket, after: u64) -> StatusReport {

@@ -5,8 +5,8 @@
 //! transport (an in-memory pipe in tests, a tunnel) serves the same routes.
 
 use std::future::Future;
-use std::time::Duration;
 
+use tentacle_proto::http2::Http2Settings;
 use tentacle_proto::v1 as pb;
 use tentacle_proto::v1::capabilities_service_server::CapabilitiesServiceServer;
 use tentacle_proto::v1::file_service_server::FileServiceServer;
@@ -26,11 +26,10 @@ use crate::grpc::{CapabilitiesApi, FileApi, PackageApi, ScriptApi};
 pub struct ServeSettings {
     pub max_message_bytes: usize,
     pub max_concurrent_streams: u32,
-    /// HTTP/2 pings on idle connections; `None` inside tunnels, whose
-    /// session already sends heartbeats and whose pings would queue behind
-    /// bulk data.
-    pub keepalive_interval: Option<Duration>,
-    pub keepalive_timeout: Duration,
+    /// Keepalive, windows and frame size (`[server.http2]`). Inside tunnels
+    /// the pings are turned off: the session already sends heartbeats, and
+    /// a ping would queue behind bulk data.
+    pub http2: Http2Settings,
 }
 
 impl Default for ServeSettings {
@@ -38,8 +37,7 @@ impl Default for ServeSettings {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 1024,
-            keepalive_interval: Some(Duration::from_secs(30)),
-            keepalive_timeout: Duration::from_secs(20),
+            http2: Http2Settings::default(),
         }
     }
 }
@@ -122,11 +120,10 @@ where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let builder = Server::builder()
-        .http2_keepalive_interval(settings.keepalive_interval)
-        .http2_keepalive_timeout(Some(settings.keepalive_timeout))
-        .max_concurrent_streams(Some(settings.max_concurrent_streams))
-        .max_frame_size(Some(256 * 1024));
+    let builder = settings
+        .http2
+        .apply_to_server(Server::builder())
+        .max_concurrent_streams(Some(settings.max_concurrent_streams));
     tentacle_proto::telemetry::with_server_spans(builder, "agent")
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)

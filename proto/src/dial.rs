@@ -1,5 +1,9 @@
 //! Dials a listening agent over pinned mutual TLS and returns a tonic
 //! [`Channel`], so callers use the generated clients unchanged.
+//!
+//! Owns the client side of a direct connection: the target address, the
+//! TCP + TLS connect under one timeout ([`DialSettings`]), and turning a
+//! failed connect into one sentence of advice.
 
 pub mod accepted;
 
@@ -13,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::http2::Http2Settings;
 
 pub use accepted::{Accepted, wait_until_accepted};
 
@@ -87,17 +93,21 @@ impl ListeningAddress {
 /// Timeouts and HTTP/2 settings for a client channel.
 #[derive(Debug, Clone)]
 pub struct DialSettings {
+    /// Covers the TCP connect, the TLS handshake and the wait for the
+    /// server's first bytes (see [`wait_until_accepted`]).
     pub connect_timeout: Duration,
-    pub keepalive_interval: Duration,
-    pub keepalive_timeout: Duration,
+    pub http2: Http2Settings,
 }
 
 impl Default for DialSettings {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(60),
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(20),
+            http2: Http2Settings {
+                // Clients have always advertised HTTP/2's own 16 KiB frames.
+                max_frame_bytes: None,
+                ..Http2Settings::default()
+            },
         }
     }
 }
@@ -228,17 +238,27 @@ pub async fn channel(
 fn endpoint(settings: &DialSettings) -> Endpoint {
     // The URI only names the HTTP/2 authority; the connector decides where
     // the bytes go.
-    Endpoint::from_static("http://tentacle")
+    let endpoint = Endpoint::from_static("http://tentacle")
         .connect_timeout(settings.connect_timeout)
-        .http2_keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+    settings.http2.apply_to_endpoint(endpoint)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dial_defaults_are_the_settings_clients_always_used() {
+        let d = DialSettings::default();
+        assert_eq!(d.connect_timeout, Duration::from_secs(60));
+        assert_eq!(d.http2.keepalive_interval, Some(Duration::from_secs(30)));
+        assert_eq!(d.http2.keepalive_timeout, Duration::from_secs(20));
+        assert_eq!(d.http2.stream_window_bytes, None);
+        assert_eq!(d.http2.connection_window_bytes, None);
+        assert_eq!(d.http2.max_frame_bytes, None);
+        assert_eq!(d.http2.validate(), Ok(()));
+    }
 
     #[test]
     fn parses_listening_targets() {

@@ -39,6 +39,11 @@ pub struct AcceptSettings {
     /// done. Off only for servers whose TLS config admits unknown clients
     /// and that authorise every request themselves.
     pub require_trusted_peers: bool,
+    /// How long the loop pauses after `accept` itself fails (out of file
+    /// descriptors, usually) before it tries again. A fixed, short pause:
+    /// there is one loop per listener, so no herd to spread with jitter, and
+    /// connections are served again as soon as descriptors free up.
+    pub accept_retry_delay: Duration,
 }
 
 impl Default for AcceptSettings {
@@ -47,6 +52,7 @@ impl Default for AcceptSettings {
             handshake_timeout: Duration::from_secs(10),
             backlog: 1024,
             require_trusted_peers: true,
+            accept_retry_delay: Duration::from_millis(50),
         }
     }
 }
@@ -89,7 +95,7 @@ pub fn accept_tls(
                     // Running out of descriptors must not end the loop:
                     // back off briefly and try again.
                     tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(settings.accept_retry_delay).await;
                     continue;
                 }
             };
@@ -353,3 +359,6 @@ impl<IO> Connected for PeerStream<IO> {
         self.info.clone()
     }
 }
+
+#[cfg(test)]
+mod tests;

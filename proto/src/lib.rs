@@ -10,8 +10,15 @@
 //! - [`incoming`]: a TLS accept loop that feeds tonic and can drop peers
 //!   whose trust was removed.
 //! - [`dial`]: a pinned-mTLS client channel to a listening agent.
+//! - [`tunnel`]: the byte pipe and session under a reverse tunnel.
+//! - [`http2`]: the HTTP/2 settings every server and client applies.
+//! - [`backoff`]: exponential backoff with full jitter for retry loops.
+//! - [`exit_code`]: the exit codes the agent reports itself.
 
+pub mod backoff;
 pub mod dial;
+pub mod exit_code;
+pub mod http2;
 pub mod identity;
 pub mod incoming;
 pub mod metrics;

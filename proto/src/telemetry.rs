@@ -252,6 +252,41 @@ pub fn server_span(
     }
 }
 
+/// The body of a command-line program's `main`: a multi-threaded runtime,
+/// telemetry for `program` (flushed when `body` ends), then `body`. Any
+/// error is printed as one line, `PROGRAM: error: …`, and exits 1.
+pub fn run_program<E>(
+    program: &str,
+    otlp_endpoint: Option<&str>,
+    format: LogFormat,
+    default_filter: &str,
+    body: impl std::future::Future<Output = Result<std::process::ExitCode, E>>,
+) -> std::process::ExitCode
+where
+    E: std::fmt::Display + From<TelemetryError>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{program}: error: could not start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        // Dropped at the end of this block, which flushes the spans.
+        let _telemetry = init(program, otlp_endpoint, format, default_filter)?;
+        body.await
+    });
+    result.unwrap_or_else(|error| {
+        // `{:#}` lets an error that has causes (anyhow's) print them all.
+        eprintln!("{program}: error: {error:#}");
+        std::process::ExitCode::FAILURE
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

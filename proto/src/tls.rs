@@ -320,3 +320,6 @@ impl ServerCertVerifier for PinnedVerifier {
         self.schemes()
     }
 }
+
+#[cfg(test)]
+mod tests;

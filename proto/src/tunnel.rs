@@ -9,6 +9,10 @@
 //! Architecture Invariant: each direction is pumped by its own task through
 //! bounded channels, so backpressure in one direction never stalls the
 //! other, and a tunnel's buffered bytes are bounded by the channel sizes.
+//!
+//! Limits: the chunk size and buffer depth are [`PipeSettings`], the
+//! heartbeat [`HeartbeatSettings`]; [`MAX_FRAME`] is part of the protocol
+//! (both ends decode with it), so it is a constant, not a setting.
 
 use std::io;
 use std::pin::Pin;
@@ -37,8 +41,33 @@ pub const PIPE_CHUNKS: usize = 16;
 
 /// The largest `TunnelFrame` either side accepts: one chunk plus framing.
 /// Both ends set it as their decoding limit, which keeps a tunnel's
-/// buffered bytes within `PIPE_CHUNKS * MAX_FRAME` per direction.
+/// buffered bytes within [`PipeSettings::chunks`] `* MAX_FRAME` per
+/// direction.
 pub const MAX_FRAME: usize = MAX_CHUNK + 1024;
+
+/// How a tunnel's pipe buffers bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipeSettings {
+    /// The most bytes one `data` frame carries. Capped at [`MAX_CHUNK`]:
+    /// the peer's decoding limit, [`MAX_FRAME`], is derived from it, so a
+    /// side may send smaller chunks but never larger ones.
+    pub chunk_bytes: usize,
+    /// Chunks buffered in each direction (at least one).
+    pub chunks: usize,
+}
+
+impl Default for PipeSettings {
+    fn default() -> Self {
+        Self {
+            chunk_bytes: MAX_CHUNK,
+            chunks: PIPE_CHUNKS,
+        }
+    }
+}
+
+/// The shortest heartbeat interval a session honours; shorter ones (zero
+/// included, which would make the ticker panic) are raised to it.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Heartbeats of one tunnel session.
 #[derive(Debug, Clone)]
@@ -63,6 +92,7 @@ pub struct TunnelIo {
     incoming: mpsc::Receiver<Bytes>,
     current: Bytes,
     outgoing: PollSender<Bytes>,
+    chunk_bytes: usize,
     peer: Option<PeerInfo>,
 }
 
@@ -83,16 +113,24 @@ pub struct PipeEnds {
     pub from_inner: mpsc::Receiver<Bytes>,
 }
 
-/// A connected pipe. `peer` is who is at the far end of the tunnel; the
-/// inner server's handlers see it as the connection's [`PeerInfo`].
+/// A connected pipe with the default [`PipeSettings`]. `peer` is who is at
+/// the far end of the tunnel; the inner server's handlers see it as the
+/// connection's [`PeerInfo`].
 pub fn pipe(peer: Option<PeerInfo>) -> (TunnelIo, PipeEnds) {
-    let (to_inner, incoming) = mpsc::channel(PIPE_CHUNKS);
-    let (outgoing, from_inner) = mpsc::channel(PIPE_CHUNKS);
+    pipe_with(peer, PipeSettings::default())
+}
+
+/// A connected pipe buffering as `settings` say.
+pub fn pipe_with(peer: Option<PeerInfo>, settings: PipeSettings) -> (TunnelIo, PipeEnds) {
+    let chunks = settings.chunks.max(1);
+    let (to_inner, incoming) = mpsc::channel(chunks);
+    let (outgoing, from_inner) = mpsc::channel(chunks);
     (
         TunnelIo {
             incoming,
             current: Bytes::new(),
             outgoing: PollSender::new(outgoing),
+            chunk_bytes: settings.chunk_bytes.clamp(1, MAX_CHUNK),
             peer,
         },
         PipeEnds {
@@ -130,7 +168,7 @@ impl AsyncWrite for TunnelIo {
         if ready!(self.outgoing.poll_reserve(cx)).is_err() {
             return Poll::Ready(Err(closed()));
         }
-        let n = buf.len().min(MAX_CHUNK);
+        let n = buf.len().min(self.chunk_bytes);
         self.outgoing
             .send_item(Bytes::copy_from_slice(&buf[..n]))
             .map_err(|_| closed())?;
@@ -274,7 +312,7 @@ where
     let heartbeats = {
         let session = session.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(heartbeat.interval.max(Duration::from_millis(10)));
+            let mut tick = tokio::time::interval(heartbeat.interval.max(MIN_HEARTBEAT_INTERVAL));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut nonce = 0u64;
             loop {

@@ -12,9 +12,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use tentacle_hub::client::AgentClient;
 use tentacle_proto::v1 as pb;
 use tentacle_proto::v1::download_file_response::Part;
-use tentacle_sim::client::AgentClient;
 
 /// Streams `path` from the agent; returns the bytes and the time from the
 /// first chunk to the end.

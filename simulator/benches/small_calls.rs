@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use tentacle_sim::client::AgentClient;
+use tentacle_hub::client::AgentClient;
 
 fn summary(label: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();

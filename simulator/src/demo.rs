@@ -13,7 +13,7 @@ use tentacle_proto::dial::{DialSettings, ListeningAddress};
 use tentacle_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{AgentClient, ClientError, FollowSettings};
+use tentacle_hub::client::{AgentClient, ClientError, FollowSettings, print_line};
 
 /// The script the demo runs when none is given.
 pub const DEFAULT_SCRIPT: &str = r#"echo "Hello from Tentacle on $(uname -sm)"
@@ -101,14 +101,4 @@ pub async fn run(script: &str) -> Result<i32, DemoError> {
     stop.cancel();
     let _ = serving.await;
     Ok(end.exit_code)
-}
-
-/// Prints a line where a person expects it: stdout to stdout, the rest to
-/// stderr.
-pub fn print_line(line: &pb::LogLine) {
-    match pb::LogStream::try_from(line.stream) {
-        Ok(pb::LogStream::Stdout) => println!("{}", line.text),
-        Ok(pb::LogStream::Stderr) => eprintln!("{}", line.text),
-        _ => eprintln!("[agent] {}", line.text),
-    }
 }

@@ -1,7 +1,15 @@
-//! Virtual tentacles: many polling agents in one process. Each has its own
-//! certificate and registers with the hub like a real agent; each runs the
-//! real transport, tunnel and service code. Only script execution is
-//! simulated ([`executor`]).
+//! Virtual tentacles: many agents in one process. Each has its own
+//! certificate and registers with the hub like a real agent.
+//!
+//! Architecture Invariant: a virtual tentacle is the real agent
+//! ([`tentacle_agent::runtime::Agent`]) built through its builder, with only
+//! these parts swapped: script execution is simulated ([`executor`]),
+//! uploads are verified then discarded, tunnels dial through a
+//! [`FaultDialer`] and accepted connections are wrapped in a
+//! [`FaultyStream`] ([`faults`]), the configuration and identity live in
+//! memory, and free space comes from a shared fake disk. The script table
+//! and its cleaner, the free-space checks, routes, serve settings, health
+//! and shutdown are the agent's own. `fleet::tests` keeps this true.
 
 pub mod executor;
 pub mod faults;
@@ -11,15 +19,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tentacle_agent::files::{FileSettings, Files};
-use tentacle_agent::grpc::{CapabilitiesApi, FileApi, HealthSource, PackageApi, ScriptApi};
-use tentacle_agent::packages::{PackageSettings, Packages};
-use tentacle_agent::polling::{self, HubEndpoint, PollingSettings};
-use tentacle_agent::scripts::{ScriptSettings, Scripts};
-use tentacle_agent::server::{self, ServeSettings, Services};
+use tentacle_agent::config::{AgentConfig, Home, PollingServer, ScriptsConfig};
+use tentacle_agent::files::{FakeFreeSpace, UploadSink};
+use tentacle_agent::runtime::{Agent, AgentError, ConfigSource, StreamLayer};
+use tentacle_agent::scripts::Scripts;
+use tentacle_agent::server;
 use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
-use tentacle_proto::incoming::{AcceptSettings, accept_tls};
-use tentacle_proto::tls::IdentityCell;
 use tentacle_proto::tunnel::HeartbeatSettings;
 use tentacle_proto::v1 as pb;
 use tentacle_proto::v1::registration_service_client::RegistrationServiceClient;
@@ -27,7 +32,7 @@ use tentacle_proto::{Identity, Thumbprint, TrustStore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::target::{AgentId, Target};
+use tentacle_hub::target::{AgentId, Target};
 
 pub use executor::{ExecutionLedger, ScriptModel, SimulatedExecutor};
 pub use faults::{FaultDialer, Faults, FaultyStream};
@@ -44,7 +49,7 @@ pub struct FleetSettings {
     pub listening: usize,
     pub hub: ListeningAddress,
     pub hub_thumbprint: Thumbprint,
-    /// Registers every agent (`tentacle-sim server api-key create`).
+    /// Registers every agent (`tentacle-hub server api-key create`).
     pub api_key: String,
     pub roles: Vec<String>,
     pub environments: Vec<String>,
@@ -62,9 +67,22 @@ pub struct FleetSettings {
     pub heartbeat: HeartbeatSettings,
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
+    /// How long a stopping agent lets open calls finish.
+    pub shutdown_grace: Duration,
+    /// Each agent's cleaner deletes complete workspaces older than this,
+    /// looking every `cleanup_interval`.
+    pub workspace_max_age: Duration,
+    pub cleanup_interval: Duration,
+    /// The disk every agent's free-space checks ask: one for the whole
+    /// fleet, as they share one real disk whose free space says nothing
+    /// about any one agent.
+    pub free_space: Arc<FakeFreeSpace>,
     /// Counts every script start, if given.
     pub ledger: Option<Arc<ExecutionLedger>>,
 }
+
+/// What the fleet's fake disk reports unless told otherwise: plenty.
+pub const FAKE_FREE_BYTES: u64 = 1 << 50;
 
 impl FleetSettings {
     /// `agents` polling agents for `hub`, with the defaults of `tentacle-sim fleet`.
@@ -94,6 +112,10 @@ impl FleetSettings {
             heartbeat: HeartbeatSettings::default(),
             reconnect_initial: Duration::from_secs(5),
             reconnect_max: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
+            workspace_max_age: ScriptsConfig::default().workspace_max_age,
+            cleanup_interval: ScriptsConfig::default().cleanup_interval,
+            free_space: Arc::new(FakeFreeSpace::new(FAKE_FREE_BYTES)),
             ledger: None,
         }
     }
@@ -117,6 +139,12 @@ pub enum FleetError {
     },
     #[error(transparent)]
     Routes(#[from] server::RoutesError),
+    /// Boxed: the agent's error is large and this one travels far.
+    #[error("agent {name} could not start: {source}")]
+    Agent {
+        name: String,
+        source: Box<AgentError>,
+    },
 }
 
 /// One virtual tentacle. It can crash (everything in flight is abandoned,
@@ -161,7 +189,8 @@ impl VirtualAgent {
     }
 
     /// Kills the agent: scripts are abandoned without an outcome, its
-    /// connections break, its server stops. Nothing on disk is touched.
+    /// connections break, its server stops. Nothing on disk is touched, and
+    /// none of the agent's shutdown path runs, as for a killed process.
     pub fn crash(&self) {
         let running = self
             .running
@@ -170,8 +199,8 @@ impl VirtualAgent {
             .take();
         if let Some(running) = running {
             running.scripts.halt();
-            running.stop.cancel();
             self.faults.cut();
+            // Dropping the serve future also stops its cleaner and tunnels.
             running.task.abort();
         }
     }
@@ -187,6 +216,9 @@ impl VirtualAgent {
         Ok(())
     }
 
+    /// Shuts the agent down the way a real one does on SIGTERM: health
+    /// turns NOT_SERVING, open calls get the shutdown grace, scripts are
+    /// stopped. The task finishes by itself within the grace period.
     fn stop(&self) {
         if let Some(running) = self
             .running
@@ -196,7 +228,7 @@ impl VirtualAgent {
         {
             running.stop.cancel();
             running.scripts.stop_all();
-            running.task.abort();
+            drop(running.task);
         }
     }
 }
@@ -267,6 +299,15 @@ impl Fleet {
 }
 
 async fn start_agent(settings: &FleetSettings, slot: usize) -> Result<VirtualAgent, FleetError> {
+    let agent = prepare(settings, slot)?;
+    register(settings, &agent).await?;
+    let running = launch(settings, &agent).await?;
+    *agent.running.lock().unwrap_or_else(PoisonError::into_inner) = Some(running);
+    Ok(agent)
+}
+
+/// The agent in `slot`: its identity, directory and, if it listens, port.
+fn prepare(settings: &FleetSettings, slot: usize) -> Result<VirtualAgent, FleetError> {
     let index = settings.first_index + slot;
     let name = format!("{}-{index}", settings.name_prefix);
     let identity = Identity::generate(&name)?;
@@ -298,7 +339,7 @@ async fn start_agent(settings: &FleetSettings, slot: usize) -> Result<VirtualAge
             reason: e.to_string(),
         })?),
     };
-    let agent = VirtualAgent {
+    Ok(VirtualAgent {
         thumbprint: identity.thumbprint(),
         target,
         faults: Arc::default(),
@@ -308,101 +349,102 @@ async fn start_agent(settings: &FleetSettings, slot: usize) -> Result<VirtualAge
         identity,
         dir,
         running: Mutex::new(None),
-    };
-    register(settings, &agent).await?;
-    let running = launch(settings, &agent).await?;
-    *agent.running.lock().unwrap_or_else(PoisonError::into_inner) = Some(running);
-    Ok(agent)
+    })
 }
 
-/// Builds the agent's services over its directory and connects it.
+/// The agent's configuration: what a real agent's `tentacle.toml` would
+/// say, with its directories relative to the agent's own.
+fn agent_config(settings: &FleetSettings, agent: &VirtualAgent) -> AgentConfig {
+    let mut config = AgentConfig::default();
+    config.trust.thumbprints = vec![settings.hub_thumbprint];
+    config.scripts.workspace_max_age = settings.workspace_max_age;
+    config.scripts.cleanup_interval = settings.cleanup_interval;
+    config.server.shutdown_grace = settings.shutdown_grace;
+    config.listen.enabled = agent.port.is_some();
+    config.listen.address = std::net::Ipv4Addr::LOCALHOST.into();
+    config.listen.port = agent.port.unwrap_or(0);
+    let polling = &mut config.polling;
+    polling.enabled = agent.port.is_none();
+    polling.agent_id = agent.name.clone();
+    polling.servers = vec![PollingServer {
+        url: settings.hub.to_string(),
+        thumbprint: settings.hub_thumbprint,
+    }];
+    polling.tunnels = 1;
+    polling.heartbeat_interval = settings.heartbeat.interval;
+    polling.heartbeat_timeout = settings.heartbeat.timeout;
+    polling.reconnect_initial = settings.reconnect_initial;
+    polling.reconnect_max = settings.reconnect_max;
+    config
+}
+
+/// Builds the real agent over the virtual agent's directory, with the
+/// fleet's parts swapped in, and starts serving it.
 async fn launch(settings: &FleetSettings, agent: &VirtualAgent) -> Result<Running, FleetError> {
-    let dir = &agent.dir;
-    let storage = |source| FleetError::Storage {
-        path: dir.clone(),
-        source,
+    let failed = |source| FleetError::Agent {
+        name: agent.name.clone(),
+        source: Box::new(source),
     };
     let mut executor = SimulatedExecutor::new(settings.model.clone(), settings.seed);
     if let Some(ledger) = &settings.ledger {
         executor = executor.with_ledger(ledger.clone(), agent.name.clone());
     }
-    let scripts = Scripts::new(ScriptSettings::new(dir.join("work")), Arc::new(executor));
-    scripts.recover().map_err(storage)?;
-    let mut file_settings = FileSettings::new(dir.join("files"));
-    file_settings.min_free_bytes = 0;
-    file_settings.discard_uploads = true;
-    let files = Files::new(file_settings).map_err(storage)?;
-    let mut package_settings = PackageSettings::new(dir.join("packages"), dir.join("apps"));
-    package_settings.min_free_bytes = 0;
-    let packages = Packages::new(package_settings).map_err(storage)?;
-    let serve = ServeSettings::default();
-    let (routes, _health) = server::routes(
-        Services {
-            scripts: ScriptApi::new(scripts.clone()),
-            files: FileApi::new(files),
-            packages: PackageApi::new(packages),
-            capabilities: CapabilitiesApi::with_health(HealthSource {
-                files_root: dir.join("files"),
-                scripts: scripts.clone(),
-                started: std::time::Instant::now(),
-            }),
-        },
-        &serve,
-    )
-    .await?;
-    let stop = CancellationToken::new();
-    let cell = IdentityCell::new(agent.identity.clone())?;
-    let task = match agent.port {
-        Some(port) => {
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-                .await
-                .map_err(storage)?;
-            let trust = TrustStore::new([settings.hub_thumbprint]);
-            let tls = tentacle_proto::tls::server_config(cell, trust.clone())?;
-            let faults = agent.faults.clone();
-            // Every connection obeys the agent's faults, so a crash or a
-            // cut also ends the calls the hub has open on it.
-            let incoming = accept_tls(
-                listener,
-                tokio_rustls::TlsAcceptor::from(tls),
-                trust,
-                AcceptSettings::default(),
-            )
-            .map(move |accepted| accepted.map(|tls| FaultyStream::new(tls, faults.clone())));
-            let stopped = stop.clone();
-            tokio::spawn(async move {
-                let shutdown = stopped.cancelled_owned();
-                if let Err(error) = server::serve(routes, incoming, shutdown, &serve).await {
-                    tracing::warn!(%error, "a virtual listening agent stopped serving");
-                }
-            })
-        }
-        None => {
-            let polling = PollingSettings {
-                agent_id: agent.name.clone(),
-                hubs: vec![HubEndpoint {
-                    address: settings.hub.clone(),
-                    thumbprint: settings.hub_thumbprint,
-                }],
-                tunnels: 1,
-                heartbeat: settings.heartbeat.clone(),
-                reconnect_initial: settings.reconnect_initial,
-                reconnect_max: settings.reconnect_max,
-                connect_timeout: Duration::from_secs(30),
-                shutdown_grace: Duration::from_secs(5),
-                dialer: Arc::new(FaultDialer {
-                    faults: agent.faults.clone(),
-                    source: agent.source,
-                }),
-            };
-            tokio::spawn(polling::run(polling, cell, routes, serve, stop.clone()))
-        }
+    let layer = {
+        let faults = agent.faults.clone();
+        // Every connection obeys the agent's faults, so a crash or a cut
+        // also ends the calls the hub has open on it.
+        StreamLayer::new(move |io| Box::new(FaultyStream::new(io, faults.clone())))
     };
+    let built = Agent::builder(Home::new(&agent.dir))
+        .config_source(ConfigSource::InMemory {
+            config: agent_config(settings, agent),
+            identity: agent.identity.clone(),
+        })
+        .executor(Arc::new(executor))
+        .upload_sink(UploadSink::Discard)
+        .dialer(Arc::new(FaultDialer {
+            faults: agent.faults.clone(),
+            source: agent.source,
+        }))
+        .stream_layer(layer)
+        .free_space(settings.free_space.clone())
+        .build()
+        .map_err(failed)?;
+    let listener = match agent.port {
+        Some(_) => Some(bind(&built).await.map_err(failed)?),
+        None => None,
+    };
+    let scripts = built.scripts().clone();
+    let stop = CancellationToken::new();
+    let name = agent.name.clone();
+    let shutdown = stop.clone().cancelled_owned();
+    let task = tokio::spawn(async move {
+        if let Err(error) = built.serve(listener, shutdown).await {
+            tracing::warn!(agent = %name, %error, "a virtual agent stopped serving");
+        }
+    });
     Ok(Running {
         scripts,
         stop,
         task,
     })
+}
+
+/// Binds the agent's fixed port, waiting briefly for a crashed
+/// predecessor's aborted task to let go of it.
+async fn bind(agent: &Agent) -> Result<tokio::net::TcpListener, AgentError> {
+    let mut attempts = 0;
+    loop {
+        match agent.bind().await {
+            Err(AgentError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse && attempts < 40 =>
+            {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 async fn register(settings: &FleetSettings, agent: &VirtualAgent) -> Result<(), FleetError> {
@@ -447,3 +489,6 @@ pub fn raise_open_file_limit() -> std::io::Result<u64> {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
     Ok(hard)
 }
+
+#[cfg(test)]
+mod tests;

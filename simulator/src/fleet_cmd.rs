@@ -6,10 +6,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tentacle_proto::Thumbprint;
-use tentacle_proto::dial::ListeningAddress;
+use tentacle_hub::args::HubEndpointArgs;
+use tentacle_hub::home::HubHome;
 use tentacle_sim::fleet::{self, Fleet, FleetSettings};
-use tentacle_sim::home::SimHome;
 
 #[derive(Debug, clap::Args)]
 pub struct FleetArgs {
@@ -17,12 +16,9 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 1000)]
     agents: usize,
     /// The hub they poll and register with.
-    #[arg(long, default_value = "https://127.0.0.1:10943")]
-    hub: ListeningAddress,
-    /// The hub's thumbprint; by default this home's own.
-    #[arg(long)]
-    hub_thumbprint: Option<Thumbprint>,
-    /// An API key of the hub (`tentacle-sim server api-key create`).
+    #[command(flatten)]
+    hub: HubEndpointArgs,
+    /// An API key of the hub (`tentacle-hub server api-key create`).
     #[arg(long)]
     api_key: String,
     /// Agents are named PREFIX-0, PREFIX-1, …
@@ -54,11 +50,11 @@ pub struct FleetArgs {
     ramp: Duration,
 }
 
-pub async fn run(home: &SimHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(home: &HubHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
     let limit = fleet::raise_open_file_limit().context("raising the open-file limit")?;
     let seed = args.seed.unwrap_or_else(rand::random);
     eprintln!("open-file limit {limit}; seed {seed} (replay with --seed {seed})");
-    let hub_thumbprint = match args.hub_thumbprint {
+    let hub_thumbprint = match args.hub.hub_thumbprint {
         Some(thumbprint) => thumbprint,
         None => home.identity()?.thumbprint(),
     };
@@ -70,7 +66,7 @@ pub async fn run(home: &SimHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut settings = FleetSettings::new(
         args.agents,
-        args.hub.clone(),
+        args.hub.hub.clone(),
         hub_thumbprint,
         args.api_key.clone(),
         work_dir,

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use tentacle_agent::scripts::exit_code;
+use tentacle_proto::exit_code;
 use tonic::Code;
 
 use crate::fleet::executor::parse_line_number;

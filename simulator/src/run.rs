@@ -41,6 +41,21 @@ pub struct Shard {
     pub count: usize,
 }
 
+/// Why `--shard` could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardError {
+    #[error(
+        "`{0}` is not a shard: give K/N with 1 <= K <= N (e.g. 2/4), or job/N in a Kubernetes Indexed Job"
+    )]
+    NotAShard(String),
+    #[error("`{0}` takes the shard from {JOB_INDEX_VARIABLE}, which is not set; give K/N instead")]
+    NoJobIndex(String),
+    #[error("{JOB_INDEX_VARIABLE}=`{0}` is not a number")]
+    JobIndexNotANumber(String),
+    #[error("{JOB_INDEX_VARIABLE}={index} is outside `{text}`: the job's completions must equal N")]
+    JobIndexOutside { index: usize, text: String },
+}
+
 /// Set by Kubernetes in each pod of an Indexed Job: 0, 1, ... N-1.
 pub const JOB_INDEX_VARIABLE: &str = "JOB_COMPLETION_INDEX";
 
@@ -50,31 +65,26 @@ impl Shard {
     /// Parses `K/N` with 1 <= K <= N, or `job/N`, where K comes from the
     /// 0-based `JOB_COMPLETION_INDEX` that a Kubernetes Indexed Job gives
     /// each of its pods.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ShardError> {
         Self::parse_with_job_index(text, std::env::var(JOB_INDEX_VARIABLE).ok().as_deref())
     }
 
     /// [`Self::parse`] with the job index given rather than read.
-    pub fn parse_with_job_index(text: &str, job_index: Option<&str>) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "`{text}` is not a shard: give K/N with 1 <= K <= N (e.g. 2/4), or job/N in a Kubernetes Indexed Job"
-            )
-        };
+    pub fn parse_with_job_index(text: &str, job_index: Option<&str>) -> Result<Self, ShardError> {
+        let bad = || ShardError::NotAShard(text.to_owned());
         let (k, n) = text.split_once('/').ok_or_else(bad)?;
         let n: usize = n.trim().parse().map_err(|_| bad())?;
         let k: usize = if k.trim() == "job" {
-            let index = job_index.ok_or_else(|| {
-                format!("`{text}` takes the shard from {JOB_INDEX_VARIABLE}, which is not set; give K/N instead")
-            })?;
+            let index = job_index.ok_or_else(|| ShardError::NoJobIndex(text.to_owned()))?;
             let index: usize = index
                 .trim()
                 .parse()
-                .map_err(|_| format!("{JOB_INDEX_VARIABLE}=`{index}` is not a number"))?;
+                .map_err(|_| ShardError::JobIndexNotANumber(index.to_owned()))?;
             if index >= n {
-                return Err(format!(
-                    "{JOB_INDEX_VARIABLE}={index} is outside `{text}`: the job's completions must equal N"
-                ));
+                return Err(ShardError::JobIndexOutside {
+                    index,
+                    text: text.to_owned(),
+                });
             }
             index + 1
         } else {
@@ -215,7 +225,7 @@ pub async fn run(settings: RunSettings, live: Arc<Live>) -> Result<Report, RunEr
 async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, RunError> {
     let scenario = &settings.scenario;
     let started = Instant::now();
-    let started_unix_ms = crate::hub::unix_now() * 1000;
+    let started_unix_ms = tentacle_hub::unix_now() * 1000;
     let total = scenario.fleet.agents;
     let mine = settings.shard.slice(total);
     let listening_total = (total as f64 * scenario.fleet.listening_fraction).round() as usize;
@@ -588,7 +598,7 @@ fn script_totals(
     model: &ScriptModel,
     seed: u64,
 ) -> ScriptTotals {
-    use tentacle_agent::scripts::exit_code;
+    use tentacle_proto::exit_code;
     let mut totals = ScriptTotals::default();
     for r in records {
         totals.dispatched += 1;
@@ -711,9 +721,15 @@ mod tests {
         assert_eq!(shard.to_string(), "3/4");
         assert_eq!(shard.slice(8), 4..6);
         let unset = Shard::parse_with_job_index("job/4", None).expect_err("unset");
-        assert!(unset.contains("JOB_COMPLETION_INDEX"), "{unset}");
+        assert!(
+            unset.to_string().contains("JOB_COMPLETION_INDEX"),
+            "{unset}"
+        );
         let outside = Shard::parse_with_job_index("job/4", Some("4")).expect_err("outside");
-        assert!(outside.contains("completions must equal N"), "{outside}");
+        assert!(
+            outside.to_string().contains("completions must equal N"),
+            "{outside}"
+        );
         assert!(Shard::parse_with_job_index("job/4", Some("x")).is_err());
     }
 

@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
+use tentacle_hub::home::HubHome;
 use tentacle_proto::Thumbprint;
 use tentacle_proto::dial::ListeningAddress;
 use tentacle_sim::fleet;
-use tentacle_sim::home::SimHome;
 use tentacle_sim::report::{Report, html};
 use tentacle_sim::run::{self, HubChoice, Live, Plant, RunSettings, Shard};
 use tentacle_sim::scenario::Scenario;
@@ -36,7 +36,7 @@ pub struct RunArgs {
     /// The external hub's thumbprint; by default this home's own.
     #[arg(long, requires = "hub")]
     hub_thumbprint: Option<Thumbprint>,
-    /// An API key of the external hub (`tentacle-sim server api-key create`).
+    /// An API key of the external hub (`tentacle-hub server api-key create`).
     #[arg(long, requires = "hub")]
     api_key: Option<String>,
     /// The external hub's process id, for its CPU and memory chart.
@@ -73,7 +73,7 @@ pub enum ReportCommand {
     },
 }
 
-pub async fn run(home: &SimHome, args: RunArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(home: &HubHome, args: RunArgs) -> anyhow::Result<ExitCode> {
     let scenario = Scenario::load(&args.scenario)?;
     let open_file_limit = fleet::raise_open_file_limit().context("raising the open-file limit")?;
     let seed = args
@@ -89,7 +89,7 @@ pub async fn run(home: &SimHome, args: RunArgs) -> anyhow::Result<ExitCode> {
                 None => home.identity()?.thumbprint(),
             },
             api_key: args.api_key.clone().context(
-                "--hub needs --api-key: create one with `tentacle-sim server api-key create`",
+                "--hub needs --api-key: create one with `tentacle-hub server api-key create`",
             )?,
             operator: home.identity()?,
             pid: args.hub_pid,

@@ -244,16 +244,18 @@ impl Scenario {
                 None => message,
             })
         })?;
-        scenario.validate().map_err(invalid)?;
+        scenario.validate().map_err(|problem| invalid(problem.0))?;
         Ok(scenario)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Problem> {
         let fraction = |name: &str, value: f64| {
             if (0.0..=1.0).contains(&value) {
                 Ok(())
             } else {
-                Err(format!("{name} is {value}; give a number from 0.0 to 1.0"))
+                Err(Problem(format!(
+                    "{name} is {value}; give a number from 0.0 to 1.0"
+                )))
             }
         };
         if self.fleet.agents == 0 {
@@ -287,7 +289,8 @@ impl Scenario {
                     if !(*size_mib > 0.0 && *size_mib <= 1024.0) {
                         return Err(format!(
                             "{at} size_mib is {size_mib}; give more than 0 and at most 1024"
-                        ));
+                        )
+                        .into());
                     }
                 }
                 Stage::Scripts {
@@ -307,7 +310,8 @@ impl Scenario {
         if !(0.0..=60.0).contains(&rate) {
             return Err(format!(
                 "chaos.rate_per_agent_per_minute is {rate}; give 0 (off) up to 60"
-            ));
+            )
+            .into());
         }
         let w = &self.chaos.weights;
         if rate > 0.0 && w.disconnect + w.latency + w.crash + w.hub_restart == 0 {
@@ -317,9 +321,26 @@ impl Scenario {
     }
 }
 
-fn positive(at: &str, concurrency: usize) -> Result<(), String> {
+/// What is wrong with a scenario that parsed, in one sentence that names
+/// the key and the values it takes.
+#[derive(Debug)]
+struct Problem(String);
+
+impl From<String> for Problem {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for Problem {
+    fn from(message: &str) -> Self {
+        Self(message.to_owned())
+    }
+}
+
+fn positive(at: &str, concurrency: usize) -> Result<(), Problem> {
     if concurrency == 0 {
-        Err(format!("{at} concurrency is 0; give at least 1"))
+        Err(format!("{at} concurrency is 0; give at least 1").into())
     } else {
         Ok(())
     }

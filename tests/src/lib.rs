@@ -11,9 +11,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tentacle_hub::client::AgentClient;
 use tentacle_proto::dial::{DialSettings, ListeningAddress};
 use tentacle_proto::{Identity, Thumbprint};
-use tentacle_sim::client::AgentClient;
 
 /// The path of a workspace binary next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
@@ -343,7 +343,7 @@ pub async fn run_to_end(
             request,
             |line| lines.push(line.clone()),
             &tokio_util::sync::CancellationToken::new(),
-            &tentacle_sim::client::FollowSettings::default(),
+            &tentacle_hub::client::FollowSettings::default(),
         )
         .await
         .expect("script runs to its end");
@@ -362,11 +362,11 @@ pub fn texts(
         .collect()
 }
 
-/// A `tentacle-sim` home with its own certificate.
+/// A `tentacle-hub` home with its own certificate.
 #[derive(Debug)]
-pub struct SimHome(pub tempfile::TempDir, pub Vec<(String, String)>);
+pub struct HubHome(pub tempfile::TempDir, pub Vec<(String, String)>);
 
-impl SimHome {
+impl HubHome {
     pub fn new() -> Self {
         let home = Self(tempfile::tempdir().expect("tempdir"), Vec::new());
         assert!(home.run(&["new-certificate"]).status.success());
@@ -374,13 +374,23 @@ impl SimHome {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin("tentacle-sim"))
+        self.run_binary("tentacle-hub", args)
+    }
+
+    /// Runs `tentacle-sim` with this home (the fleet and scenario verbs
+    /// take their operator identity and default hub thumbprint from it).
+    pub fn run_sim(&self, args: &[&str]) -> Output {
+        self.run_binary("tentacle-sim", args)
+    }
+
+    fn run_binary(&self, name: &str, args: &[&str]) -> Output {
+        Command::new(bin(name))
             .arg("--home")
             .arg(self.0.path())
             .args(args)
             .envs(self.1.iter().map(|(k, v)| (k, v)))
             .output()
-            .expect("run tentacle-sim")
+            .unwrap_or_else(|error| panic!("run {name}: {error}"))
     }
 
     /// `server trust add` for a polling agent under its agent id.
@@ -406,14 +416,14 @@ impl SimHome {
             .to_owned()
     }
 
-    /// Starts `tentacle-sim server` and returns it with its address.
+    /// Starts `tentacle-hub server` and returns it with its address.
     pub fn serve(&self) -> (Child, SocketAddr) {
         self.serve_on("127.0.0.1:0")
     }
 
-    /// Starts `tentacle-sim server --listen ADDR`.
+    /// Starts `tentacle-hub server --listen ADDR`.
     pub fn serve_on(&self, listen: &str) -> (Child, SocketAddr) {
-        let mut child = Command::new(bin("tentacle-sim"))
+        let mut child = Command::new(bin("tentacle-hub"))
             .arg("--home")
             .arg(self.0.path())
             .args(["server", "--listen", listen])
@@ -443,7 +453,7 @@ impl SimHome {
     }
 }
 
-impl Default for SimHome {
+impl Default for HubHome {
     fn default() -> Self {
         Self::new()
     }
@@ -540,7 +550,7 @@ pub fn free_port() -> u16 {
 
 /// A hub process and registered, running agents: (name, role, listening).
 pub fn start_fleet(
-    sim: &SimHome,
+    sim: &HubHome,
     specs: &[(&str, &str, bool)],
 ) -> (std::process::Child, String, Vec<AgentProcess>) {
     let (hub, address) = sim.serve();
@@ -636,7 +646,7 @@ mod tests {
 /// A hub running in this test process on a free loopback port.
 #[derive(Debug)]
 pub struct HubFixture {
-    pub hub: Arc<tentacle_sim::hub::Hub>,
+    pub hub: Arc<tentacle_hub::Hub>,
     pub address: SocketAddr,
     stop: tokio_util::sync::CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -650,7 +660,7 @@ impl HubFixture {
     pub async fn start(identity: Identity) -> Self {
         Self::start_with(
             identity,
-            tentacle_sim::hub::HubSettings::default(),
+            tentacle_hub::HubSettings::default(),
             "127.0.0.1:0",
         )
         .await
@@ -658,26 +668,25 @@ impl HubFixture {
 
     pub async fn start_with(
         identity: Identity,
-        settings: tentacle_sim::hub::HubSettings,
+        settings: tentacle_hub::HubSettings,
         bind: &str,
     ) -> Self {
-        Self::serve(tentacle_sim::hub::Hub::new(identity, settings), bind).await
+        Self::serve(tentacle_hub::Hub::new(identity, settings), bind).await
     }
 
     /// A hub that keeps its registry in `home` and takes registrations;
     /// returns it with an API key for `register-with`.
     pub async fn start_registering(identity: Identity, home: &Path) -> (Self, String) {
-        let store = tentacle_sim::hub::HubStore::in_dir(home);
+        let store = tentacle_hub::HubStore::in_dir(home);
         let key = store
             .credentials
-            .create(tentacle_sim::hub::credentials::CredentialKind::ApiKey, None)
+            .create(tentacle_hub::credentials::CredentialKind::ApiKey, None)
             .expect("api key");
-        let hub =
-            tentacle_sim::hub::Hub::with_store(identity, Default::default(), store).expect("hub");
+        let hub = tentacle_hub::Hub::with_store(identity, Default::default(), store).expect("hub");
         (Self::serve(hub, "127.0.0.1:0").await, key)
     }
 
-    async fn serve(hub: Arc<tentacle_sim::hub::Hub>, bind: &str) -> Self {
+    async fn serve(hub: Arc<tentacle_hub::Hub>, bind: &str) -> Self {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .expect("bind the hub");
@@ -742,10 +751,10 @@ impl HubFixture {
 
     /// Trusts `agent` as a polling agent under its agent id.
     pub fn trust(&self, agent: &AgentProcess) {
-        self.hub.trust_agent(tentacle_sim::hub::TrustedAgent {
+        self.hub.trust_agent(tentacle_hub::TrustedAgent {
             thumbprint: agent.thumbprint,
             name: agent.agent_id(),
-            mode: tentacle_sim::hub::AgentMode::Polling,
+            mode: tentacle_hub::AgentMode::Polling,
             address: None,
             roles: Vec::new(),
             environments: Vec::new(),
@@ -756,7 +765,7 @@ impl HubFixture {
 
     /// A client for a polling agent of this hub.
     pub async fn client(&self, agent: &AgentProcess) -> AgentClient {
-        let target: tentacle_sim::target::Target = format!("poll://{}", agent.agent_id())
+        let target: tentacle_hub::target::Target = format!("poll://{}", agent.agent_id())
             .parse()
             .expect("target");
         self.hub

@@ -153,7 +153,8 @@ async fn limits_and_bad_requests_are_refused_clearly() {
 async fn a_discarding_sink_verifies_but_stores_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = FileSettings::new(dir.path().to_owned());
-    settings.discard_uploads = true;
+    settings.upload_sink = UploadSink::Discard;
+    settings.free_space = Arc::new(FakeFreeSpace::new(u64::MAX));
     let files = Files::new(settings).expect("files");
     let body = b"virtual agents hash and drop uploads";
     let info = files
@@ -174,4 +175,46 @@ async fn a_discarding_sink_verifies_but_stores_nothing() {
             .await,
         Err(FileError::SizeMismatch { .. })
     ));
+}
+
+#[tokio::test]
+async fn the_free_space_probe_refuses_uploads_in_either_sink() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = Arc::new(FakeFreeSpace::new(1000));
+    let body = b"forty bytes of payload, give or take....";
+    for sink in [UploadSink::Store, UploadSink::Discard] {
+        let root = dir.path().join(format!("{sink:?}"));
+        let mut settings = FileSettings::new(root.clone());
+        settings.min_free_bytes = 990;
+        settings.upload_sink = sink;
+        settings.free_space = disk.clone();
+        let files = Files::new(settings).expect("files");
+        disk.set(1000);
+        let refused = files
+            .upload(header("a.bin", body), chunks(&[body]))
+            .await
+            .expect_err("the reserve would be used up");
+        assert!(
+            matches!(
+                refused,
+                FileError::DiskFull {
+                    available: 1000,
+                    reserve: 990,
+                    ..
+                }
+            ),
+            "{sink:?}: {refused}"
+        );
+        assert!(!root.join("a.bin").exists(), "{sink:?}: nothing was stored");
+        disk.set(1_000_000);
+        files
+            .upload(header("a.bin", body), chunks(&[body]))
+            .await
+            .expect("room again");
+        assert_eq!(
+            root.join("a.bin").exists(),
+            sink == UploadSink::Store,
+            "{sink:?}"
+        );
+    }
 }

@@ -30,6 +30,9 @@ pub struct CapabilitiesApi {
 #[derive(Debug, Clone)]
 pub struct HealthSource {
     pub files_root: std::path::PathBuf,
+    /// The same probe uploads check, so a simulated disk reads the same
+    /// here as it does to them.
+    pub free_space: std::sync::Arc<dyn crate::files::FreeSpace>,
     pub scripts: std::sync::Arc<crate::scripts::Scripts>,
     pub started: std::time::Instant,
 }
@@ -96,7 +99,8 @@ impl CapabilitiesService for CapabilitiesApi {
             ));
         };
         let root = health.files_root.clone();
-        let free = tokio::task::spawn_blocking(move || crate::files::available_bytes(&root))
+        let probe = health.free_space.clone();
+        let free = tokio::task::spawn_blocking(move || probe.available_bytes(&root))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(format!("could not read free disk space: {e}")))?;
@@ -105,5 +109,40 @@ impl CapabilitiesService for CapabilitiesApi {
             active_scripts: u32::try_from(health.scripts.active()).unwrap_or(u32::MAX),
             uptime_seconds: health.started.elapsed().as_secs(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::files::FakeFreeSpace;
+    use crate::scripts::process::{ProcessExecutor, ProcessSettings};
+    use crate::scripts::{ScriptSettings, Scripts};
+
+    #[tokio::test]
+    async fn health_reads_free_space_from_the_agents_own_probe() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = Arc::new(FakeFreeSpace::new(123_456));
+        let api = CapabilitiesApi::with_health(HealthSource {
+            files_root: dir.path().to_owned(),
+            free_space: disk.clone(),
+            scripts: Scripts::new(
+                ScriptSettings::new(dir.path().join("work")),
+                Arc::new(ProcessExecutor::new(ProcessSettings::default())),
+            ),
+            started: std::time::Instant::now(),
+        });
+        let read = |api: CapabilitiesApi| async move {
+            api.get_health(Request::new(pb::GetHealthRequest::default()))
+                .await
+                .expect("health")
+                .into_inner()
+                .free_disk_bytes
+        };
+        assert_eq!(read(api.clone()).await, 123_456);
+        disk.set(7);
+        assert_eq!(read(api).await, 7, "each reading asks the probe again");
     }
 }

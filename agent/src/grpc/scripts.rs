@@ -63,7 +63,9 @@ impl ScriptService for ScriptApi {
     ) -> Result<Response<pb::ScriptStatus>, Status> {
         let request = request.into_inner();
         let ticket = Ticket::parse(&request.ticket)?;
-        let max_lines = (request.max_lines > 0).then_some(request.max_lines as usize);
+        // 0 asks for the default page; any number is capped by the
+        // settings in `Scripts`, however large a client makes it.
+        let max_lines = Some(usize::try_from(request.max_lines).unwrap_or(usize::MAX));
         let report = self
             .scripts
             .status(&ticket, request.after_sequence, max_lines)?;
@@ -221,4 +223,96 @@ fn watch_event(event: WatchEvent) -> pb::WatchScriptEvent {
         }),
     };
     pb::WatchScriptEvent { event: Some(event) }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+    use futures::future::BoxFuture;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::scripts::{Executor, Job, Outcome, OutputSink, ScriptSettings};
+
+    /// Writes as many stdout lines as the script body says.
+    #[derive(Debug)]
+    struct Lines;
+
+    impl Executor for Lines {
+        fn execute(
+            &self,
+            job: Job,
+            output: OutputSink,
+            _stop: CancellationToken,
+        ) -> BoxFuture<'static, Outcome> {
+            async move {
+                let body = std::fs::read_to_string(&job.script_path).unwrap_or_default();
+                let count: u64 = body.trim().parse().unwrap_or(0);
+                output.write((1..=count).map(|i| (Stream::Stdout, format!("line {i}"))));
+                Outcome::Exited(0)
+            }
+            .boxed()
+        }
+    }
+
+    fn get_status(ticket: &str, max_lines: u32) -> Request<pb::GetStatusRequest> {
+        Request::new(pb::GetStatusRequest {
+            ticket: ticket.into(),
+            after_sequence: 0,
+            max_lines,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_huge_page_request_gets_at_most_the_configured_maximum() {
+        tokio::time::pause();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut settings = ScriptSettings::new(dir.path().to_owned());
+        settings.default_page_lines = 3;
+        settings.max_page_lines = 5;
+        let api = ScriptApi::new(Scripts::new(settings, Arc::new(Lines)));
+        api.start_script(Request::new(pb::StartScriptRequest {
+            ticket: "many".into(),
+            script_body: "12".into(),
+            interpreter: pb::Interpreter::Sh as i32,
+            ..Default::default()
+        }))
+        .await
+        .expect("start");
+        for _ in 0..100 {
+            let status = api
+                .get_status(get_status("many", 0))
+                .await
+                .expect("status")
+                .into_inner();
+            if status.state == pb::ScriptState::Complete as i32 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let huge = api
+            .get_status(get_status("many", u32::MAX))
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(huge.state, pb::ScriptState::Complete as i32);
+        assert_eq!(huge.logs.len(), 5, "capped at max_page_lines");
+        assert_eq!(huge.last_sequence, 5);
+        assert!(huge.more_logs);
+
+        let default = api
+            .get_status(get_status("many", 0))
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(default.logs.len(), 3, "0 means the default page");
+
+        let small = api
+            .get_status(get_status("many", 2))
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(small.logs.len(), 2, "smaller requests are honoured");
+    }
 }

@@ -185,3 +185,29 @@ async fn the_cache_is_trimmed_least_recently_used_first() {
         "the oldest was evicted to fit 2500 bytes"
     );
 }
+
+#[tokio::test]
+async fn package_uploads_ask_the_configured_free_space_probe() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = Arc::new(crate::files::FakeFreeSpace::new(0));
+    let mut settings = PackageSettings::new(dir.path().join("cache"), dir.path().join("apps"));
+    settings.min_free_bytes = 0;
+    settings.free_space = disk.clone();
+    let packages = Packages::new(settings).expect("packages");
+    let blob = vec![7u8; 100];
+    let refused = cache(&packages, &blob)
+        .await
+        .expect_err("the fake disk is full");
+    assert!(
+        matches!(
+            refused,
+            PackageError::Transfer(FileError::DiskFull { available: 0, .. })
+        ),
+        "{refused}"
+    );
+    disk.set(1_000_000);
+    let sha = cache(&packages, &blob)
+        .await
+        .expect("room on the fake disk");
+    assert!(packages.status(&sha).await.expect("status").present);
+}

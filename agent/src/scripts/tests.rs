@@ -209,3 +209,5 @@ async fn unknown_tickets_report_the_reserved_code() {
         exit_code::UNKNOWN_TICKET
     );
 }
+
+mod completed;

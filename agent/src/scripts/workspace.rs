@@ -90,8 +90,19 @@ impl Workspace {
     }
 }
 
+/// An extra file name the agent will not write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidFileName {
+    #[error("extra file name `{0}` is not valid: use a plain file name without `/`")]
+    NotPlain(String),
+    #[error(
+        "extra file name `{0}` is reserved: names starting with `{RESERVED_PREFIX}` belong to the agent"
+    )]
+    Reserved(String),
+}
+
 /// Checks that an extra file's name is a plain name the agent does not use.
-pub fn validate_file_name(name: &str) -> Result<(), String> {
+pub fn validate_file_name(name: &str) -> Result<(), InvalidFileName> {
     let plain = !name.is_empty()
         && name != "."
         && name != ".."
@@ -99,14 +110,10 @@ pub fn validate_file_name(name: &str) -> Result<(), String> {
         && !name.contains('\0')
         && name.len() <= 255;
     if !plain {
-        return Err(format!(
-            "extra file name `{name}` is not valid: use a plain file name without `/`"
-        ));
+        return Err(InvalidFileName::NotPlain(name.to_owned()));
     }
     if name.starts_with(RESERVED_PREFIX) || name.starts_with(&format!(".{RESERVED_PREFIX}")) {
-        return Err(format!(
-            "extra file name `{name}` is reserved: names starting with `{RESERVED_PREFIX}` belong to the agent"
-        ));
+        return Err(InvalidFileName::Reserved(name.to_owned()));
     }
     Ok(())
 }
@@ -131,9 +138,20 @@ mod tests {
         ws.write_state(&state).expect("write");
         assert_eq!(ws.read_state().expect("read"), state);
         assert!(validate_file_name("app.conf").is_ok());
-        for bad in ["", "..", "a/b", "tentacle-state.json"] {
-            assert!(validate_file_name(bad).is_err(), "{bad}");
+        for bad in ["", "..", "a/b"] {
+            assert_eq!(
+                validate_file_name(bad),
+                Err(InvalidFileName::NotPlain(bad.into())),
+                "{bad}"
+            );
         }
+        let reserved = validate_file_name("tentacle-state.json").expect_err("reserved");
+        assert_eq!(
+            reserved.to_string(),
+            "extra file name `tentacle-state.json` is reserved: names starting with `tentacle-` belong to the agent"
+        );
+        let slash = validate_file_name("a/b").expect_err("slash");
+        assert!(slash.to_string().contains("without `/`"), "{slash}");
         ws.delete().expect("delete");
         assert!(!ws.dir().exists());
     }

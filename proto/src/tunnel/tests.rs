@@ -111,3 +111,47 @@ async fn pings_are_answered_and_drains_are_signalled() {
     drop(peer);
     assert_eq!(session.await.expect("session"), SessionEnd::PeerClosed);
 }
+
+/// Writes `len` bytes into a fresh pipe and returns the chunk sizes the
+/// session would send.
+async fn chunk_sizes(settings: PipeSettings, len: usize) -> Vec<usize> {
+    let (mut io, mut ends) = pipe_with(None, settings);
+    let reader = tokio::spawn(async move {
+        let mut sizes = Vec::new();
+        while let Some(bytes) = ends.from_inner.recv().await {
+            sizes.push(bytes.len());
+        }
+        sizes
+    });
+    io.write_all(&vec![7u8; len]).await.expect("write");
+    io.shutdown().await.expect("shutdown");
+    drop(io);
+    reader.await.expect("reader")
+}
+
+#[tokio::test]
+async fn writes_are_cut_into_chunks_of_the_configured_size() {
+    let small = PipeSettings {
+        chunk_bytes: 1000,
+        chunks: 2,
+    };
+    let sizes = chunk_sizes(small, 4500).await;
+    assert_eq!(sizes, [1000, 1000, 1000, 1000, 500]);
+    let default = chunk_sizes(PipeSettings::default(), 2 * MAX_CHUNK + 1).await;
+    assert_eq!(default, [MAX_CHUNK, MAX_CHUNK, 1]);
+}
+
+#[tokio::test]
+async fn chunks_never_exceed_what_the_peer_decodes_and_zero_is_raised() {
+    let huge = PipeSettings {
+        chunk_bytes: 10 * MAX_CHUNK,
+        chunks: 0,
+    };
+    let sizes = chunk_sizes(huge, 3 * MAX_CHUNK).await;
+    assert_eq!(sizes, [MAX_CHUNK; 3]);
+    let zero = PipeSettings {
+        chunk_bytes: 0,
+        chunks: 1,
+    };
+    assert_eq!(chunk_sizes(zero, 3).await, [1, 1, 1]);
+}

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use tentacle_agent::config::{AgentConfig, Home, PollingServer};
 use tentacle_agent::runtime::Agent;
 use tentacle_agent::scripts::process::ProcessExecutor;
+use tentacle_hub::client::AgentClient;
+use tentacle_hub::target::Target;
+use tentacle_hub::{AgentMode, Hub, HubSettings, TrustedAgent};
 use tentacle_proto::Identity;
 use tentacle_proto::dial::{DialSettings, ListeningAddress};
-use tentacle_sim::client::AgentClient;
-use tentacle_sim::hub::{AgentMode, Hub, HubSettings, TrustedAgent};
-use tentacle_sim::target::Target;
 use tokio_util::sync::CancellationToken;
 
 /// Both agents, and a client for each.

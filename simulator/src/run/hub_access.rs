@@ -16,10 +16,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::channel::{AgentChannel, HubRouted};
-use crate::hub::credentials::CredentialKind;
-use crate::hub::{Hub, HubSettings, HubStore};
-use crate::target::Target;
+use tentacle_hub::channel::{AgentChannel, HubRouted};
+use tentacle_hub::credentials::CredentialKind;
+use tentacle_hub::target::Target;
+use tentacle_hub::{Hub, HubSettings, HubStore};
 
 /// Why the hub could not be started or reached.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::Future;
 use rand::{Rng, SeedableRng};
+use tentacle_proto::backoff::Backoff;
 use tentacle_proto::v1 as pb;
 use tentacle_proto::v1::capabilities_service_client::CapabilitiesServiceClient;
 use tentacle_proto::v1::file_service_client::FileServiceClient;
@@ -36,11 +37,11 @@ async fn retried<T, F, Fut>(
     mut f: F,
 ) -> Result<T, Status>
 where
-    F: FnMut(crate::channel::AgentChannel) -> Fut,
+    F: FnMut(tentacle_hub::channel::AgentChannel) -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
     let deadline = Instant::now() + GIVE_UP_AFTER;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = retry_backoff();
     loop {
         let started = Instant::now();
         let result = match ctx.hub.channel(&agent.target, agent.thumbprint).await {
@@ -57,16 +58,17 @@ where
             Err(status)
                 if invariants::expected_failure(status.code()) && Instant::now() < deadline =>
             {
-                tokio::time::sleep(jittered(backoff)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.wait().await;
             }
             other => return other,
         }
     }
 }
 
-fn jittered(base: Duration) -> Duration {
-    base.mul_f64(rand::rng().random_range(0.5..1.0))
+/// The wait between retries of one operation: jittered, so the thousands
+/// of agents chaos hit at once are not all retried at the same moment.
+fn retry_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(2))
 }
 
 fn with_timeout<T>(message: T) -> tonic::Request<T> {
@@ -244,7 +246,7 @@ async fn follow(
     use pb::watch_script_event::Event;
     let deadline = Instant::now() + GIVE_UP_AFTER;
     let mut after = 0u64;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = retry_backoff();
     loop {
         let started = Instant::now();
         let outcome: Result<Option<i32>, Status> = async {
@@ -287,7 +289,6 @@ async fn follow(
             Err(status) if invariants::expected_failure(status.code()) => {}
             Err(status) => return ScriptEnd::Abandoned(format!("WatchScript: {status}")),
         }
-        tokio::time::sleep(jittered(backoff)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff.wait().await;
     }
 }

@@ -30,7 +30,7 @@ async fn cancel_kills_a_grandchild_that_holds_stdout(mode: Mode) {
                 }
             },
             &cancel,
-            &tentacle_sim::client::FollowSettings::default(),
+            &tentacle_hub::client::FollowSettings::default(),
         )
         .await
         .expect("follow to the end");
@@ -61,7 +61,7 @@ async fn a_script_survives_its_caller_disconnecting(mode: Mode) {
             0,
             |l| lines.push(l.text.clone()),
             &CancellationToken::new(),
-            &tentacle_sim::client::FollowSettings::default(),
+            &tentacle_hub::client::FollowSettings::default(),
         )
         .await
         .expect("follow");

@@ -1,12 +1,12 @@
-//! `tentacle-sim deploy` runs a script on every agent of a role, polling and
+//! `tentacle-hub deploy` runs a script on every agent of a role, polling and
 //! listening mixed, prefixes their output, summarises, and fails if any
 //! target failed.
 
-use tentacle_tests::{SimHome, start_fleet};
+use tentacle_tests::{HubHome, start_fleet};
 
 #[test]
 fn a_deploy_reaches_every_agent_of_a_role_in_both_modes() {
-    let sim = SimHome::new();
+    let sim = HubHome::new();
     let (mut hub, hub_url, agents) = start_fleet(
         &sim,
         &[
@@ -82,7 +82,7 @@ fn a_deploy_reaches_every_agent_of_a_role_in_both_modes() {
 
 #[test]
 fn a_package_is_sent_once_per_agent_and_then_served_from_its_cache() {
-    let sim = SimHome::new();
+    let sim = HubHome::new();
     let (mut hub, hub_url, agents) =
         start_fleet(&sim, &[("app-a", "app", false), ("app-b", "app", true)]);
     let work = tempfile::tempdir().expect("tempdir");
@@ -174,12 +174,12 @@ fn a_package_is_sent_once_per_agent_and_then_served_from_its_cache() {
 
 #[test]
 fn ctrl_c_cancels_the_scripts_on_every_target() {
-    let sim = SimHome::new();
+    let sim = HubHome::new();
     let (mut hub, hub_url, _agents) =
         start_fleet(&sim, &[("cc-a", "slow", false), ("cc-b", "slow", true)]);
     let script = tempfile::NamedTempFile::new().expect("script file");
     std::fs::write(script.path(), "echo started; sleep 60; echo finished\n").expect("write script");
-    let deploy = std::process::Command::new(tentacle_tests::bin("tentacle-sim"))
+    let deploy = std::process::Command::new(tentacle_tests::bin("tentacle-hub"))
         .arg("--home")
         .arg(sim.0.path())
         .args([

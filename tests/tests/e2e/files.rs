@@ -4,8 +4,8 @@
 use std::io::Write;
 
 use sha2::{Digest, Sha256};
+use tentacle_hub::client::{ClientError, hash_file, partial_path};
 use tentacle_proto::v1 as pb;
-use tentacle_sim::client::{ClientError, hash_file, partial_path};
 use tentacle_tests::{Fixture, Mode, in_both_modes};
 use tonic::Code;
 

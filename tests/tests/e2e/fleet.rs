@@ -4,11 +4,11 @@
 
 use std::time::{Duration, Instant};
 
+use tentacle_hub::target::Target;
 use tentacle_proto::dial::ListeningAddress;
 use tentacle_sim::fleet::{Fleet, FleetSettings, ScriptModel};
-use tentacle_sim::target::Target;
 use tentacle_tests::{
-    HubFixture, SimHome, bash, bin, client_identity, established_sources_to, run_to_end, stdout_of,
+    HubFixture, HubHome, bash, bin, client_identity, established_sources_to, run_to_end, stdout_of,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -85,12 +85,12 @@ async fn a_hundred_virtual_agents_connect_and_run_scripts() {
     }
 }
 
-/// `tentacle-sim fleet` against a running `tentacle-sim server`: polling
+/// `tentacle-sim fleet` against a running `tentacle-hub server`: polling
 /// agents dial from several loopback source addresses, listening ones serve
 /// on ports of their own, and the hub trusts every one of them.
 #[test]
 fn the_fleet_verb_runs_both_modes_and_spreads_source_addresses() {
-    let sim = SimHome::new();
+    let sim = HubHome::new();
     let (mut hub, address) = sim.serve();
     let key = stdout_of(&sim.run(&["server", "api-key", "create"]));
     let log = tempfile::NamedTempFile::new().expect("log file");

@@ -1,11 +1,11 @@
-//! `tentacle-sim health` over a mixed fleet: what it reports for agents that
+//! `tentacle-hub health` over a mixed fleet: what it reports for agents that
 //! answer, for one that is stopped, and for the tooling bundle before and
 //! after a deployment pushes it.
 
 use serde_json::Value;
-use tentacle_tests::{SimHome, start_fleet};
+use tentacle_tests::{HubHome, start_fleet};
 
-fn health_json(sim: &SimHome, hub_url: &str) -> (Option<i32>, Vec<Value>) {
+fn health_json(sim: &HubHome, hub_url: &str) -> (Option<i32>, Vec<Value>) {
     let out = sim.run(&["health", "--json", "--timeout", "3s", "--hub", hub_url]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let value: Value =
@@ -22,7 +22,7 @@ fn field<'a>(report: &'a Value, name: &str) -> Option<&'a Value> {
 
 #[test]
 fn health_reports_each_agent_and_flags_a_stopped_one() {
-    let sim = SimHome::new();
+    let sim = HubHome::new();
     let (mut hub, hub_url, mut agents) = start_fleet(
         &sim,
         &[

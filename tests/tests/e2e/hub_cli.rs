@@ -1,14 +1,14 @@
-//! The hub as a person runs it: `tentacle-sim server` in its own process,
-//! agents trusted with `server trust add`, and `tentacle-sim exec --target
+//! The hub as a person runs it: `tentacle-hub server` in its own process,
+//! agents trusted with `server trust add`, and `tentacle-hub exec --target
 //! poll://ID` reaching a polling agent through it.
 
 use std::time::Duration;
 
-use tentacle_tests::{AgentProcess, SimHome};
+use tentacle_tests::{AgentProcess, HubHome};
 
 #[test]
 fn exec_reaches_a_polling_agent_through_a_running_hub() {
-    let sim = SimHome::new();
+    let sim = HubHome::new();
     let (mut hub, address) = sim.serve();
     let hub_url = format!("https://{address}");
 
@@ -61,7 +61,7 @@ fn exec_reaches_a_polling_agent_through_a_running_hub() {
     assert_eq!(out.status.code(), Some(3));
 
     // Someone else's certificate may not send calls through this hub.
-    let stranger = SimHome::new();
+    let stranger = HubHome::new();
     let refused = stranger.run(&[
         "exec",
         "--target",

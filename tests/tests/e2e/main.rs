@@ -1,4 +1,4 @@
-//! The end-to-end suite: real `tentacle` and `tentacle-sim` processes over
+//! The end-to-end suite: real `tentacle`, `tentacle-hub` and `tentacle-sim` processes over
 //! real mutual TLS, real proxies and a real trace backend.
 //!
 //! One test binary rather than one per file: each binary links every

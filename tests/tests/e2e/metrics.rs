@@ -2,10 +2,10 @@
 
 use std::time::{Duration, Instant};
 
+use tentacle_hub::client::AgentClient;
 use tentacle_proto::dial::DialSettings;
-use tentacle_sim::client::AgentClient;
 use tentacle_tests::{
-    AgentProcess, SimHome, bash, client_identity, free_port, http_get, metric, run_to_end,
+    AgentProcess, HubHome, bash, client_identity, free_port, http_get, metric, run_to_end,
     stdout_of,
 };
 
@@ -87,11 +87,11 @@ async fn the_agent_counts_bytes_scripts_and_refused_handshakes() {
 
 #[test]
 fn the_hub_reports_connected_agents_and_pickup_latency() {
-    let sim = SimHome::new();
+    let sim = HubHome::new();
     let metrics_port = free_port();
     let hub_port = free_port();
     // serve_on does not take extra options; start the hub by hand.
-    let mut hub = std::process::Command::new(tentacle_tests::bin("tentacle-sim"))
+    let mut hub = std::process::Command::new(tentacle_tests::bin("tentacle-hub"))
         .arg("--home")
         .arg(sim.0.path())
         .args([

@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use tentacle_hub::channel::PickupTimeout;
+use tentacle_hub::target::Target;
 use tentacle_proto::v1 as pb;
-use tentacle_sim::channel::PickupTimeout;
-use tentacle_sim::target::Target;
 use tentacle_tests::{Fixture, HubFixture, Mode, bash, client_identity, run_to_end, texts};
 use tonic::Code;
 
@@ -189,7 +189,7 @@ async fn after_a_hub_restart_the_agent_reconnects() {
 /// would miss the drain and hold its agent on a hub that is going away.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_draining_hub_refuses_new_tunnels_and_leaves_no_connection_behind() {
-    let settings = tentacle_sim::hub::HubSettings {
+    let settings = tentacle_hub::HubSettings {
         drain_grace: Duration::from_secs(4),
         ..Default::default()
     };
@@ -263,11 +263,12 @@ async fn the_hub_refuses_an_untrusted_agent() {
     assert!(!agent.log_text().contains("tunnel open"));
     assert_eq!(hub.hub.registry().connected_agents(), 0);
 
-    // Trusted at the TLS layer, but under another agent id: refused too.
-    hub.hub.trust_agent(tentacle_sim::hub::TrustedAgent {
+    // Trusted at the TLS layer, but under another agent id: refused too,
+    // with the name the hub knows it by.
+    hub.hub.trust_agent(tentacle_hub::TrustedAgent {
         thumbprint: agent.thumbprint,
         name: "someone-else".into(),
-        mode: tentacle_sim::hub::AgentMode::Polling,
+        mode: tentacle_hub::AgentMode::Polling,
         address: None,
         roles: Vec::new(),
         environments: Vec::new(),
@@ -275,7 +276,7 @@ async fn the_hub_refuses_an_untrusted_agent() {
         retire_previous_at: None,
     });
     assert!(
-        agent.wait_for_log("does not trust thumbprint", Duration::from_secs(10)),
+        agent.wait_for_log("is registered as `someone-else`", Duration::from_secs(10)),
         "log:\n{}",
         agent.log_text()
     );

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use tentacle_tests::{AgentProcess, FAST_POLLING, SimHome, free_port, stdout_of, tentacle_output};
+use tentacle_tests::{AgentProcess, FAST_POLLING, HubHome, free_port, stdout_of, tentacle_output};
 
 #[test]
 fn agents_register_with_tokens_and_api_keys_and_the_registry_survives_a_restart() {
-    let sim = SimHome::new();
+    let sim = HubHome::new();
     let hub_port = free_port();
     let (mut hub, address) = sim.serve_on(&format!("127.0.0.1:{hub_port}"));
     let hub_url = format!("https://{address}");

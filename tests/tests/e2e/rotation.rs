@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use tentacle_hub::client::AgentClient;
+use tentacle_hub::target::Target;
 use tentacle_proto::Thumbprint;
-use tentacle_sim::client::AgentClient;
-use tentacle_sim::target::Target;
 use tentacle_tests::{
     AgentProcess, FAST_POLLING, HubFixture, bash, client_identity, free_port, run_to_end,
     tentacle_output,
@@ -230,7 +230,7 @@ async fn rotating_certificates_fails_no_call() {
     let mut request = tonic::Request::new(tentacle_proto::v1::GetCapabilitiesRequest {});
     request
         .extensions_mut()
-        .insert(tentacle_sim::channel::PickupTimeout(Duration::from_millis(
+        .insert(tentacle_hub::channel::PickupTimeout(Duration::from_millis(
             300,
         )));
     let refused = tentacle_proto::v1::capabilities_service_client::CapabilitiesServiceClient::new(

@@ -61,7 +61,7 @@ async fn a_watch_resumes_after_a_dropped_stream_without_loss_or_repeats(mode: Mo
             resume_from,
             |line| seen.push(line.clone()),
             &tokio_util::sync::CancellationToken::new(),
-            &tentacle_sim::client::FollowSettings::default(),
+            &tentacle_hub::client::FollowSettings::default(),
         )
         .await
         .expect("follow");
@@ -151,7 +151,7 @@ async fn sensitive_values_are_masked_and_complete_deletes_the_workspace(mode: Mo
             0,
             |l| lines.push(l.text.clone()),
             &tokio_util::sync::CancellationToken::new(),
-            &tentacle_sim::client::FollowSettings::default(),
+            &tentacle_hub::client::FollowSettings::default(),
         )
         .await
         .expect("follow");
@@ -177,9 +177,11 @@ async fn sensitive_values_are_masked_and_complete_deletes_the_workspace(mode: Mo
         .await
         .expect("status")
         .into_inner();
+    // The agent remembers the completed ticket, so a repeat reports the
+    // run's result instead of running it again.
     assert_eq!(
-        gone.exit_code,
-        pb::ReservedExitCode::ExitCodeUnknownTicket as i32
+        (gone.state, gone.exit_code, gone.logs.len()),
+        (pb::ScriptState::Complete as i32, 0, 0)
     );
 }
 
@@ -239,15 +241,15 @@ async fn extra_files_arguments_and_timeouts_reach_the_script(mode: Mode) {
 }
 
 #[test]
-fn tentacle_sim_exec_prints_output_and_exits_with_the_script_code() {
+fn tentacle_hub_exec_prints_output_and_exits_with_the_script_code() {
     let sim_home = tempfile::tempdir().expect("tempdir");
     let sim = |args: &[&str]| {
-        Command::new(bin("tentacle-sim"))
+        Command::new(bin("tentacle-hub"))
             .arg("--home")
             .arg(sim_home.path())
             .args(args)
             .output()
-            .expect("run tentacle-sim")
+            .expect("run tentacle-hub")
     };
     let created = sim(&["new-certificate"]);
     assert!(created.status.success());
@@ -275,15 +277,20 @@ fn tentacle_sim_exec_prints_output_and_exits_with_the_script_code() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Nothing is left on the agent afterwards.
+    // Nothing is left on the agent afterwards but the record of completed
+    // tickets.
     let left: BTreeSet<_> = std::fs::read_dir(agent.home().join("work"))
         .expect("work dir")
         .filter_map(|e| e.ok())
         .collect::<Vec<_>>()
         .iter()
-        .map(|e| e.file_name())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(
+        left,
+        BTreeSet::from([".tentacle-completed-tickets".to_owned()]),
+        "{left:?}"
+    );
 
     let refused = sim(&[
         "exec",

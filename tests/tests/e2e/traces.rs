@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tentacle_tests::{AgentProcess, SimHome, free_port, http_get, stdout_of};
+use tentacle_tests::{AgentProcess, HubHome, free_port, http_get, stdout_of};
 
 /// `phoenix serve` on free ports with its own working directory.
 struct Phoenix {
@@ -152,7 +152,7 @@ fn each_execution_is_one_trace_from_the_control_plane_into_the_script() {
     let phoenix = Phoenix::start();
     let otel = vec![("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), phoenix.endpoint())];
 
-    let sim = SimHome(tempfile::tempdir().expect("tempdir"), otel.clone());
+    let sim = HubHome(tempfile::tempdir().expect("tempdir"), otel.clone());
     stdout_of(&sim.run(&["new-certificate"]));
     let (mut hub, hub_address) = sim.serve();
     let hub_url = format!("https://{hub_address}");

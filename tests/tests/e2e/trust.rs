@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use tentacle_hub::client::AgentClient;
 use tentacle_proto::dial::DialSettings;
 use tentacle_proto::v1 as pb;
-use tentacle_sim::client::AgentClient;
 use tentacle_tests::{AgentProcess, client_identity, tentacle};
 
 #[tokio::test(flavor = "multi_thread")]

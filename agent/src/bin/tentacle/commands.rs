@@ -100,7 +100,7 @@ pub struct ConfigureArgs {
     /// A hub to poll, https://HOST:PORT (with --server-thumbprint).
     #[arg(long, requires = "server_thumbprint")]
     server: Option<String>,
-    /// The hub's certificate thumbprint (`tentacle-sim show-thumbprint`).
+    /// The hub's certificate thumbprint (`tentacle-hub show-thumbprint`).
     #[arg(long, requires = "server")]
     server_thumbprint: Option<Thumbprint>,
     /// Stop polling this hub URL.

@@ -14,7 +14,7 @@ pub struct RegisterArgs {
     /// The hub, https://HOST:PORT (port 10943 by default).
     #[arg(long)]
     server: String,
-    /// The hub's certificate thumbprint (`tentacle-sim show-thumbprint`).
+    /// The hub's certificate thumbprint (`tentacle-hub show-thumbprint`).
     #[arg(long)]
     server_thumbprint: Thumbprint,
     /// The name to register under; polling agents are addressed as poll://NAME.
@@ -36,10 +36,10 @@ pub struct RegisterArgs {
     /// Listening mode: the port the hub should dial (default: the configured one).
     #[arg(long)]
     port: Option<u16>,
-    /// A one-time token from `tentacle-sim server token create`.
+    /// A one-time token from `tentacle-hub server token create`.
     #[arg(long, required_unless_present = "api_key", conflicts_with = "api_key")]
     token: Option<String>,
-    /// An API key from `tentacle-sim server api-key create`.
+    /// An API key from `tentacle-hub server api-key create`.
     #[arg(long)]
     api_key: Option<String>,
 }

@@ -1,0 +1,235 @@
+//! `tentacle-hub server`: run the hub, and manage the agents it trusts.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use tentacle_hub::credentials::CredentialKind;
+use tentacle_hub::home::HubHome;
+use tentacle_hub::trust::AgentTrustFile;
+use tentacle_hub::{AgentMode, Hub, HubSettings, HubStore, TrustedAgent};
+use tentacle_proto::Thumbprint;
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ServerArgs {
+    #[command(subcommand)]
+    command: Option<ServerCommand>,
+    /// Where to listen for polling agents and operators.
+    #[arg(long, default_value = "0.0.0.0:10943")]
+    listen: SocketAddr,
+    /// How long a call waits for a polling agent to connect.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pickup_timeout: Duration,
+    /// How long tunnels get to finish their calls when the hub stops.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
+    /// Send heartbeats on idle tunnels this often.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics.
+    #[arg(long, value_name = "ADDRESS")]
+    metrics_listen: Option<SocketAddr>,
+    /// A tunnel that is silent for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Duration,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ServerCommand {
+    /// The agents this hub trusts.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+    /// One-time registration tokens for `tentacle register-with --token`.
+    #[command(subcommand)]
+    Token(CredentialCommand),
+    /// API keys for `tentacle register-with --api-key`; each registers any
+    /// number of agents.
+    #[command(subcommand)]
+    ApiKey(CredentialCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CredentialCommand {
+    /// Prints a new secret; only its hash is stored.
+    Create {
+        /// How long it stays valid (tokens default to 1h; API keys do not expire
+        /// unless given).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TrustCommand {
+    /// Trusts an agent (replaces an entry with the same thumbprint).
+    Add {
+        /// The agent's certificate thumbprint (`tentacle show-thumbprint`).
+        #[arg(long)]
+        thumbprint: Thumbprint,
+        /// Its name; for a polling agent, its agent id (poll://NAME).
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["polling", "listening"])]
+        mode: String,
+        /// For a listening agent, https://HOST:PORT.
+        #[arg(long)]
+        address: Option<String>,
+        /// A role the agent has (repeatable).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// An environment the agent is in (repeatable).
+        #[arg(long = "environment")]
+        environments: Vec<String>,
+    },
+    /// Lists the trusted agents.
+    List,
+    /// Stops trusting an agent; its open tunnels are closed.
+    Remove {
+        #[arg(long)]
+        thumbprint: Thumbprint,
+    },
+}
+
+fn trust_file(home: &HubHome) -> AgentTrustFile {
+    AgentTrustFile::new(home.dir().join("agents.toml"))
+}
+
+pub async fn run(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Some(ServerCommand::Trust(command)) => trust(home, command),
+        Some(ServerCommand::Token(CredentialCommand::Create { ttl })) => {
+            let store = HubStore::in_dir(home.dir());
+            let ttl = ttl.unwrap_or(Duration::from_secs(3600));
+            println!(
+                "{}",
+                store.credentials.create(CredentialKind::Token, Some(ttl))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(ServerCommand::ApiKey(CredentialCommand::Create { ttl })) => {
+            let store = HubStore::in_dir(home.dir());
+            println!("{}", store.credentials.create(CredentialKind::ApiKey, ttl)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        None => serve(home, args).await,
+    }
+}
+
+fn trust(home: &HubHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
+    let file = trust_file(home);
+    match command {
+        TrustCommand::Add {
+            thumbprint,
+            name,
+            mode,
+            address,
+            roles,
+            environments,
+        } => {
+            tentacle_hub::target::AgentId::parse(&name).map_err(|_| {
+                anyhow::anyhow!("name `{name}` is not valid: use letters, digits, `-`, `_` or `.`")
+            })?;
+            let mode = if mode == "polling" {
+                AgentMode::Polling
+            } else {
+                AgentMode::Listening
+            };
+            if let Some(address) = &address {
+                address.parse::<tentacle_proto::dial::ListeningAddress>()?;
+            }
+            file.upsert(TrustedAgent {
+                thumbprint,
+                name,
+                mode,
+                address,
+                roles,
+                environments,
+                previous_thumbprint: None,
+                retire_previous_at: None,
+            })?;
+            println!("Saved {}", file.path().display());
+        }
+        TrustCommand::List => {
+            for agent in file.load()? {
+                let mode = match agent.mode {
+                    AgentMode::Polling => "polling",
+                    AgentMode::Listening => "listening",
+                };
+                println!(
+                    "{}  {:<9}  {}  {}  roles={} environments={}",
+                    agent.thumbprint,
+                    mode,
+                    agent.name,
+                    agent.address.unwrap_or_default(),
+                    agent.roles.join(","),
+                    agent.environments.join(",")
+                );
+            }
+        }
+        TrustCommand::Remove { thumbprint } => {
+            if !file.remove(&thumbprint)? {
+                anyhow::bail!("{thumbprint} is not in {}", file.path().display());
+            }
+            println!("Removed {thumbprint}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let identity = home.identity()?;
+    let thumbprint = identity.thumbprint();
+    let settings = HubSettings {
+        pickup_timeout: args.pickup_timeout,
+        drain_grace: args.drain_grace,
+        heartbeat: tentacle_proto::tunnel::HeartbeatSettings {
+            interval: args.heartbeat_interval,
+            timeout: args.heartbeat_timeout,
+        },
+        ..HubSettings::default()
+    };
+    if let Some(address) = args.metrics_listen {
+        tentacle_proto::metrics::spawn_metrics(address)
+            .await
+            .with_context(|| format!("could not serve metrics on {address}"))?;
+    }
+    let hub = Hub::with_store(identity, settings, HubStore::in_dir(home.dir()))?;
+    let file = trust_file(home);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "could not listen on {}; is another hub running?",
+                args.listen
+            )
+        })?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        %thumbprint,
+        agents = file.load()?.len(),
+        "hub listening"
+    );
+    // Serving includes the reload that picks up `server trust add/remove`
+    // from another shell.
+    hub.serve(listener, shutdown_signal()).await?;
+    tracing::info!("hub stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down: draining tunnels");
+}

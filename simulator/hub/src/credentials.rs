@@ -1,0 +1,197 @@
+//! One-time registration tokens and API keys, kept hashed in
+//! `credentials.toml` in the hub's home.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What a credential allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialKind {
+    /// Registers one agent, once, before it expires.
+    Token,
+    /// Registers any number of agents until removed.
+    ApiKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredCredential {
+    kind: CredentialKind,
+    /// SHA-256 of the secret; the secret itself is never stored.
+    sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_unix: Option<u64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CredentialFile {
+    #[serde(default, rename = "credential")]
+    credentials: Vec<StoredCredential>,
+}
+
+/// Why a credential was refused or could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("the registration token or API key is not valid (unknown, expired, or already used)")]
+    Invalid,
+    #[error("could not read or write {path}: {message}")]
+    Store { path: PathBuf, message: String },
+}
+
+/// `credentials.toml`. A lock keeps this process's read-modify-write cycles
+/// apart.
+#[derive(Debug)]
+pub struct CredentialStore {
+    path: PathBuf,
+    lock: Mutex<()>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn digest(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.trim().as_bytes()))
+}
+
+impl CredentialStore {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            lock: Mutex::new(()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn store_error(&self, message: impl std::fmt::Display) -> CredentialError {
+        CredentialError::Store {
+            path: self.path.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    fn load(&self) -> Result<CredentialFile, CredentialError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| self.store_error(e.message())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CredentialFile::default()),
+            Err(e) => Err(self.store_error(e)),
+        }
+    }
+
+    fn save(&self, file: &CredentialFile) -> Result<(), CredentialError> {
+        let text = toml::to_string_pretty(file).map_err(|e| self.store_error(e))?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| self.store_error(e))?;
+        }
+        let temp = self
+            .path
+            .with_extension(format!("tmp-{}", std::process::id()));
+        std::fs::write(&temp, text).map_err(|e| self.store_error(e))?;
+        std::fs::rename(&temp, &self.path).map_err(|e| self.store_error(e))
+    }
+
+    /// Makes a new secret of `kind` and returns it; only its hash is kept.
+    pub fn create(
+        &self,
+        kind: CredentialKind,
+        ttl: Option<Duration>,
+    ) -> Result<String, CredentialError> {
+        let mut bytes = [0u8; 24];
+        rand::rng().fill_bytes(&mut bytes);
+        let prefix = match kind {
+            CredentialKind::Token => "tt",
+            CredentialKind::ApiKey => "tk",
+        };
+        let secret = format!("{prefix}_{}", hex::encode(bytes));
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut file = self.load()?;
+        let now = now_unix();
+        // Expired tokens are dropped whenever the file is written.
+        file.credentials
+            .retain(|c| c.expires_unix.is_none_or(|t| t > now));
+        file.credentials.push(StoredCredential {
+            kind,
+            sha256: digest(&secret),
+            expires_unix: ttl.map(|ttl| now.saturating_add(ttl.as_secs())),
+        });
+        self.save(&file)?;
+        Ok(secret)
+    }
+
+    /// Checks a secret; a token is used up by a successful check, under
+    /// the lock, so two uses of one token never both succeed. Give the
+    /// result to [`Self::restore`] if what the token was for is then
+    /// refused.
+    pub fn redeem(&self, secret: &str, kind: CredentialKind) -> Result<Redeemed, CredentialError> {
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut file = self.load()?;
+        let wanted = digest(secret);
+        let now = now_unix();
+        let position = file.credentials.iter().position(|c| {
+            c.kind == kind && c.sha256 == wanted && c.expires_unix.is_none_or(|t| t > now)
+        });
+        match (position, kind) {
+            (None, _) => Err(CredentialError::Invalid),
+            (Some(_), CredentialKind::ApiKey) => Ok(Redeemed { used_up: None }),
+            (Some(index), CredentialKind::Token) => {
+                let token = file.credentials.remove(index);
+                self.save(&file)?;
+                Ok(Redeemed {
+                    used_up: Some(token),
+                })
+            }
+        }
+    }
+
+    /// Makes a token [`Self::redeem`] used up valid again (until its
+    /// original expiry); an API key was never used up.
+    pub fn restore(&self, redeemed: Redeemed) -> Result<(), CredentialError> {
+        let Some(token) = redeemed.used_up else {
+            return Ok(());
+        };
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut file = self.load()?;
+        if !file.credentials.contains(&token) {
+            file.credentials.push(token);
+        }
+        self.save(&file)
+    }
+}
+
+/// A credential [`CredentialStore::redeem`] accepted: the token it used up,
+/// if it was one, so a refused registration can give it back.
+#[derive(Debug)]
+pub struct Redeemed {
+    used_up: Option<StoredCredential>,
+}
+
+impl Redeemed {
+    /// Whether a one-time token was used up.
+    pub fn used_a_token(&self) -> bool {
+        self.used_up.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests;

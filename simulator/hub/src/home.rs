@@ -1,0 +1,124 @@
+//! The control plane's home: its certificate and key.
+
+use std::path::{Path, PathBuf};
+
+use tentacle_proto::Identity;
+use tentacle_proto::identity::IdentityError;
+
+/// Where the hub (and operators who share its home) keep the identity.
+#[derive(Debug, Clone)]
+pub struct HubHome {
+    dir: PathBuf,
+}
+
+/// The variable that names the hub's home.
+pub const HOME_VARIABLE: &str = "TENTACLE_HUB_HOME";
+/// The variable older setups name it with; read when [`HOME_VARIABLE`] is
+/// unset.
+pub const OLDER_HOME_VARIABLE: &str = "TENTACLE_SIM_HOME";
+
+/// The hub's home when `--home` is not given: `$TENTACLE_HUB_HOME`, else
+/// `$TENTACLE_SIM_HOME`, else `~/.tentacle-hub`.
+pub fn default_dir() -> PathBuf {
+    [HOME_VARIABLE, OLDER_HOME_VARIABLE]
+        .into_iter()
+        .find_map(|name| std::env::var_os(name).filter(|v| !v.is_empty()))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join(".tentacle-hub")
+        })
+}
+
+/// The home has no identity yet, or it cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error("no certificate in {0}: run `tentacle-hub new-certificate` first")]
+    NoCertificate(PathBuf),
+    #[error(
+        "a certificate already exists in {0}; pass --force to replace it (agents that trust the old thumbprint will then refuse this client)"
+    )]
+    Exists(PathBuf),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+impl HubHome {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn certificate_path(&self) -> PathBuf {
+        self.file("crt.pem")
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.file("key.pem")
+    }
+
+    /// `tentacle-hub.<suffix>`, or `tentacle-sim.<suffix>` in a home made
+    /// before the hub had a binary of its own, so such homes keep working.
+    fn file(&self, suffix: &str) -> PathBuf {
+        let older = self.dir.join(format!("tentacle-sim.{suffix}"));
+        let current = self.dir.join(format!("tentacle-hub.{suffix}"));
+        if !current.exists() && self.dir.join("tentacle-sim.crt.pem").is_file() {
+            older
+        } else {
+            current
+        }
+    }
+
+    /// The tooling bundle pushed to every agent before a deployment, when
+    /// one is set (`tentacle-hub tooling set`).
+    pub fn tooling_bundle(&self) -> Option<PathBuf> {
+        ["tooling.tar.gz", "tooling.zip"]
+            .into_iter()
+            .map(|name| self.dir.join(name))
+            .find(|p| p.is_file())
+    }
+
+    /// Makes `bundle` (a .tar.gz or .zip) the tooling bundle.
+    pub fn set_tooling_bundle(&self, bundle: &Path) -> std::io::Result<PathBuf> {
+        let name = if bundle.to_string_lossy().ends_with(".zip") {
+            "tooling.zip"
+        } else {
+            "tooling.tar.gz"
+        };
+        for old in ["tooling.tar.gz", "tooling.zip"] {
+            let _ = std::fs::remove_file(self.dir.join(old));
+        }
+        let target = self.dir.join(name);
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::copy(bundle, &target)?;
+        Ok(target)
+    }
+
+    pub fn identity(&self) -> Result<Identity, HomeError> {
+        if !self.certificate_path().exists() {
+            return Err(HomeError::NoCertificate(self.dir.clone()));
+        }
+        Ok(Identity::load(&self.certificate_path(), &self.key_path())?)
+    }
+
+    /// Makes and stores a new identity. Returns `None` when one exists and
+    /// `if_blank` is set.
+    pub fn new_identity(&self, force: bool, if_blank: bool) -> Result<Option<Identity>, HomeError> {
+        if self.certificate_path().exists() {
+            if if_blank {
+                return Ok(None);
+            }
+            if !force {
+                return Err(HomeError::Exists(self.dir.clone()));
+            }
+        }
+        let identity = Identity::generate("Tentacle control plane")?;
+        identity.save(&self.certificate_path(), &self.key_path())?;
+        Ok(Some(identity))
+    }
+}

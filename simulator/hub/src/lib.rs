@@ -1,0 +1,45 @@
+//! Tentacle's control plane: the hub that reaches every agent, listening or
+//! polling, through one API, and the clients that drive agents through it.
+//!
+//! Modules depend only on the ones listed above them:
+//! - [`target`]: `https://host:port` and `poll://agent-id`.
+//! - [`trust`] and [`credentials`]: the registry file (`agents.toml`) and
+//!   the hashed one-time tokens and API keys (`credentials.toml`).
+//! - [`registry`]: tunnels open now, by agent id, and calls waiting for one.
+//! - [`channel`]: [`channel::AgentChannel`], one tower service for every
+//!   way of reaching an agent.
+//! - [`client`]: typed calls to one agent over any channel.
+//! - [`hub`]: [`Hub`], the state: trusted agents and operators, the
+//!   listening pool, rotation and draining.
+//! - [`grouped`]: registrations that arrive together share one write.
+//! - [`errors`]: the one place hub errors become gRPC statuses.
+//! - [`tunnels`], [`proxy`], [`registration`]: the services the hub serves.
+//! - [`serve`]: [`Hub::serve`], which serves them with the registry
+//!   reload and the drain at shutdown.
+//! - [`args`]: the `--hub` arguments every program that reaches a hub
+//!   shares.
+//! - [`deploy`]: one script on many agents; [`home`]: the hub's identity on
+//!   disk.
+
+pub mod args;
+pub mod channel;
+pub mod client;
+pub mod credentials;
+pub mod deploy;
+pub mod errors;
+pub mod grouped;
+pub mod home;
+pub mod hub;
+pub mod proxy;
+pub mod registration;
+pub mod registry;
+pub mod serve;
+pub mod target;
+#[cfg(test)]
+mod testing;
+pub mod trust;
+pub mod tunnels;
+
+pub use hub::{DEFAULT_HUB_PORT, Hub, HubError, HubSettings, HubStore, RotateError, unix_now};
+pub use registry::Registry;
+pub use trust::{AgentMode, TrustedAgent};

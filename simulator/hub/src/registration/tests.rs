@@ -1,0 +1,512 @@
+use std::time::Duration;
+
+use pb::register_request::Credential;
+use tentacle_proto::v1::registration_service_client::RegistrationServiceClient;
+use tonic::Code;
+
+use super::*;
+use crate::hub::{HubSettings, unix_now};
+use crate::testing::{connect, hub_routes, memory_hub, request, stored_hub, thumbprint};
+
+fn registration(name: &str, credential: Credential) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        credential: Some(credential),
+        name: name.into(),
+        mode: pb::AgentMode::Polling as i32,
+        roles: Vec::new(),
+        environments: Vec::new(),
+        public_hostname: String::new(),
+        port: 0,
+    }
+}
+
+fn new_token(hub: &Hub) -> Credential {
+    let store = hub.store().expect("store");
+    Credential::Token(
+        store
+            .credentials
+            .create(CredentialKind::Token, Some(Duration::from_secs(3600)))
+            .expect("token"),
+    )
+}
+
+fn new_api_key(hub: &Hub) -> Credential {
+    let store = hub.store().expect("store");
+    Credential::ApiKey(
+        store
+            .credentials
+            .create(CredentialKind::ApiKey, None)
+            .expect("api key"),
+    )
+}
+
+/// Whether `token` would still register an agent; using it to find out
+/// uses it up.
+fn still_valid(hub: &Hub, token: &Credential) -> bool {
+    let Credential::Token(secret) = token else {
+        panic!("not a token")
+    };
+    let store = hub.store().expect("store");
+    store
+        .credentials
+        .redeem(secret, CredentialKind::Token)
+        .is_ok()
+}
+
+async fn register(
+    api: &RegistrationApi,
+    as_thumbprint: Thumbprint,
+    message: pb::RegisterRequest,
+) -> Result<pb::RegisterResponse, Status> {
+    api.register(request(message, as_thumbprint))
+        .await
+        .map(Response::into_inner)
+}
+
+fn names(hub: &Hub) -> Vec<(String, Thumbprint)> {
+    hub.agents()
+        .iter()
+        .map(|a| (a.name.clone(), a.thumbprint))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_one_time_token_registers_once() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    let token = new_token(&hub);
+    let joined = register(&api, thumbprint("a"), registration("web-01", token.clone()))
+        .await
+        .expect("registered");
+    let agent = joined.agent.expect("agent");
+    assert_eq!(agent.target, "poll://web-01");
+    assert_eq!(agent.thumbprint, thumbprint("a").to_string());
+
+    let refused = register(&api, thumbprint("b"), registration("web-02", token))
+        .await
+        .expect_err("used up");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("not valid"), "{refused:?}");
+    assert_eq!(names(&hub), [("web-01".into(), thumbprint("a"))]);
+}
+
+#[tokio::test]
+async fn an_api_key_registers_many_agents() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    let key = new_api_key(&hub);
+    for i in 0..5 {
+        let name = format!("web-{i:02}");
+        register(&api, thumbprint(&name), registration(&name, key.clone()))
+            .await
+            .expect("registered");
+    }
+    assert_eq!(hub.agents().len(), 5);
+    // And the same agent again, with new roles.
+    let mut again = registration("web-00", key);
+    again.roles = vec!["db".into(), " db ".into()];
+    register(&api, thumbprint("web-00"), again)
+        .await
+        .expect("registered again");
+    let agents = hub.agents();
+    let web_00: Vec<_> = agents.iter().filter(|a| a.name == "web-00").collect();
+    assert_eq!(web_00.len(), 1);
+    assert_eq!(web_00[0].roles, ["db"], "trimmed and deduplicated");
+}
+
+/// A name held by another certificate is refused as `ALREADY_EXISTS`, and
+/// the refused registration's token still works.
+#[tokio::test]
+async fn a_name_owned_by_another_thumbprint_is_refused_without_using_the_token() {
+    let (hub, dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    register(
+        &api,
+        thumbprint("a"),
+        registration("web-01", new_token(&hub)),
+    )
+    .await
+    .expect("first");
+    let token = new_token(&hub);
+    let refused = register(&api, thumbprint("b"), registration("web-01", token.clone()))
+        .await
+        .expect_err("taken");
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+    assert!(
+        refused.message().contains("`web-01`")
+            && refused.message().contains(&thumbprint("a").to_string())
+            && refused.message().contains("pick another name"),
+        "{refused:?}"
+    );
+    assert!(!refused.message().contains('\n'));
+    assert_eq!(names(&hub), [("web-01".into(), thumbprint("a"))]);
+    let stored = crate::hub::HubStore::in_dir(dir.path())
+        .agents
+        .load()
+        .expect("load");
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].thumbprint, thumbprint("a"));
+
+    register(&api, thumbprint("b"), registration("web-02", token))
+        .await
+        .expect("the token was not used up");
+}
+
+#[tokio::test]
+async fn a_malformed_registration_is_refused_before_the_token_is_used() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    let token = new_token(&hub);
+    let mut bad_role = registration("web-01", token.clone());
+    bad_role.roles = vec!["web server".into()];
+    let mut bad_mode = registration("web-01", token.clone());
+    bad_mode.mode = 42;
+    let mut bad_port = registration("web-01", token.clone());
+    bad_port.mode = pb::AgentMode::Listening as i32;
+    bad_port.port = 70_000;
+    for bad in [
+        registration("web 01", token.clone()),
+        registration("", token.clone()),
+        bad_role,
+        bad_mode,
+        bad_port,
+    ] {
+        let refused = register(&api, thumbprint("a"), bad.clone())
+            .await
+            .expect_err("malformed");
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{bad:?}: {refused:?}"
+        );
+    }
+    assert!(hub.agents().is_empty());
+    assert!(still_valid(&hub, &token));
+}
+
+#[tokio::test]
+async fn a_registration_without_a_credential_or_certificate_is_unauthenticated() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    let mut anonymous = registration("web-01", new_api_key(&hub));
+    anonymous.credential = None;
+    let refused = register(&api, thumbprint("a"), anonymous)
+        .await
+        .expect_err("no credential");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let refused = api
+        .register(Request::new(registration("web-01", new_api_key(&hub))))
+        .await
+        .expect_err("no peer");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(hub.agents().is_empty());
+}
+
+#[tokio::test]
+async fn a_hub_without_a_home_takes_no_registrations() {
+    let api = RegistrationApi::new(memory_hub(HubSettings::default()));
+    let refused = register(
+        &api,
+        thumbprint("a"),
+        registration("web-01", Credential::ApiKey("tk_x".into())),
+    )
+    .await
+    .expect_err("no home");
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+}
+
+#[tokio::test]
+async fn a_listening_agent_is_dialled_where_it_registered_from() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    let mut listening = registration("db-01", new_api_key(&hub));
+    listening.mode = pb::AgentMode::Listening as i32;
+    let joined = register(&api, thumbprint("db"), listening)
+        .await
+        .expect("registered")
+        .agent
+        .expect("agent");
+    assert_eq!(
+        joined.target,
+        format!(
+            "https://10.0.0.7:{}",
+            tentacle_proto::dial::DEFAULT_LISTENING_PORT
+        )
+    );
+}
+
+/// Two uses of one token at the same moment: one registers, the other is
+/// refused, whichever name each asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uses_of_one_token_register_one_agent() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    for i in 0..50 {
+        let token = new_token(&hub);
+        let start = Arc::new(tokio::sync::Barrier::new(2));
+        let attempts: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|side| {
+                let (api, start, token) = (api.clone(), start.clone(), token.clone());
+                let name = format!("token-{i}-{side}");
+                tokio::spawn(async move {
+                    start.wait().await;
+                    register(&api, thumbprint(&name), registration(&name, token)).await
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for attempt in attempts {
+            outcomes.push(attempt.await.expect("task"));
+        }
+        let codes: Vec<_> = outcomes
+            .iter()
+            .map(|o| o.as_ref().map_err(Status::code).err())
+            .collect();
+        assert!(
+            codes == [None, Some(Code::PermissionDenied)]
+                || codes == [Some(Code::PermissionDenied), None],
+            "iteration {i}: {outcomes:?}"
+        );
+    }
+    assert_eq!(hub.agents().len(), 50);
+}
+
+/// The registration race through the service: two certificates register
+/// one name at once, each with its own token. One wins; the other gets
+/// `ALREADY_EXISTS` and keeps its token; the winner stays trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_certificates_registering_one_name_at_once_leave_one_owner() {
+    let (hub, dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    for i in 0..200 {
+        let name = format!("race-{i}");
+        let tokens = [new_token(&hub), new_token(&hub)];
+        let prints = [
+            thumbprint(&format!("{name}-a")),
+            thumbprint(&format!("{name}-b")),
+        ];
+        let start = Arc::new(tokio::sync::Barrier::new(2));
+        let attempts: Vec<_> = (0..2)
+            .map(|side| {
+                let (api, start) = (api.clone(), start.clone());
+                let message = registration(&name, tokens[side].clone());
+                let print = prints[side];
+                tokio::spawn(async move {
+                    start.wait().await;
+                    register(&api, print, message).await
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for attempt in attempts {
+            outcomes.push(attempt.await.expect("task"));
+        }
+        let (winner, loser) = match (&outcomes[0], &outcomes[1]) {
+            (Ok(_), Err(refused)) | (Err(refused), Ok(_))
+                if refused.code() == Code::AlreadyExists =>
+            {
+                if outcomes[0].is_ok() {
+                    (0, 1)
+                } else {
+                    (1, 0)
+                }
+            }
+            _ => panic!("exactly one registration of {name} succeeds: {outcomes:?}"),
+        };
+        assert_eq!(
+            names(&hub)
+                .into_iter()
+                .filter(|(n, _)| *n == name)
+                .collect::<Vec<_>>(),
+            [(name.clone(), prints[winner])]
+        );
+        assert!(hub.allows_tunnel(&prints[winner], &name));
+        assert!(!hub.allows_tunnel(&prints[loser], &name));
+        assert!(!hub.tls_trust().contains(&prints[loser]));
+        assert!(
+            !still_valid(&hub, &tokens[winner]),
+            "the winner's token is used"
+        );
+        assert!(still_valid(&hub, &tokens[loser]), "the loser's is not");
+    }
+    let stored = crate::hub::HubStore::in_dir(dir.path())
+        .agents
+        .load()
+        .expect("load");
+    assert_eq!(stored.len(), 200);
+    assert_eq!(*hub.agents(), stored, "memory and disk agree");
+}
+
+/// The same race over gRPC, each agent on its own in-memory connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_race_over_grpc_has_one_winner() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let key = new_api_key(&hub);
+    for i in 0..50 {
+        let name = format!("wire-{i}");
+        let start = Arc::new(tokio::sync::Barrier::new(2));
+        let mut attempts = Vec::new();
+        for side in ["a", "b"] {
+            let print = thumbprint(&format!("{name}-{side}"));
+            let mut client = RegistrationServiceClient::new(connect(hub_routes(&hub), print).await);
+            let (start, message) = (start.clone(), registration(&name, key.clone()));
+            attempts.push(tokio::spawn(async move {
+                start.wait().await;
+                client
+                    .register(message)
+                    .await
+                    .map(|r| (print, r.into_inner()))
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for attempt in attempts {
+            outcomes.push(attempt.await.expect("task"));
+        }
+        let winner = match (&outcomes[0], &outcomes[1]) {
+            (Ok((print, _)), Err(refused)) | (Err(refused), Ok((print, _)))
+                if refused.code() == Code::AlreadyExists =>
+            {
+                *print
+            }
+            _ => panic!("exactly one registration of {name} succeeds: {outcomes:?}"),
+        };
+        let owners: Vec<_> = names(&hub)
+            .into_iter()
+            .filter(|(n, _)| *n == name)
+            .collect();
+        assert_eq!(owners, [(name.clone(), winner)]);
+    }
+}
+
+#[tokio::test]
+async fn an_agents_rotation_overlap_is_clamped() {
+    let (hub, _dir) = stored_hub(HubSettings {
+        rotation_overlap: Duration::from_secs(600),
+        max_rotation_overlap: Duration::from_secs(3600),
+        ..HubSettings::default()
+    });
+    let api = RegistrationApi::new(hub.clone());
+    let key = new_api_key(&hub);
+    for (i, (asked, granted)) in [(0, 600), (60, 60), (7200, 3600), (u64::MAX, 3600)]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("web-{i}");
+        let current = thumbprint(&name);
+        register(&api, current, registration(&name, key.clone()))
+            .await
+            .expect("registered");
+        let before = unix_now();
+        let rotated = api
+            .rotate_certificate(request(
+                pb::RotateCertificateRequest {
+                    new_certificate: format!("{name}-new").into_bytes(),
+                    overlap_seconds: asked,
+                },
+                current,
+            ))
+            .await
+            .expect("rotated")
+            .into_inner();
+        let after = unix_now();
+        assert!(
+            (before + granted..=after + granted).contains(&rotated.retire_old_at_unix),
+            "asked {asked}s, granted {}s",
+            rotated.retire_old_at_unix.saturating_sub(before)
+        );
+        let new = Thumbprint::of_der(format!("{name}-new").as_bytes());
+        assert_eq!(rotated.new_thumbprint, new.to_string());
+        assert!(hub.allows_tunnel(&new, &name) && hub.allows_tunnel(&current, &name));
+    }
+}
+
+#[test]
+fn the_default_overlap_bound_is_a_week() {
+    let settings = HubSettings::default();
+    assert_eq!(
+        settings.max_rotation_overlap,
+        Duration::from_secs(7 * 24 * 3600)
+    );
+    assert!(settings.rotation_overlap <= settings.max_rotation_overlap);
+    assert_eq!(settings.max_pickup_timeout, Duration::from_secs(3600));
+    assert!(settings.pickup_timeout <= settings.max_pickup_timeout);
+}
+
+#[tokio::test]
+async fn refused_rotations_say_why() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    let key = new_api_key(&hub);
+    for name in ["web-01", "web-02"] {
+        register(&api, thumbprint(name), registration(name, key.clone()))
+            .await
+            .expect("registered");
+    }
+    let rotate = |from: Thumbprint, certificate: &[u8]| {
+        api.rotate_certificate(request(
+            pb::RotateCertificateRequest {
+                new_certificate: certificate.to_vec(),
+                overlap_seconds: 0,
+            },
+            from,
+        ))
+    };
+    let unknown = rotate(thumbprint("stranger"), b"new")
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let empty = rotate(thumbprint("web-01"), b"").await.expect_err("empty");
+    assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
+    // web-02's thumbprint is the digest of the bytes `web-02`.
+    let theirs = rotate(thumbprint("web-01"), b"web-02")
+        .await
+        .expect_err("theirs");
+    assert_eq!(theirs.code(), Code::AlreadyExists, "{theirs:?}");
+    rotate(thumbprint("web-01"), b"web-01-new")
+        .await
+        .expect("rotated");
+    let again = rotate(thumbprint("web-01"), b"web-01-newer")
+        .await
+        .expect_err("retiring");
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+}
+
+#[tokio::test]
+async fn deregistering_an_unknown_agent_is_not_found() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    let refused = api
+        .deregister(request(pb::DeregisterRequest {}, thumbprint("stranger")))
+        .await
+        .expect_err("unknown");
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+}
+
+#[tokio::test]
+async fn only_operators_list_the_fleet() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    register(
+        &api,
+        thumbprint("a"),
+        registration("web-01", new_api_key(&hub)),
+    )
+    .await
+    .expect("registered");
+    let refused = api
+        .list_agents(request(pb::ListAgentsRequest::default(), thumbprint("a")))
+        .await
+        .expect_err("an agent is no operator");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let listed = api
+        .list_agents(request(
+            pb::ListAgentsRequest::default(),
+            hub.identity().thumbprint(),
+        ))
+        .await
+        .expect("listed")
+        .into_inner();
+    assert_eq!(listed.agents.len(), 1);
+    assert_eq!(listed.agents[0].name, "web-01");
+}

@@ -1,0 +1,352 @@
+//! Open tunnels by agent id, and calls waiting for an agent to connect.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tentacle_proto::Thumbprint;
+use tentacle_proto::v1::TunnelFrame;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::target::AgentId;
+
+/// One open tunnel to a polling agent.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub id: u64,
+    pub agent_id: AgentId,
+    pub thumbprint: Thumbprint,
+    /// The inner HTTP/2 client; the agent serves at its far end.
+    pub channel: Channel,
+    /// Frames to the agent outside the inner connection (drain).
+    pub control: mpsc::Sender<TunnelFrame>,
+    /// Cancelling closes the tunnel.
+    pub stop: CancellationToken,
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+impl Tunnel {
+    pub fn new(
+        agent_id: AgentId,
+        thumbprint: Thumbprint,
+        channel: Channel,
+        control: mpsc::Sender<TunnelFrame>,
+        stop: CancellationToken,
+    ) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            agent_id,
+            thumbprint,
+            channel,
+            control,
+            stop,
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts a call until the guard is dropped.
+    pub fn begin_call(self: &Arc<Self>) -> CallGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        CallGuard {
+            tunnel: self.clone(),
+        }
+    }
+}
+
+/// A call in flight on a tunnel.
+#[derive(Debug)]
+pub struct CallGuard {
+    tunnel: Arc<Tunnel>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.tunnel.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Default)]
+struct AgentSlot {
+    tunnels: Vec<Arc<Tunnel>>,
+    /// Bumped whenever a tunnel arrives, to wake waiting calls.
+    arrivals: Option<watch::Sender<u64>>,
+}
+
+/// Counts a call waiting for its agent in the metrics.
+struct QueuedCall;
+
+impl QueuedCall {
+    fn new() -> Self {
+        tentacle_proto::metrics::METRICS.hub_queued_calls.inc();
+        Self
+    }
+}
+
+impl Drop for QueuedCall {
+    fn drop(&mut self) {
+        tentacle_proto::metrics::METRICS.hub_queued_calls.dec();
+    }
+}
+
+/// Drops a waiter's slot when the wait ends, however it ends.
+struct SlotCleanup<'a> {
+    registry: &'a Registry,
+    agent: &'a AgentId,
+}
+
+impl Drop for SlotCleanup<'_> {
+    fn drop(&mut self) {
+        self.registry.forget_if_unused(self.agent);
+    }
+}
+
+/// Why no tunnel could be picked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PickError {
+    #[error("agent {agent} did not connect within {waited}")]
+    NotConnected { agent: String, waited: String },
+    #[error("the hub is shutting down")]
+    Closing,
+    #[error("agent {agent} is connected with thumbprint {actual}, not the expected {expected}")]
+    WrongThumbprint {
+        agent: String,
+        actual: String,
+        expected: String,
+    },
+}
+
+/// Every open tunnel, by agent.
+#[derive(Debug, Default)]
+pub struct Registry {
+    agents: Mutex<HashMap<AgentId, AgentSlot>>,
+    /// Cancelled when the hub shuts down.
+    closing: CancellationToken,
+    /// Every thumbprint registered for an agent: during a certificate
+    /// rotation a caller that expects either one reaches the agent.
+    aliases: Mutex<HashMap<AgentId, Vec<Thumbprint>>>,
+}
+
+impl Registry {
+    /// Stops accepting tunnels and fails waiting calls.
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+
+    pub fn closing(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+
+    /// Replaces the thumbprints known for each agent.
+    pub fn set_aliases(&self, aliases: impl IntoIterator<Item = (AgentId, Vec<Thumbprint>)>) {
+        *self.aliases.lock().unwrap_or_else(PoisonError::into_inner) =
+            aliases.into_iter().collect();
+    }
+
+    /// Whether a tunnel with `actual` serves a caller that expects `expected`.
+    fn same_agent(&self, agent: &AgentId, expected: &Thumbprint, actual: &Thumbprint) -> bool {
+        expected == actual
+            || self
+                .aliases
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(agent)
+                .is_some_and(|known| known.contains(expected) && known.contains(actual))
+    }
+
+    /// Registers a tunnel; a closing registry stops it at once instead.
+    pub fn add(&self, tunnel: Arc<Tunnel>) {
+        // Checked under the lock: `Hub::drain` closes the registry before it
+        // takes its snapshot, so a tunnel is either in the snapshot or
+        // stopped here.
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.is_closing() {
+            tunnel.stop.cancel();
+            return;
+        }
+        let slot = agents.entry(tunnel.agent_id.clone()).or_default();
+        slot.tunnels.push(tunnel);
+        if let Some(arrivals) = &slot.arrivals {
+            arrivals.send_modify(|n| *n += 1);
+        }
+        Self::publish(&agents);
+    }
+
+    /// Updates the tunnel and agent gauges; called with the table locked.
+    fn publish(agents: &HashMap<AgentId, AgentSlot>) {
+        let metrics = &tentacle_proto::metrics::METRICS;
+        let tunnels: usize = agents.values().map(|s| s.tunnels.len()).sum();
+        let connected = agents.values().filter(|s| !s.tunnels.is_empty()).count();
+        metrics
+            .hub_tunnels_open
+            .set(i64::try_from(tunnels).unwrap_or(i64::MAX));
+        metrics
+            .hub_connected_agents
+            .set(i64::try_from(connected).unwrap_or(i64::MAX));
+    }
+
+    pub fn remove(&self, tunnel: &Tunnel) {
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = agents.get_mut(&tunnel.agent_id) {
+            slot.tunnels.retain(|t| t.id != tunnel.id);
+            let waiters = slot
+                .arrivals
+                .as_ref()
+                .is_some_and(|a| a.receiver_count() > 0);
+            if slot.tunnels.is_empty() && !waiters {
+                agents.remove(&tunnel.agent_id);
+            }
+        }
+        Self::publish(&agents);
+    }
+
+    /// Agents with at least one open tunnel.
+    pub fn connected_agents(&self) -> usize {
+        self.agents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|s| !s.tunnels.is_empty())
+            .count()
+    }
+
+    pub fn tunnels(&self) -> Vec<Arc<Tunnel>> {
+        self.agents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .flat_map(|s| s.tunnels.iter().cloned())
+            .collect()
+    }
+
+    /// The least busy usable tunnel to `agent`, if one is open now.
+    fn pick_now(
+        &self,
+        agent: &AgentId,
+        thumbprint: &Thumbprint,
+    ) -> Result<Option<Arc<Tunnel>>, PickError> {
+        let agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(slot) = agents.get(agent) else {
+            return Ok(None);
+        };
+        let usable = slot
+            .tunnels
+            .iter()
+            .filter(|t| !t.is_draining() && !t.stop.is_cancelled());
+        let mut wrong = None;
+        let mut best: Option<&Arc<Tunnel>> = None;
+        for tunnel in usable {
+            if !self.same_agent(agent, thumbprint, &tunnel.thumbprint) {
+                wrong = Some(tunnel.thumbprint);
+                continue;
+            }
+            if best.is_none_or(|b| tunnel.in_flight() < b.in_flight()) {
+                best = Some(tunnel);
+            }
+        }
+        match (best, wrong) {
+            (Some(tunnel), _) => Ok(Some(tunnel.clone())),
+            (None, Some(actual)) => Err(PickError::WrongThumbprint {
+                agent: agent.to_string(),
+                actual: actual.to_string(),
+                expected: thumbprint.to_string(),
+            }),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn arrivals(&self, agent: &AgentId) -> watch::Receiver<u64> {
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        agents
+            .entry(agent.clone())
+            .or_default()
+            .arrivals
+            .get_or_insert_with(|| watch::Sender::new(0))
+            .subscribe()
+    }
+
+    /// Drops an agent's slot once it has neither tunnels nor waiters, so
+    /// asking for unknown agents does not grow the table.
+    fn forget_if_unused(&self, agent: &AgentId) {
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        let unused = agents.get(agent).is_some_and(|slot| {
+            slot.tunnels.is_empty()
+                && slot
+                    .arrivals
+                    .as_ref()
+                    .is_none_or(|a| a.receiver_count() <= 1)
+        });
+        if unused {
+            agents.remove(agent);
+        }
+    }
+
+    /// Waits up to `timeout` for a tunnel to `agent` with `thumbprint`.
+    pub async fn pick(
+        &self,
+        agent: &AgentId,
+        thumbprint: &Thumbprint,
+        timeout: Duration,
+    ) -> Result<Arc<Tunnel>, PickError> {
+        if let Some(tunnel) = self.pick_now(agent, thumbprint)? {
+            return Ok(tunnel);
+        }
+        if self.is_closing() {
+            return Err(PickError::Closing);
+        }
+        let _queued = QueuedCall::new();
+        let mut arrivals = self.arrivals(agent);
+        // Forgets the slot however the wait ends, even if the caller gives up.
+        let _cleanup = SlotCleanup {
+            registry: self,
+            agent,
+        };
+        let wait = async {
+            loop {
+                // Check after subscribing, so an arrival in between is seen.
+                if let Some(tunnel) = self.pick_now(agent, thumbprint)? {
+                    return Ok(tunnel);
+                }
+                if arrivals.changed().await.is_err() {
+                    // The slot was dropped; subscribe again.
+                    arrivals = self.arrivals(agent);
+                }
+            }
+        };
+        let result = tokio::select! {
+            result = tokio::time::timeout(timeout, wait) => result,
+            () = self.closing.cancelled() => return Err(PickError::Closing),
+        };
+        match result {
+            Ok(result) => result,
+            Err(_) => Err(PickError::NotConnected {
+                agent: agent.to_string(),
+                waited: humantime::format_duration(timeout).to_string(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

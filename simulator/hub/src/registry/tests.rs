@@ -1,0 +1,192 @@
+use super::*;
+use crate::testing::{agent_id, idle_tunnel, thumbprint};
+
+/// How long a test waits for a tunnel that is already there.
+const NOW: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn the_least_busy_usable_tunnel_is_picked() {
+    let registry = Registry::default();
+    let print = thumbprint("web-01");
+    let tunnels: Vec<_> = (0..3)
+        .map(|_| {
+            let (tunnel, frames) = idle_tunnel("web-01", print);
+            registry.add(tunnel.clone());
+            (tunnel, frames)
+        })
+        .collect();
+    let [(a, _), (b, _), (c, _)] = &tunnels[..] else {
+        unreachable!()
+    };
+    let _calls = [a.begin_call(), a.begin_call(), b.begin_call()];
+    let agent = agent_id("web-01");
+    let picked = registry.pick(&agent, &print, NOW).await.expect("pick");
+    assert_eq!(picked.id, c.id, "the idle tunnel");
+
+    let _more = [c.begin_call(), c.begin_call(), c.begin_call()];
+    let picked = registry.pick(&agent, &print, NOW).await.expect("pick");
+    assert_eq!(picked.id, b.id, "one call beats two and three");
+
+    // A draining tunnel gets no new calls, however idle.
+    let (draining, _frames) = idle_tunnel("web-01", print);
+    draining.start_draining();
+    registry.add(draining.clone());
+    let picked = registry.pick(&agent, &print, NOW).await.expect("pick");
+    assert_eq!(picked.id, b.id);
+    assert_eq!(registry.connected_agents(), 1);
+}
+
+#[tokio::test]
+async fn a_tunnel_with_another_certificate_is_not_picked() {
+    let registry = Registry::default();
+    let (tunnel, _frames) = idle_tunnel("web-01", thumbprint("someone-else"));
+    registry.add(tunnel);
+    let refused = registry
+        .pick(&agent_id("web-01"), &thumbprint("web-01"), NOW)
+        .await;
+    assert!(
+        matches!(refused, Err(PickError::WrongThumbprint { .. })),
+        "{refused:?}"
+    );
+    // While the agent rotates, either registered thumbprint reaches it.
+    registry.set_aliases([(
+        agent_id("web-01"),
+        vec![thumbprint("web-01"), thumbprint("someone-else")],
+    )]);
+    registry
+        .pick(&agent_id("web-01"), &thumbprint("web-01"), NOW)
+        .await
+        .expect("an alias is the same agent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_waits_for_an_agent_that_connects_later() {
+    let registry = Arc::new(Registry::default());
+    let print = thumbprint("web-01");
+    let waiting = tokio::spawn({
+        let registry = registry.clone();
+        async move {
+            let start = tokio::time::Instant::now();
+            let picked = registry
+                .pick(&agent_id("web-01"), &print, Duration::from_secs(60))
+                .await;
+            (picked, start.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!waiting.is_finished(), "no tunnel yet");
+    let (tunnel, _frames) = idle_tunnel("web-01", print);
+    registry.add(tunnel.clone());
+    let (picked, waited) = waiting.await.expect("task");
+    assert_eq!(picked.expect("picked").id, tunnel.id);
+    assert_eq!(waited, Duration::from_secs(5), "picked when it arrived");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_gives_up_after_the_pickup_timeout() {
+    let registry = Registry::default();
+    let agent = agent_id("web-01");
+    let start = tokio::time::Instant::now();
+    let refused = registry
+        .pick(&agent, &thumbprint("web-01"), Duration::from_secs(30))
+        .await;
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+    assert_eq!(
+        refused.map(|t| t.id),
+        Err(PickError::NotConnected {
+            agent: "web-01".into(),
+            waited: "30s".into(),
+        })
+    );
+    assert!(
+        registry
+            .agents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty(),
+        "the waiter's slot is forgotten"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_early_tunnel_from_another_agent_does_not_end_the_wait() {
+    let registry = Arc::new(Registry::default());
+    let waiting = tokio::spawn({
+        let registry = registry.clone();
+        async move {
+            registry
+                .pick(
+                    &agent_id("web-01"),
+                    &thumbprint("web-01"),
+                    Duration::from_secs(10),
+                )
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (other, _frames) = idle_tunnel("web-02", thumbprint("web-02"));
+    registry.add(other);
+    assert!(matches!(
+        waiting.await.expect("task"),
+        Err(PickError::NotConnected { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn closing_fails_waiting_calls_and_refuses_new_tunnels() {
+    let registry = Arc::new(Registry::default());
+    let print = thumbprint("web-01");
+    let waiting = tokio::spawn({
+        let registry = registry.clone();
+        async move {
+            let start = tokio::time::Instant::now();
+            let picked = registry
+                .pick(&agent_id("web-01"), &print, Duration::from_secs(60))
+                .await;
+            (picked.map(|t| t.id), start.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    registry.close();
+    let (picked, waited) = waiting.await.expect("task");
+    assert_eq!(picked, Err(PickError::Closing));
+    assert_eq!(
+        waited,
+        Duration::from_secs(2),
+        "at once, not at the timeout"
+    );
+
+    let (late, _frames) = idle_tunnel("web-01", print);
+    registry.add(late.clone());
+    assert!(late.stop.is_cancelled(), "a tunnel after close is stopped");
+    assert!(registry.tunnels().is_empty());
+    assert_eq!(
+        registry
+            .pick(&agent_id("web-01"), &print, Duration::from_secs(60))
+            .await
+            .map(|t| t.id),
+        Err(PickError::Closing)
+    );
+}
+
+#[tokio::test]
+async fn a_closed_tunnel_is_forgotten() {
+    let registry = Registry::default();
+    let print = thumbprint("web-01");
+    let (tunnel, _frames) = idle_tunnel("web-01", print);
+    registry.add(tunnel.clone());
+    assert_eq!(registry.connected_agents(), 1);
+    registry.remove(&tunnel);
+    assert_eq!(registry.connected_agents(), 0);
+    assert!(registry.tunnels().is_empty());
+    // A stopped tunnel still listed is not picked either.
+    let (stopped, _frames) = idle_tunnel("web-01", print);
+    stopped.stop.cancel();
+    registry.add(stopped);
+    assert!(
+        registry
+            .pick(&agent_id("web-01"), &print, Duration::ZERO)
+            .await
+            .is_err()
+    );
+}
