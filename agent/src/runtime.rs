@@ -207,6 +207,8 @@ impl Agent {
             let stopping = stopping.clone();
             async move {
                 shutdown.await;
+                // First, so an orchestrator stops routing to this agent.
+                tentacle_proto::probe::READINESS.set_not_ready();
                 tracing::info!("shutting down: no new connections; letting running calls finish");
                 health
                     .set_not_serving::<tentacle_proto::v1::script_service_server::ScriptServiceServer<ScriptApi>>()
@@ -214,6 +216,8 @@ impl Agent {
                 stopping.cancel();
             }
         };
+        // The listener is bound and polling has started: ready for `/readyz`.
+        tentacle_proto::probe::READINESS.set_ready();
         let result = match listener {
             Some(listener) => {
                 self.serve_listening(listener, routes, signal, &stopping, &settings)

@@ -14,6 +14,8 @@
 //! - [`http2`]: the HTTP/2 settings every server and client applies.
 //! - [`backoff`]: exponential backoff with full jitter for retry loops.
 //! - [`exit_code`]: the exit codes the agent reports itself.
+//! - [`metrics`], [`probe`]: `/metrics`, `/livez` and `/readyz`, and the
+//!   readiness probe client.
 
 pub mod backoff;
 pub mod dial;
@@ -22,6 +24,8 @@ pub mod http2;
 pub mod identity;
 pub mod incoming;
 pub mod metrics;
+pub mod probe;
+pub mod systemd;
 pub mod telemetry;
 pub mod thumbprint;
 pub mod tls;

@@ -1,5 +1,6 @@
 //! Process-wide measurements, served as Prometheus text by
-//! [`serve_metrics`] (`--metrics-listen`).
+//! [`serve_metrics`] (`--metrics-listen`), beside the process's liveness
+//! (`/livez`) and readiness (`/readyz`, from [`crate::probe::READINESS`]).
 //!
 //! One registry per process: the agent fills the `tentacle_agent_*`
 //! families, the hub the `tentacle_hub_*` ones, and the TLS accept loop
@@ -138,17 +139,32 @@ impl Metrics {
 /// This process's measurements.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
+/// Serves `GET /metrics`, `GET /livez` and `GET /readyz` on `listener`
+/// until the task is dropped. Only these: calls to the process itself stay
+/// behind mTLS.
 pub async fn serve_metrics(listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let router = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(|| async {
-            (
-                [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                METRICS.encode(),
-            )
-        }),
-    );
+    use axum::routing::get;
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    METRICS.encode(),
+                )
+            }),
+        )
+        .route("/livez", get(|| async { "live\n" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                if crate::probe::READINESS.is_ready() {
+                    (http::StatusCode::OK, "ready\n")
+                } else {
+                    (http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }),
+        );
     axum::serve(listener, router).await
 }
 

@@ -15,6 +15,8 @@ use tentacle_hub::client::AgentClient;
 use tentacle_proto::dial::{DialSettings, ListeningAddress};
 use tentacle_proto::{Identity, Thumbprint};
 
+pub mod containers;
+
 /// The path of a workspace binary next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

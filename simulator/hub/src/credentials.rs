@@ -44,6 +44,21 @@ pub enum CredentialError {
     Store { path: PathBuf, message: String },
 }
 
+/// The fewest characters [`CredentialStore::add`] accepts in a secret the
+/// operator chose: shorter ones can be guessed.
+pub const MIN_CHOSEN_SECRET_CHARS: usize = 16;
+
+/// Why a secret the operator chose was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ChosenSecretError {
+    #[error(
+        "it has {chars} characters; use at least {MIN_CHOSEN_SECRET_CHARS} (e.g. `openssl rand -hex 24`)"
+    )]
+    TooShort { chars: usize },
+    #[error(transparent)]
+    Store(#[from] CredentialError),
+}
+
 /// `credentials.toml`. A lock keeps this process's read-modify-write cycles
 /// apart.
 #[derive(Debug)]
@@ -131,6 +146,46 @@ impl CredentialStore {
         });
         self.save(&file)?;
         Ok(secret)
+    }
+
+    /// Stores a secret the operator chose (say, an API key from a
+    /// Kubernetes Secret that agents are given too), hashed like those
+    /// [`Self::create`] makes. Returns `false`, and writes nothing, when it
+    /// is already stored and valid, so a hub can call this at every start.
+    pub fn add(
+        &self,
+        kind: CredentialKind,
+        secret: &str,
+        ttl: Option<Duration>,
+    ) -> Result<bool, ChosenSecretError> {
+        // What is hashed is the trimmed secret, so that is what must be long.
+        let chars = secret.trim().chars().count();
+        if chars < MIN_CHOSEN_SECRET_CHARS {
+            return Err(ChosenSecretError::TooShort { chars });
+        }
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut file = self.load()?;
+        let wanted = digest(secret);
+        let now = now_unix();
+        if file
+            .credentials
+            .iter()
+            .any(|c| c.kind == kind && c.sha256 == wanted && c.expires_unix.is_none_or(|t| t > now))
+        {
+            return Ok(false);
+        }
+        file.credentials
+            .retain(|c| c.expires_unix.is_none_or(|t| t > now));
+        file.credentials.push(StoredCredential {
+            kind,
+            sha256: wanted,
+            expires_unix: ttl.map(|ttl| now.saturating_add(ttl.as_secs())),
+        });
+        self.save(&file)?;
+        Ok(true)
     }
 
     /// Checks a secret; a token is used up by a successful check, under

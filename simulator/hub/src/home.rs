@@ -1,4 +1,6 @@
-//! The control plane's home: its certificate and key.
+//! The control plane's home: its certificate and key, kept in the home or,
+//! when [`HubHome::with_identity_files`] names them, elsewhere (a Kubernetes
+//! Secret mounted read-only).
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +11,8 @@ use tentacle_proto::identity::IdentityError;
 #[derive(Debug, Clone)]
 pub struct HubHome {
     dir: PathBuf,
+    /// The certificate and key when they are not the home's own files.
+    identity_files: Option<(PathBuf, PathBuf)>,
 }
 
 /// The variable that names the hub's home.
@@ -38,7 +42,11 @@ pub enum HomeError {
     #[error("no certificate in {0}: run `tentacle-hub new-certificate` first")]
     NoCertificate(PathBuf),
     #[error(
-        "a certificate already exists in {0}; pass --force to replace it (agents that trust the old thumbprint will then refuse this client)"
+        "no certificate at {0} (named by --certificate or TENTACLE_HUB_CERTIFICATE): check the path, or make one there with `tentacle-hub new-certificate --certificate PATH --key PATH`"
+    )]
+    NoCertificateFile(PathBuf),
+    #[error(
+        "a certificate already exists at {0}; pass --force to replace it (agents that trust the old thumbprint will then refuse this client)"
     )]
     Exists(PathBuf),
     #[error(transparent)]
@@ -47,7 +55,22 @@ pub enum HomeError {
 
 impl HubHome {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            identity_files: None,
+        }
+    }
+
+    /// This home with its identity read from (and made at) `certificate`
+    /// and `key` instead of the home's own files.
+    pub fn with_identity_files(mut self, certificate: PathBuf, key: PathBuf) -> Self {
+        self.identity_files = Some((certificate, key));
+        self
+    }
+
+    /// Whether the identity lives outside the home.
+    pub fn has_identity_files(&self) -> bool {
+        self.identity_files.is_some()
     }
 
     pub fn dir(&self) -> &Path {
@@ -55,11 +78,17 @@ impl HubHome {
     }
 
     pub fn certificate_path(&self) -> PathBuf {
-        self.file("crt.pem")
+        match &self.identity_files {
+            Some((certificate, _)) => certificate.clone(),
+            None => self.file("crt.pem"),
+        }
     }
 
     pub fn key_path(&self) -> PathBuf {
-        self.file("key.pem")
+        match &self.identity_files {
+            Some((_, key)) => key.clone(),
+            None => self.file("key.pem"),
+        }
     }
 
     /// `tentacle-hub.<suffix>`, or `tentacle-sim.<suffix>` in a home made
@@ -100,10 +129,14 @@ impl HubHome {
     }
 
     pub fn identity(&self) -> Result<Identity, HomeError> {
-        if !self.certificate_path().exists() {
-            return Err(HomeError::NoCertificate(self.dir.clone()));
+        let certificate = self.certificate_path();
+        if !certificate.exists() {
+            return Err(match self.identity_files {
+                Some(_) => HomeError::NoCertificateFile(certificate),
+                None => HomeError::NoCertificate(self.dir.clone()),
+            });
         }
-        Ok(Identity::load(&self.certificate_path(), &self.key_path())?)
+        Ok(Identity::load(&certificate, &self.key_path())?)
     }
 
     /// Makes and stores a new identity. Returns `None` when one exists and
@@ -114,11 +147,39 @@ impl HubHome {
                 return Ok(None);
             }
             if !force {
-                return Err(HomeError::Exists(self.dir.clone()));
+                return Err(HomeError::Exists(self.certificate_path()));
             }
         }
         let identity = Identity::generate("Tentacle control plane")?;
         identity.save(&self.certificate_path(), &self.key_path())?;
         Ok(Some(identity))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_files_outside_the_home_are_used_and_named_when_missing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        let home = HubHome::new(dir.path().join("home"))
+            .with_identity_files(secret.join("tls.crt"), secret.join("tls.key"));
+        let missing = home.identity().expect_err("none yet");
+        assert!(
+            matches!(missing, HomeError::NoCertificateFile(_)),
+            "{missing:?}"
+        );
+        assert!(missing.to_string().contains("tls.crt"), "{missing}");
+        let made = home.new_identity(false, true).expect("make").expect("made");
+        assert!(secret.join("tls.key").is_file());
+        assert!(!dir.path().join("home").exists(), "the home is untouched");
+        assert_eq!(
+            home.identity().expect("load").thumbprint(),
+            made.thumbprint()
+        );
+        let plain = HubHome::new(dir.path().join("home"));
+        assert!(matches!(plain.identity(), Err(HomeError::NoCertificate(_))));
     }
 }

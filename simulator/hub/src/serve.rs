@@ -61,6 +61,8 @@ impl Hub {
             let drained = drained.clone();
             async move {
                 shutdown.await;
+                // Before the drain, so an orchestrator stops routing here.
+                tentacle_proto::probe::READINESS.set_not_ready();
                 hub.drain().await;
                 drained.cancel();
             }
@@ -70,6 +72,8 @@ impl Hub {
         let serving = tentacle_proto::telemetry::with_server_spans(builder, "hub")
             .add_routes(self.routes())
             .serve_with_incoming_shutdown(incoming, signal);
+        // The listener is bound and accepting: ready for `/readyz`.
+        tentacle_proto::probe::READINESS.set_ready();
         // tonic waits for every connection to close after the drain; a
         // connection that never does must not keep the hub alive forever.
         tokio::pin!(serving);

@@ -6,6 +6,8 @@
 //! down. Filter by module as usual, e.g. `cargo test -p tentacle-tests polling::`.
 
 mod cancel;
+mod container_start;
+mod containers;
 mod deploy;
 mod files;
 mod fleet;
@@ -21,5 +23,6 @@ mod rotation;
 mod scenario_run;
 mod script_output;
 mod stock_grpc_tools;
+mod systemd;
 mod traces;
 mod trust;

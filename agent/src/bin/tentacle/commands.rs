@@ -18,6 +18,16 @@ pub fn create_instance(home: &Path) -> anyhow::Result<()> {
             home.dir().display()
         );
     }
+    new_instance(&home)?;
+    println!("Created an instance at {}", home.dir().display());
+    println!(
+        "Next: `tentacle new-certificate`, then either `tentacle configure --trust <server thumbprint>` or `tentacle register-with ...` (which sets up trust both ways)."
+    );
+    Ok(())
+}
+
+/// Writes a default `tentacle.toml` and makes its directories.
+pub fn new_instance(home: &Home) -> anyhow::Result<()> {
     let mut config = AgentConfig::default();
     config.polling.agent_id = tentacle_agent::config::new_agent_id();
     home.save(&config)?;
@@ -25,10 +35,6 @@ pub fn create_instance(home: &Path) -> anyhow::Result<()> {
         let path = home.resolve(dir);
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
     }
-    println!("Created an instance at {}", home.dir().display());
-    println!(
-        "Next: `tentacle new-certificate`, then either `tentacle configure --trust <server thumbprint>` or `tentacle register-with ...` (which sets up trust both ways)."
-    );
     Ok(())
 }
 
@@ -166,12 +172,7 @@ pub fn configure(home: &Path, args: ConfigureArgs) -> anyhow::Result<()> {
             .push(PollingServer { url, thumbprint });
     }
     if let Some(id) = args.agent_id {
-        let valid = !id.is_empty()
-            && id.len() <= 128
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !valid {
+        if !crate::from_env::valid_name(&id) {
             bail!("agent id `{id}` is not valid: use 1-128 letters, digits, `-`, `_` or `.`");
         }
         config.polling.agent_id = id;
@@ -236,11 +237,15 @@ pub fn show_configuration(home: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs the agent; with `from_env`, prepares the home from the
+/// environment first (after the metrics endpoint is up, so `/livez`
+/// answers while a registration waits for the hub).
 pub fn run(
     home: &Path,
     log_format: LogFormat,
     otlp_endpoint: Option<&str>,
     metrics_listen: Option<std::net::SocketAddr>,
+    from_env: Option<crate::from_env::Environment>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -258,6 +263,9 @@ pub fn run(
             tentacle_proto::metrics::spawn_metrics(address)
                 .await
                 .with_context(|| format!("could not serve metrics on {address}"))?;
+        }
+        if let Some(environment) = &from_env {
+            crate::from_env::prepare(home, environment).await?;
         }
         let home = Home::new(home);
         let agent = Agent::load(home)?;
@@ -304,4 +312,61 @@ pub fn block_on(verb: impl std::future::Future<Output = anyhow::Result<()>>) -> 
         .build()
         .context("starting the async runtime")?
         .block_on(verb)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProbeArgs {
+    /// The agent's --metrics-listen address (a wildcard one is probed on
+    /// loopback).
+    #[arg(
+        long,
+        env = tentacle_proto::probe::METRICS_LISTEN_VARIABLE,
+        default_value_t = tentacle_proto::probe::DEFAULT_ADDRESS
+    )]
+    address: std::net::SocketAddr,
+    /// Give up after this long.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+}
+
+/// `tentacle probe`: GET /readyz on the agent's metrics endpoint.
+pub fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    block_on(async {
+        tentacle_proto::probe::probe(args.address, args.timeout).await?;
+        println!("ready");
+        Ok(())
+    })
+}
+
+/// `tentacle service`: the unit runs `tentacle --home HOME run`, with the
+/// stop timeouts taken from the home's tentacle.toml when there is one.
+pub fn service(home: &Path, args: &tentacle_proto::systemd::ServiceArgs) -> std::process::ExitCode {
+    use tentacle_proto::systemd::{self, Action, Program};
+    let config = Home::new(home);
+    let program = if !config.exists() {
+        Program::agent()
+    } else {
+        match config.load() {
+            Ok(config) => Program::Agent {
+                shutdown_grace: config.server.shutdown_grace,
+                kill_grace: config.scripts.kill_grace,
+            },
+            // Printing needs no access to the home; the defaults stand in.
+            Err(error) if args.action() == Action::Print => {
+                eprintln!("tentacle: note: {error}; the unit uses the default stop timeouts");
+                Program::agent()
+            }
+            Err(error) => {
+                eprintln!("tentacle: error: {error}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    };
+    match systemd::run(&program, args, home) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("tentacle: error: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

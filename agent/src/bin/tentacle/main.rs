@@ -2,6 +2,7 @@
 //! where they fit.
 
 mod commands;
+mod from_env;
 mod registration;
 
 use std::path::PathBuf;
@@ -28,8 +29,14 @@ struct Cli {
     /// (OTEL_EXPORTER_OTLP_ENDPOINT works too). Off when neither is set.
     #[arg(long, global = true)]
     otlp_endpoint: Option<String>,
-    /// Serve Prometheus metrics at http://ADDRESS/metrics (`run` only).
-    #[arg(long, global = true, value_name = "ADDRESS")]
+    /// Serve Prometheus metrics at http://ADDRESS/metrics, with /livez and
+    /// /readyz for `tentacle probe` (`run` only).
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDRESS",
+        env = tentacle_proto::probe::METRICS_LISTEN_VARIABLE
+    )]
     metrics_listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Command,
@@ -67,7 +74,21 @@ enum Command {
     ShowConfiguration,
     /// Runs the agent in the foreground until SIGTERM or SIGINT.
     #[command(alias = "agent")]
-    Run,
+    Run {
+        /// First configure the agent from TENTACLE_* variables (for
+        /// containers): make the instance and certificate if missing, apply
+        /// the variables that are set, and register with TENTACLE_SERVER
+        /// once. Safe on every start.
+        #[arg(long)]
+        from_env: bool,
+    },
+    /// Asks the running agent's metrics endpoint whether it serves (GET
+    /// /readyz); exits 0 if so, else prints why and exits 1. For container
+    /// health checks.
+    Probe(commands::ProbeArgs),
+    /// Writes and manages a hardened systemd unit that runs this agent
+    /// (`--print` shows it without root or systemd).
+    Service(tentacle_proto::systemd::ServiceArgs),
     /// Prints the version.
     Version,
 }
@@ -92,12 +113,24 @@ fn main() -> ExitCode {
             commands::block_on(registration::deregister_from(&cli.home, args))
         }
         Command::ShowConfiguration => commands::show_configuration(&cli.home),
-        Command::Run => commands::run(
-            &cli.home,
-            cli.log_format,
-            cli.otlp_endpoint.as_deref(),
-            cli.metrics_listen,
-        ),
+        Command::Run { from_env } => {
+            // Checked before anything starts or changes.
+            match from_env
+                .then(from_env::Environment::from_process)
+                .transpose()
+            {
+                Ok(environment) => commands::run(
+                    &cli.home,
+                    cli.log_format,
+                    cli.otlp_endpoint.as_deref(),
+                    cli.metrics_listen,
+                    environment,
+                ),
+                Err(error) => Err(error),
+            }
+        }
+        Command::Probe(args) => commands::probe(args),
+        Command::Service(args) => return commands::service(&cli.home, &args),
         Command::Version => {
             println!("tentacle {}", tentacle_agent::VERSION);
             Ok(())

@@ -3,11 +3,15 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use tentacle_agent::config::{Home, PollingServer};
-use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tentacle_agent::config::{AgentConfig, Home, PollingServer};
+use tentacle_agent::polling::{Dialer, TcpDialer};
+use tentacle_proto::dial::{self, DialSettings, ListeningAddress, ParseTargetError};
 use tentacle_proto::v1 as pb;
 use tentacle_proto::v1::registration_service_client::RegistrationServiceClient;
 use tentacle_proto::{Identity, Thumbprint, TrustStore};
+use tonic::transport::{Endpoint, Uri};
 
 #[derive(Debug, clap::Args)]
 pub struct RegisterArgs {
@@ -44,7 +48,9 @@ pub struct RegisterArgs {
     api_key: Option<String>,
 }
 
-fn hub_address(server: &str) -> anyhow::Result<ListeningAddress> {
+/// `server` as the address registrations and tunnels dial: port 10943
+/// unless one is given.
+pub fn hub_address(server: &str) -> Result<ListeningAddress, ParseTargetError> {
     let with_port = if server
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
@@ -53,20 +59,145 @@ fn hub_address(server: &str) -> anyhow::Result<ListeningAddress> {
     } else {
         format!("{}:10943", server.trim_end_matches('/'))
     };
-    Ok(with_port.parse()?)
+    with_port.parse()
 }
 
+/// A registration secret; never printed, not even by `{:?}`.
+#[derive(Clone)]
+pub enum Credential {
+    Token(String),
+    ApiKey(String),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Token(_) => "Token(********)",
+            Self::ApiKey(_) => "ApiKey(********)",
+        })
+    }
+}
+
+/// What a registration asks a hub for.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub server: ListeningAddress,
+    pub server_thumbprint: Thumbprint,
+    pub name: String,
+    pub roles: Vec<String>,
+    pub environments: Vec<String>,
+    /// Polling (the agent dials the hub) rather than listening.
+    pub polling: bool,
+    /// Listening: the host the hub dials (default: where the registration
+    /// comes from).
+    pub public_hostname: Option<String>,
+    /// Listening: the port the hub dials (default: the configured one).
+    pub port: Option<u16>,
+    pub credential: Credential,
+}
+
+/// Why a registration did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The hub could not be reached (not up yet, no route, name unknown):
+    /// worth trying again.
+    #[error("could not reach the hub at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    /// The hub answered, but the TLS handshake failed: a wrong thumbprint.
+    #[error("could not connect to the hub at {url}: {reason}")]
+    Handshake { url: String, reason: String },
+    #[error("the hub refused the registration: {reason}")]
+    Refused { code: tonic::Code, reason: String },
+    #[error(transparent)]
+    Local(#[from] anyhow::Error),
+}
+
+impl RegisterError {
+    /// Whether trying again later may succeed: the hub was not there, or
+    /// said it was unavailable (starting or stopping). A refusal of the
+    /// credential or the name is final.
+    pub fn is_worth_retrying(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Refused { code, .. } => {
+                matches!(
+                    code,
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                )
+            }
+            Self::Handshake { .. } | Self::Local(_) => false,
+        }
+    }
+}
+
+/// A registration client over one connection to `address`, made the way a
+/// polling tunnel is: through the configured proxy or `HTTPS_PROXY`, so an
+/// agent that reaches its hub only through a proxy can register too.
 async fn connect(
     identity: &Identity,
     address: &ListeningAddress,
     hub: Thumbprint,
-) -> anyhow::Result<RegistrationServiceClient<tonic::transport::Channel>> {
-    let tls = tentacle_proto::tls::client_config(identity, TrustStore::new([hub]))?;
-    let channel = dial::channel(address, tls, &DialSettings::default()).await?;
+    config: &AgentConfig,
+) -> Result<RegistrationServiceClient<tonic::transport::Channel>, RegisterError> {
+    let url = address.to_string();
+    let timeout = config.polling.connect_timeout;
+    let unreachable = |reason: String| RegisterError::Unreachable {
+        url: url.clone(),
+        reason,
+    };
+    let handshake = |reason: String| RegisterError::Handshake {
+        url: url.clone(),
+        reason,
+    };
+    let tls = tentacle_proto::tls::client_config(identity, TrustStore::new([hub]))
+        .map_err(anyhow::Error::from)?;
+    let dialer = TcpDialer {
+        proxy: config.polling.proxy.clone(),
+    };
+    let dialed = dialer
+        .dial(address, timeout)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let server_name =
+        ServerName::try_from(address.host().to_owned()).map_err(|e| handshake(e.to_string()))?;
+    let tls = tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(tls).connect(server_name, dialed.stream),
+    )
+    .await
+    .map_err(|_| unreachable("the TLS handshake timed out".into()))?
+    .map_err(|e| handshake(dial::describe_connect_error(&e)))?;
+    let tls = dial::wait_until_accepted(tls, timeout)
+        .await
+        .map_err(|e| handshake(dial::describe_connect_error(&e)))?;
+    // One call (or a few) over exactly this connection.
+    let mut once = Some(tls);
+    let channel = DialSettings::default()
+        .http2
+        .apply_to_endpoint(Endpoint::from_static("http://tentacle-hub"))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let tls = once.take();
+            async move {
+                tls.map(TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the connection to the hub is gone"))
+            }
+        }))
+        .await
+        .map_err(|e| unreachable(dial::describe_connect_error(&e)))?;
     Ok(RegistrationServiceClient::new(channel))
 }
 
-fn load_identity(home: &Home) -> anyhow::Result<(tentacle_agent::config::AgentConfig, Identity)> {
+/// [`connect`] for the verbs that only report errors.
+async fn connect_or_fail(
+    identity: &Identity,
+    address: &ListeningAddress,
+    hub: Thumbprint,
+    config: &AgentConfig,
+) -> anyhow::Result<RegistrationServiceClient<tonic::transport::Channel>> {
+    Ok(connect(identity, address, hub, config).await?)
+}
+
+fn load_identity(home: &Home) -> anyhow::Result<(AgentConfig, Identity)> {
     let config = home.load()?;
     let identity = Identity::load(
         &home.resolve(&config.certificate.certificate),
@@ -76,75 +207,102 @@ fn load_identity(home: &Home) -> anyhow::Result<(tentacle_agent::config::AgentCo
 }
 
 pub async fn register_with(home: &Path, args: RegisterArgs) -> anyhow::Result<()> {
-    let home = Home::new(home);
-    let (mut config, identity) = load_identity(&home)?;
-    let address = hub_address(&args.server)?;
-    let polling = args.mode == "polling";
-    let request = pb::RegisterRequest {
+    let registration = Registration {
+        server: hub_address(&args.server)?,
+        server_thumbprint: args.server_thumbprint,
+        name: args.name,
+        roles: args.roles,
+        environments: args.environments,
+        polling: args.mode == "polling",
+        public_hostname: args.public_hostname,
+        port: args.port,
         credential: match (args.token, args.api_key) {
-            (Some(token), _) => Some(pb::register_request::Credential::Token(token)),
-            (None, Some(key)) => Some(pb::register_request::Credential::ApiKey(key)),
+            (Some(token), _) => Credential::Token(token),
+            (None, Some(key)) => Credential::ApiKey(key),
             (None, None) => bail!("give --token or --api-key"),
         },
-        name: args.name.clone(),
+    };
+    let registered = register(&Home::new(home), &registration).await?;
+    println!(
+        "Registered as {} ({}) with the hub at {}; roles: {}; environments: {}",
+        registered.name,
+        registered.target,
+        registration.server,
+        registered.roles.join(", "),
+        registered.environments.join(", ")
+    );
+    Ok(())
+}
+
+/// Registers with a hub and then trusts it the way the mode needs,
+/// recording it in `hubs`: what `register-with` and `run --from-env` do.
+pub async fn register(
+    home: &Home,
+    registration: &Registration,
+) -> Result<pb::RegisteredAgent, RegisterError> {
+    let (mut config, identity) = load_identity(home)?;
+    let polling = registration.polling;
+    let request = pb::RegisterRequest {
+        credential: Some(match &registration.credential {
+            Credential::Token(token) => pb::register_request::Credential::Token(token.clone()),
+            Credential::ApiKey(key) => pb::register_request::Credential::ApiKey(key.clone()),
+        }),
+        name: registration.name.clone(),
         mode: if polling {
             pb::AgentMode::Polling
         } else {
             pb::AgentMode::Listening
         } as i32,
-        roles: args.roles,
-        environments: args.environments,
-        public_hostname: args.public_hostname.unwrap_or_default(),
-        port: u32::from(args.port.unwrap_or(config.listen.port)),
+        roles: registration.roles.clone(),
+        environments: registration.environments.clone(),
+        public_hostname: registration.public_hostname.clone().unwrap_or_default(),
+        port: u32::from(registration.port.unwrap_or(config.listen.port)),
     };
-    let mut client = connect(&identity, &address, args.server_thumbprint).await?;
+    let thumbprint = registration.server_thumbprint;
+    let mut client = connect(&identity, &registration.server, thumbprint, &config).await?;
     let registered = client
         .register(request)
         .await
-        .map_err(|status| {
-            anyhow::anyhow!(
-                "the hub refused the registration: {}",
-                dial::describe_status(&status)
-            )
+        .map_err(|status| RegisterError::Refused {
+            // A call that never reached the hub is as good as unreachable.
+            code: if std::error::Error::source(&status).is_some() {
+                tonic::Code::Unavailable
+            } else {
+                status.code()
+            },
+            reason: dial::describe_status(&status),
         })?
         .into_inner()
         .agent
         .context("the hub's reply has no registry entry")?;
 
     // Now trust the hub the way the chosen mode needs.
-    let url = address.to_string();
+    let url = registration.server.to_string();
     config.hubs.retain(|h| h.url != url);
     config.hubs.push(PollingServer {
         url: url.clone(),
-        thumbprint: args.server_thumbprint,
+        thumbprint,
     });
     if polling {
         config.polling.enabled = true;
         config.listen.enabled = false;
-        config.polling.agent_id = args.name.clone();
+        config.polling.agent_id = registration.name.clone();
         config.polling.servers.retain(|s| s.url != url);
         config.polling.servers.push(PollingServer {
             url: url.clone(),
-            thumbprint: args.server_thumbprint,
+            thumbprint,
         });
     } else {
         config.listen.enabled = true;
-        if let Some(port) = args.port {
+        if let Some(port) = registration.port {
             config.listen.port = port;
         }
-        if !config.trust.thumbprints.contains(&args.server_thumbprint) {
-            config.trust.thumbprints.push(args.server_thumbprint);
+        if !config.trust.thumbprints.contains(&thumbprint) {
+            config.trust.thumbprints.push(thumbprint);
         }
     }
-    home.save(&config)?;
-    println!(
-        "Registered as {} ({}) with the hub at {url}; roles: {}; environments: {}",
-        registered.name,
-        registered.target,
-        registered.roles.join(", "),
-        registered.environments.join(", ")
-    );
-    Ok(())
+    home.save(&config).map_err(anyhow::Error::from)?;
+    Ok(registered)
 }
 
 #[derive(Debug, clap::Args)]
@@ -174,7 +332,7 @@ pub async fn deregister_from(home: &Path, args: DeregisterArgs) -> anyhow::Resul
                 .map(|s| s.thumbprint)
         })
         .with_context(|| format!("this agent does not poll {url}; give --server-thumbprint"))?;
-    let mut client = connect(&identity, &address, thumbprint).await?;
+    let mut client = connect_or_fail(&identity, &address, thumbprint, &config).await?;
     client
         .deregister(pb::DeregisterRequest {})
         .await
@@ -217,7 +375,7 @@ pub async fn rotate_certificate(home: &Path, args: RotateArgs) -> anyhow::Result
     }
     for hub in &hubs {
         let address = hub_address(&hub.url)?;
-        let mut client = connect(&current, &address, hub.thumbprint).await?;
+        let mut client = connect_or_fail(&current, &address, hub.thumbprint, &config).await?;
         let answer = client
             .rotate_certificate(pb::RotateCertificateRequest {
                 new_certificate: next.certificate().to_vec(),

@@ -95,3 +95,58 @@ fn concurrent_uses_of_one_token_succeed_once() {
         assert_eq!(accepted, 1, "a one-time token is accepted exactly once");
     }
 }
+
+#[test]
+fn a_chosen_api_key_is_stored_hashed_once_and_then_works() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = CredentialStore::new(dir.path().join("credentials.toml"));
+    let key = "operator-chosen-key-0123456789";
+    assert!(matches!(
+        store.redeem(key, CredentialKind::ApiKey),
+        Err(CredentialError::Invalid)
+    ));
+    assert!(
+        store
+            .add(CredentialKind::ApiKey, key, None)
+            .expect("stored")
+    );
+    // Every later start finds it and writes nothing.
+    let before = std::fs::read_to_string(store.path()).expect("file");
+    assert!(!store.add(CredentialKind::ApiKey, key, None).expect("again"));
+    let after = std::fs::read_to_string(store.path()).expect("file");
+    assert_eq!(before, after);
+    assert_eq!(after.matches("kind =").count(), 1, "{after}");
+    assert!(!after.contains(key), "stored hashed: {after}");
+    store.redeem(key, CredentialKind::ApiKey).expect("use");
+    store.redeem(key, CredentialKind::ApiKey).expect("reuse");
+    // It is an API key, not a token, and only that secret.
+    assert!(store.redeem(key, CredentialKind::Token).is_err());
+    assert!(
+        store
+            .redeem("operator-chosen-key-0123456788", CredentialKind::ApiKey)
+            .is_err()
+    );
+}
+
+#[test]
+fn a_short_chosen_key_is_refused_without_echoing_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = CredentialStore::new(dir.path().join("credentials.toml"));
+    let short = "  hunter2-secret ";
+    let error = store
+        .add(CredentialKind::ApiKey, short, None)
+        .expect_err("too short");
+    assert!(
+        matches!(error, ChosenSecretError::TooShort { chars: 14 }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("at least 16"), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(!store.path().exists(), "nothing was written");
+    assert!(
+        store
+            .add(CredentialKind::ApiKey, "exactly-16-chars", None)
+            .expect("16 is enough")
+    );
+}

@@ -1,6 +1,6 @@
 //! What each `tentacle-hub` verb does.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -17,15 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::Command;
 
-pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode> {
-    let home = HubHome::new(home);
+pub async fn dispatch(home: HubHome, command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::NewCertificate { if_blank, force } => {
             match home.new_identity(force, if_blank)? {
                 Some(identity) => println!("{}", identity.thumbprint()),
                 None => println!(
-                    "A certificate already exists in {}; left as it is.",
-                    home.dir().display()
+                    "A certificate already exists at {}; left as it is.",
+                    home.certificate_path().display()
                 ),
             }
             Ok(ExitCode::SUCCESS)
@@ -71,6 +70,9 @@ pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode>
             Ok(ExitCode::SUCCESS)
         }
         Command::Server(args) => crate::server::run(&home, args).await,
+        Command::Probe(args) => crate::probe_cmd::run(args).await,
+        // main runs it before any runtime or telemetry starts.
+        Command::Service(_) => unreachable!("`service` is dispatched in main"),
         Command::Deploy(args) => crate::deploy_cmd::run(&home, args).await,
         Command::Health(args) => crate::health_cmd::run(&home, args).await,
         Command::Tooling(super::ToolingCommand::Set { file }) => {

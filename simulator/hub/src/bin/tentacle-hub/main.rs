@@ -5,7 +5,9 @@ mod commands;
 mod deploy_cmd;
 mod health_cmd;
 mod operator;
+mod probe_cmd;
 mod server;
+mod service_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +22,25 @@ struct Cli {
     /// [default: $TENTACLE_HUB_HOME, else $TENTACLE_SIM_HOME, else ~/.tentacle-hub].
     #[arg(long, global = true, default_value_os_t = tentacle_hub::home::default_dir(), hide_default_value = true)]
     home: PathBuf,
+    /// The certificate to use instead of the home's (e.g. a Kubernetes
+    /// Secret mounted read-only); with --key.
+    #[arg(
+        long,
+        global = true,
+        env = "TENTACLE_HUB_CERTIFICATE",
+        value_name = "PATH",
+        requires = "key"
+    )]
+    certificate: Option<PathBuf>,
+    /// The private key that goes with --certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "TENTACLE_HUB_KEY",
+        value_name = "PATH",
+        requires = "certificate"
+    )]
+    key: Option<PathBuf>,
     /// Logs on stderr as `text` or `json` lines.
     #[arg(long, global = true, default_value = "text")]
     log_format: tentacle_proto::telemetry::LogFormat,
@@ -66,6 +87,14 @@ enum Command {
     Tooling(ToolingCommand),
     /// Runs the hub (default port 10943), or manages the agents it trusts.
     Server(server::ServerArgs),
+    /// Asks the running hub's metrics endpoint whether it serves (GET
+    /// /readyz); exits 0 if so, else prints why and exits 1. For container
+    /// health checks.
+    Probe(probe_cmd::ProbeArgs),
+    /// Writes and manages a hardened systemd unit that runs `tentacle-hub
+    /// server` with the flags after `--` (`--print` shows it without root
+    /// or systemd).
+    Service(service_cmd::ServiceCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,16 +108,23 @@ enum ToolingCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Service(service) = &cli.command {
+        return service_cmd::run(&cli, service);
+    }
     // A long-running hub reports what it does; one-shot verbs stay quiet.
     let default_log = match &cli.command {
         Command::Server(_) => "info,h2=warn,hyper=warn,tower=warn",
         _ => "warn",
     };
+    let mut home = tentacle_hub::home::HubHome::new(&cli.home);
+    if let (Some(certificate), Some(key)) = (cli.certificate, cli.key) {
+        home = home.with_identity_files(certificate, key);
+    }
     tentacle_proto::telemetry::run_program(
         "tentacle-hub",
         cli.otlp_endpoint.as_deref(),
         cli.log_format,
         default_log,
-        commands::dispatch(&cli.home, cli.command),
+        commands::dispatch(home, cli.command),
     )
 }

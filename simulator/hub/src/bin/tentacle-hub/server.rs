@@ -17,23 +17,38 @@ pub struct ServerArgs {
     #[command(subcommand)]
     command: Option<ServerCommand>,
     /// Where to listen for polling agents and operators.
-    #[arg(long, default_value = "0.0.0.0:10943")]
+    #[arg(long, env = "TENTACLE_HUB_LISTEN", default_value = "0.0.0.0:10943")]
     listen: SocketAddr,
+    /// First start from the environment, for containers: make the
+    /// certificate if there is none (unless --certificate names one), and
+    /// store the API key in TENTACLE_HUB_API_KEY (hashed) if it is not yet
+    /// stored. Safe on every start.
+    #[arg(long)]
+    from_env: bool,
     /// How long a call waits for a polling agent to connect.
-    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TENTACLE_HUB_PICKUP_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
     pickup_timeout: Duration,
     /// How long tunnels get to finish their calls when the hub stops.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TENTACLE_HUB_DRAIN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_grace: Duration,
     /// Send heartbeats on idle tunnels this often.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TENTACLE_HUB_HEARTBEAT_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
-    /// Serve Prometheus metrics at http://ADDRESS/metrics.
-    #[arg(long, value_name = "ADDRESS")]
+    /// Serve Prometheus metrics at http://ADDRESS/metrics, with /livez and
+    /// /readyz for `tentacle-hub probe`.
+    #[arg(long, env = tentacle_proto::probe::METRICS_LISTEN_VARIABLE, value_name = "ADDRESS")]
     metrics_listen: Option<SocketAddr>,
     /// A tunnel that is silent for this long is closed.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TENTACLE_HUB_HEARTBEAT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
+}
+
+impl ServerArgs {
+    /// Whether these flags run the hub (rather than a `trust`, `token` or
+    /// `api-key` verb).
+    pub fn is_serve(&self) -> bool {
+        self.command.is_none()
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -178,7 +193,48 @@ fn trust(home: &HubHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The variable `--from-env` reads an operator-chosen API key from.
+const API_KEY_VARIABLE: &str = "TENTACLE_HUB_API_KEY";
+
+/// `--from-env`'s first-start steps; each does nothing when already done.
+fn prepare_from_env(home: &HubHome) -> anyhow::Result<()> {
+    // A certificate named outside the home is an operator's (a mounted
+    // Secret): never made here, so a wrong path fails instead of quietly
+    // giving the hub a new identity.
+    if !home.has_identity_files()
+        && let Some(identity) = home.new_identity(false, true)?
+    {
+        tracing::info!(
+            thumbprint = %identity.thumbprint(),
+            path = %home.certificate_path().display(),
+            "made the hub's certificate"
+        );
+    }
+    match std::env::var(API_KEY_VARIABLE) {
+        Ok(key) if !key.trim().is_empty() => {
+            let store = HubStore::in_dir(home.dir());
+            let stored = store
+                .credentials
+                .add(CredentialKind::ApiKey, &key, None)
+                .with_context(|| format!("{API_KEY_VARIABLE} cannot be used"))?;
+            if stored {
+                tracing::info!("stored the API key from {API_KEY_VARIABLE} (hashed)");
+            }
+        }
+        Ok(_) | Err(std::env::VarError::NotPresent) => {}
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("{API_KEY_VARIABLE} is not valid UTF-8")
+        }
+    }
+    Ok(())
+}
+
 async fn serve(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
+    if args.from_env {
+        prepare_from_env(home)?;
+    } else if std::env::var_os(API_KEY_VARIABLE).is_some() {
+        tracing::warn!("{API_KEY_VARIABLE} is set but only read with --from-env; ignoring it");
+    }
     let identity = home.identity()?;
     let thumbprint = identity.thumbprint();
     let settings = HubSettings {
