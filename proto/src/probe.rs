@@ -80,6 +80,25 @@ pub fn dial_address(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
+/// The `probe` verb's options, shared by `tentacle` and `tentacle-hub`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProbeArgs {
+    /// The program's --metrics-listen address (a wildcard one is probed on
+    /// loopback).
+    #[arg(long, env = METRICS_LISTEN_VARIABLE, default_value_t = DEFAULT_ADDRESS)]
+    pub address: SocketAddr,
+    /// Give up after this long.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+impl ProbeArgs {
+    /// Runs the probe these options describe.
+    pub async fn probe(&self) -> Result<(), ProbeError> {
+        probe(self.address, self.timeout).await
+    }
+}
+
 /// `GET http://ADDRESS/readyz`: `Ok` when it answers 200 within `timeout`.
 pub async fn probe(address: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
     use hyper_util::client::legacy::Client;

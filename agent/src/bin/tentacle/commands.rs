@@ -314,25 +314,10 @@ pub fn block_on(verb: impl std::future::Future<Output = anyhow::Result<()>>) -> 
         .block_on(verb)
 }
 
-#[derive(Debug, clap::Args)]
-pub struct ProbeArgs {
-    /// The agent's --metrics-listen address (a wildcard one is probed on
-    /// loopback).
-    #[arg(
-        long,
-        env = tentacle_proto::probe::METRICS_LISTEN_VARIABLE,
-        default_value_t = tentacle_proto::probe::DEFAULT_ADDRESS
-    )]
-    address: std::net::SocketAddr,
-    /// Give up after this long.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    timeout: std::time::Duration,
-}
-
 /// `tentacle probe`: GET /readyz on the agent's metrics endpoint.
-pub fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+pub fn probe(args: tentacle_proto::probe::ProbeArgs) -> anyhow::Result<()> {
     block_on(async {
-        tentacle_proto::probe::probe(args.address, args.timeout).await?;
+        args.probe().await?;
         println!("ready");
         Ok(())
     })

@@ -85,7 +85,7 @@ enum Command {
     /// Asks the running agent's metrics endpoint whether it serves (GET
     /// /readyz); exits 0 if so, else prints why and exits 1. For container
     /// health checks.
-    Probe(commands::ProbeArgs),
+    Probe(tentacle_proto::probe::ProbeArgs),
     /// Writes and manages a hardened systemd unit that runs this agent
     /// (`--print` shows it without root or systemd).
     Service(tentacle_proto::systemd::ServiceArgs),

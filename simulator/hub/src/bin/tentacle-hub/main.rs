@@ -90,7 +90,7 @@ enum Command {
     /// Asks the running hub's metrics endpoint whether it serves (GET
     /// /readyz); exits 0 if so, else prints why and exits 1. For container
     /// health checks.
-    Probe(probe_cmd::ProbeArgs),
+    Probe(tentacle_proto::probe::ProbeArgs),
     /// Writes and manages a hardened systemd unit that runs `tentacle-hub
     /// server` with the flags after `--` (`--print` shows it without root
     /// or systemd).
