@@ -58,6 +58,8 @@ phase "python tools"
 tests/python/setup-venv.sh
 # A real trace backend (Arize Phoenix) for the tracing test.
 tests/python/setup-phoenix.sh
+# Offline validation of the Kubernetes manifests.
+tests/python/setup-k8s-validate.sh
 
 # Static binaries: only the x86_64 glibc target exists here, so glibc is
 # linked statically (crt-static) with that target named explicitly; build

@@ -14,6 +14,7 @@ mod fleet;
 mod health;
 mod hub_cli;
 mod isolation;
+mod kubernetes;
 mod metrics;
 mod polling;
 mod proxy;
