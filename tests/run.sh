@@ -23,13 +23,16 @@ phase() {
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
 # Debian packages the tests drive: a real HTTP CONNECT proxy (tinyproxy),
-# `systemd-analyze` for the unit files, and `kubectl kustomize` for the
+# `systemd-analyze` for the unit files, OpenSSH (the peer `tentacle-sim bench`
+# measures against), and `kubectl kustomize` for the
 # manifests. The image build downloads bash-static, busybox-static and
 # tinyproxy itself with `apt-get download`.
 phase "system packages"
 missing=()
 command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/sbin/tinyproxy ] || missing+=(tinyproxy)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
 if [ ${#missing[@]} -gt 0 ]; then
     if is_root; then

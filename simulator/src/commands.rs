@@ -14,6 +14,7 @@ pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode>
         Command::Fleet(args) => crate::fleet_cmd::run(&home, args).await,
         Command::Run(args) => crate::run_cmd::run(&home, *args).await,
         Command::Report(command) => crate::run_cmd::report(command),
+        Command::Bench(args) => crate::bench_cmd::run(args).await,
         Command::Demo { script } => {
             let code = demo::run(script.as_deref().unwrap_or(demo::DEFAULT_SCRIPT)).await?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))

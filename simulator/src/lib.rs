@@ -9,6 +9,7 @@
 //!   JSON/HTML/terminal report.
 //! - [`demo`]: a self-contained agent plus client, for a first look.
 
+pub mod bench;
 pub mod demo;
 pub mod fleet;
 pub mod invariants;

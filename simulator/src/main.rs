@@ -1,6 +1,7 @@
 //! `tentacle-sim`: virtual fleets and scenario runs that load-test a hub,
 //! and the demo.
 
+mod bench_cmd;
 mod commands;
 mod fleet_cmd;
 mod run_cmd;
@@ -42,6 +43,9 @@ enum Command {
     /// Works with reports of `run`.
     #[command(subcommand)]
     Report(run_cmd::ReportCommand),
+    /// Measures Tentacle beside OpenSSH and the machine's own limits (disk,
+    /// raw TLS) in one run; prints a table and can write JSON.
+    Bench(bench_cmd::BenchArgs),
     /// Starts a listening agent with fresh certificates in a temporary home,
     /// runs a script through it and prints the output.
     Demo {

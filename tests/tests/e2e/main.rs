@@ -5,6 +5,7 @@
 //! dependency again, and a single link keeps the build's time and disk use
 //! down. Filter by module as usual, e.g. `cargo test -p tentacle-tests polling::`.
 
+mod bench;
 mod cancel;
 mod container_start;
 mod containers;
