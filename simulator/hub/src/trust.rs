@@ -93,7 +93,7 @@ pub fn upsert_into(agents: &mut Vec<TrustedAgent>, agent: TrustedAgent) {
 /// A registration asked for a name another agent holds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the name `{name}` belongs to another agent (thumbprint {owner}); pick another name, or deregister that agent first (`tentacle deregister` on it, or `tentacle-hub server trust remove --thumbprint {owner}`)"
+    "the name `{name}` belongs to another agent (thumbprint {owner}); pick another name, or deregister that agent first (`tentacle deregister-from` on it, or `tentacle-hub server trust remove --thumbprint {owner}`)"
 )]
 pub struct NameTaken {
     pub name: String,

@@ -4,6 +4,7 @@
 //! build --release --bins` puts them there).
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -125,6 +126,7 @@ impl ListeningAgent {
             &operator,
         ])?;
         let child = Command::new(&tentacle)
+            .process_group(0)
             .arg("--home")
             .arg(&agent_home)
             .arg("run")

@@ -4,6 +4,7 @@
 //! `/run/sshd`, which sshd insists on when it runs as root.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,6 +93,10 @@ impl Sshd {
         )
         .map_err(io("writing sshd_config"))?;
         let child = Command::new(SSHD)
+            // Its own process group, like every ssh below: the daemonized
+            // ControlMaster and sshd come and go without touching the
+            // caller's group and its job control.
+            .process_group(0)
             .args(["-D", "-e", "-f"])
             .arg(&config)
             .stdin(Stdio::null())
@@ -130,6 +135,7 @@ impl Sshd {
 
     fn common(&self, command: &mut Command, port_flag: &str) {
         command
+            .process_group(0)
             .arg("-i")
             .arg(self.dir.join("id"))
             .args([port_flag, &self.address.port().to_string()])
