@@ -9,6 +9,7 @@
 //! [`stats::alternate`]), with the spread beside it.
 
 pub mod baselines;
+pub mod local;
 pub mod processes;
 pub mod sshd;
 pub mod stats;

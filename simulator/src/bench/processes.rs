@@ -3,11 +3,13 @@
 //! process per call. The binaries are the ones beside this one (`cargo
 //! build --release --bins` puts them there).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::local::{NotListening, free_port, wait_until_listening};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -109,13 +111,10 @@ impl ListeningAgent {
         };
         agent(&["create-instance"])?;
         let thumbprint = agent(&["new-certificate"])?.trim().to_owned();
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(|source| ProcessError::Io {
-                what: "finding a free loopback port".to_owned(),
-                source,
-            })?
-            .port();
+        let port = free_port().map_err(|source| ProcessError::Io {
+            what: "finding a free loopback port".to_owned(),
+            source,
+        })?;
         agent(&[
             "configure",
             "--listen-address",
@@ -146,21 +145,20 @@ impl ListeningAgent {
             child,
         };
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let since = Instant::now();
-        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
-            if let Ok(Some(status)) = started.child.try_wait() {
+        match wait_until_listening(address, &mut started.child, START_TIMEOUT) {
+            Ok(()) => {}
+            Err(NotListening::Exited(status)) => {
                 return Err(ProcessError::Failed {
                     command: "tentacle run".to_owned(),
                     detail: format!("exited with {status} before it listened"),
                 });
             }
-            if since.elapsed() > START_TIMEOUT {
+            Err(NotListening::TimedOut) => {
                 return Err(ProcessError::Failed {
                     command: "tentacle run".to_owned(),
                     detail: format!("not listening on {address} after {START_TIMEOUT:?}"),
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
         // The first call proves the trust both ways before anything is timed.
         started.exec("true")?;

@@ -3,11 +3,13 @@
 //! the bench. Nothing outside that directory is read or changed, except
 //! `/run/sshd`, which sshd insists on when it runs as root.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::local::{NotListening, free_port, wait_until_listening};
 
 /// Where Debian's `openssh-server` puts the daemon.
 const SSHD: &str = "/usr/sbin/sshd";
@@ -73,10 +75,7 @@ impl Sshd {
         if nix::unistd::geteuid().is_root() {
             std::fs::create_dir_all("/run/sshd").map_err(io("creating /run/sshd"))?;
         }
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(io("finding a free loopback port"))?
-            .port();
+        let port = free_port().map_err(io("finding a free loopback port"))?;
         let config = dir.join("sshd_config");
         std::fs::write(
             &config,
@@ -111,22 +110,21 @@ impl Sshd {
             child,
             master: None,
         };
-        let started = Instant::now();
-        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
-            if let Ok(Some(status)) = sshd.child.try_wait() {
+        match wait_until_listening(address, &mut sshd.child, START_TIMEOUT) {
+            Ok(()) => {}
+            Err(NotListening::Exited(status)) => {
                 let log = std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default();
                 return Err(SshError::Failed {
                     what: format!("{SSHD} ({status})"),
                     detail: log.trim().to_owned(),
                 });
             }
-            if started.elapsed() > START_TIMEOUT {
+            Err(NotListening::TimedOut) => {
                 return Err(SshError::Failed {
                     what: SSHD.to_owned(),
                     detail: format!("not listening on {address} after {START_TIMEOUT:?}"),
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
         // One login proves the keys work before anything is timed.
         sshd.exec("true", false)?;
