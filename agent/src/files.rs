@@ -2,19 +2,25 @@
 //!
 //! Architecture Invariant: an upload is written to a temporary file beside
 //! its destination, checked for size and SHA-256, fsynced and renamed into
-//! place. A broken, short, long or corrupt upload never leaves anything at
-//! the destination, and memory use does not grow with the file's size.
+//! place. A broken, short, long or corrupt upload, or one whose digest never
+//! arrives, never leaves anything at the destination, and memory use does not
+//! grow with the file's size.
+//!
+//! Digests travel after the data in both directions, so each side hashes the
+//! bytes in the one pass that moves them: an upload's trailer is checked once
+//! its bytes are in the temporary file, and a download's trailer is the
+//! digest of the very bytes read for it.
 
 mod disk;
 pub mod paths;
 
-use std::io::{self, SeekFrom};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 pub use disk::{FakeFreeSpace, FreeSpace, Statvfs, available_bytes};
@@ -94,6 +100,19 @@ pub enum FileError {
     SizeMismatch { received: u64, expected: u64 },
     #[error("the uploaded bytes hash to {actual}, not {expected}; nothing was written")]
     DigestMismatch { expected: String, actual: String },
+    #[error(
+        "the upload ended without a trailer and its header carried no sha256, so it cannot be verified; nothing was written"
+    )]
+    MissingDigest,
+    #[error(
+        "`{}` changed size while it was being sent ({expected} bytes when the download began, {actual} now); download it again",
+        path.display()
+    )]
+    ChangedDuringDownload {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
     #[error("{action} `{}` failed: {source}", path.display())]
     Io {
         action: &'static str,
@@ -115,7 +134,30 @@ fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) 
 pub struct UploadHeader {
     pub path: String,
     pub size: u64,
+    /// The whole file's digest, or empty when the trailer brings it.
     pub sha256: String,
+}
+
+/// A message of an upload after its header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadPart {
+    Chunk(Vec<u8>),
+    /// The whole file's digest, sent after the bytes so the sender can hash
+    /// them as it streams. Nothing may follow it.
+    Trailer {
+        sha256: String,
+    },
+}
+
+/// A message of a download after its header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DownloadPart {
+    Chunk(Vec<u8>),
+    /// The digest of the whole file, bytes before the offset included; the
+    /// last part of a download that read the file to its end unchanged.
+    Trailer {
+        sha256: String,
+    },
 }
 
 /// A file that is in place, or about to be sent.
@@ -126,12 +168,15 @@ pub struct FileInfo {
     pub sha256: String,
 }
 
-/// A download that has been opened: its header, then its chunks.
+/// A download that has been opened: what its header says, then its parts.
 #[derive(Debug)]
 pub struct Download {
-    pub info: FileInfo,
+    pub path: PathBuf,
+    pub size: u64,
     pub offset: u64,
-    pub chunks: mpsc::Receiver<Result<Vec<u8>, FileError>>,
+    /// Chunks from `offset` to `size`, then the trailer; or an error instead
+    /// of the rest.
+    pub parts: mpsc::Receiver<Result<DownloadPart, FileError>>,
 }
 
 /// The files root and the transfers in and out of it.
@@ -159,12 +204,30 @@ impl Files {
     }
 
     /// Stores the chunks at the header's path once they match its size and
-    /// digest.
+    /// digest. With no trailer to come, the header must carry the digest.
     pub async fn upload<S>(&self, header: UploadHeader, chunks: S) -> Result<FileInfo, FileError>
     where
         S: Stream<Item = Result<Vec<u8>, FileError>> + Unpin,
     {
-        let expected_digest = parse_digest(&header.sha256)?;
+        self.upload_parts(header, chunks.map(|chunk| chunk.map(UploadPart::Chunk)))
+            .await
+    }
+
+    /// Stores the parts' chunks at the header's path once they match its
+    /// size and the digest of the header, the trailer, or both.
+    pub async fn upload_parts<S>(
+        &self,
+        header: UploadHeader,
+        parts: S,
+    ) -> Result<FileInfo, FileError>
+    where
+        S: Stream<Item = Result<UploadPart, FileError>> + Unpin,
+    {
+        let header_digest = if header.sha256.is_empty() {
+            None
+        } else {
+            Some(parse_digest(&header.sha256)?)
+        };
         if header.size > self.settings.max_upload_bytes {
             return Err(FileError::TooLarge {
                 size: header.size,
@@ -182,7 +245,7 @@ impl Files {
             // is sure to exist; the check still refuses what a full disk
             // would.
             self.check_free_space(&self.root, header.size)?;
-            let actual = verify(&header, expected_digest, chunks, None).await?;
+            let actual = verify(&header, header_digest, parts, None).await?;
             return Ok(FileInfo {
                 path: destination,
                 size: header.size,
@@ -212,8 +275,8 @@ impl Files {
             .map_err(io_error("creating", temp.path()))?;
         let actual = verify(
             &header,
-            expected_digest,
-            chunks,
+            header_digest,
+            parts,
             Some((&mut file, temp.path())),
         )
         .await?;
@@ -249,8 +312,10 @@ impl Files {
         Ok(())
     }
 
-    /// Opens `path` for download from `offset`. The whole file's digest is
-    /// computed first so a resumed download can be verified end to end.
+    /// Opens `path` for download from `offset`. The file is read once from
+    /// its start: every byte is hashed, those from `offset` on are sent, and
+    /// the trailer carries the whole file's digest so a resumed download can
+    /// be verified end to end.
     pub async fn download(&self, path: &str, offset: u64) -> Result<Download, FileError> {
         let resolved = paths::resolve(&self.root, path)?;
         // Refuse an escape before saying whether anything exists there.
@@ -270,7 +335,7 @@ impl Files {
                 "`{path}` is not a regular file"
             )));
         }
-        let mut file = tokio::fs::File::open(&real)
+        let file = tokio::fs::File::open(&real)
             .await
             .map_err(io_error("opening", &real))?;
         let size = file
@@ -285,50 +350,102 @@ impl Files {
                 size,
             });
         }
-        // Hash through the same open file that is sent, so a file replaced
-        // on disk in between cannot make the digest disagree with the bytes.
-        let std_file = file
-            .try_clone()
-            .await
-            .map_err(io_error("reading", &real))?
-            .into_std()
-            .await;
-        let sha256 = hash_open_file(std_file, &real).await?;
-        file.seek(SeekFrom::Start(offset))
-            .await
-            .map_err(io_error("reading", &real))?;
-        // Two chunks in flight at most, so memory stays flat.
+        // Two parts in flight at most, so memory stays flat.
         let (tx, rx) = mpsc::channel(2);
-        let chunk_bytes = self.settings.chunk_bytes.max(1);
-        let source = real.clone();
+        let sender = DownloadSender {
+            file,
+            path: real.clone(),
+            size,
+            offset,
+            chunk_bytes: self.settings.chunk_bytes.max(1),
+        };
         tokio::spawn(async move {
-            let mut remaining = size - offset;
-            while remaining > 0 {
-                let want = usize::try_from(remaining)
-                    .unwrap_or(usize::MAX)
-                    .min(chunk_bytes);
-                let mut chunk = vec![0u8; want];
-                let result = file
-                    .read_exact(&mut chunk)
-                    .await
-                    .map(|_| chunk)
-                    .map_err(io_error("reading", &source));
-                let failed = result.is_err();
-                if tx.send(result).await.is_err() || failed {
-                    return;
-                }
-                remaining -= want as u64;
+            if let Err(error) = sender.send(&tx).await {
+                let _ = tx.send(Err(error)).await;
             }
         });
         Ok(Download {
-            info: FileInfo {
-                path: real,
-                size,
-                sha256,
-            },
+            path: real,
+            size,
             offset,
-            chunks: rx,
+            parts: rx,
         })
+    }
+}
+
+/// Reads one open file for a download and sends its parts.
+struct DownloadSender {
+    file: tokio::fs::File,
+    path: PathBuf,
+    size: u64,
+    offset: u64,
+    chunk_bytes: usize,
+}
+
+impl DownloadSender {
+    /// Hashes the same bytes it sends, read through the one open file, so a
+    /// file replaced on disk meanwhile cannot make the digest disagree with
+    /// the bytes. Returns early, without error, once the receiver is gone.
+    async fn send(
+        mut self,
+        tx: &mpsc::Sender<Result<DownloadPart, FileError>>,
+    ) -> Result<(), FileError> {
+        let mut hasher = Sha256::new();
+        let mut position = 0u64;
+        while position < self.size {
+            // A read never straddles `offset`, so each chunk sent is only
+            // bytes the client lacks.
+            let end = if position < self.offset {
+                self.offset
+            } else {
+                self.size
+            };
+            let want = usize::try_from(end - position)
+                .unwrap_or(usize::MAX)
+                .min(self.chunk_bytes);
+            let mut chunk = vec![0u8; want];
+            if let Err(error) = self.file.read_exact(&mut chunk).await {
+                return Err(if error.kind() == io::ErrorKind::UnexpectedEof {
+                    self.changed().await
+                } else {
+                    io_error("reading", &self.path)(error)
+                });
+            }
+            hasher.update(&chunk);
+            let sent = position >= self.offset;
+            position += want as u64;
+            if sent && tx.send(Ok(DownloadPart::Chunk(chunk))).await.is_err() {
+                return Ok(());
+            }
+        }
+        // A file that grew is caught here; one that shrank failed the read.
+        let now = self
+            .file
+            .metadata()
+            .await
+            .map_err(io_error("reading", &self.path))?
+            .len();
+        if now != self.size {
+            return Err(self.changed_to(now));
+        }
+        let sha256 = hex::encode(hasher.finalize());
+        let _ = tx.send(Ok(DownloadPart::Trailer { sha256 })).await;
+        Ok(())
+    }
+
+    async fn changed(&self) -> FileError {
+        match self.file.metadata().await {
+            Ok(metadata) => self.changed_to(metadata.len()),
+            Err(error) => io_error("reading", &self.path)(error),
+        }
+    }
+
+    fn changed_to(&self, actual: u64) -> FileError {
+        FileError::ChangedDuringDownload {
+            path: self.path.clone(),
+            expected: self.size,
+            actual,
+        }
     }
 }
 
@@ -341,20 +458,6 @@ fn parse_digest(text: &str) -> Result<String, FileError> {
             "sha256 `{text}` is not valid: give the file's SHA-256 as 64 hex characters"
         )))
     }
-}
-
-async fn hash_open_file(mut file: std::fs::File, path: &Path) -> Result<String, FileError> {
-    tokio::task::spawn_blocking(move || {
-        use std::io::Seek;
-        file.seek(SeekFrom::Start(0))?;
-        let mut hasher = Sha256::new();
-        io::copy(&mut file, &mut hasher)?;
-        Ok::<_, io::Error>(hex::encode(hasher.finalize()))
-    })
-    .await
-    .map_err(io::Error::other)
-    .and_then(|r| r)
-    .map_err(io_error("hashing", path))
 }
 
 /// A partial upload; removed unless it is persisted.
@@ -409,21 +512,29 @@ impl Drop for TempFile {
     }
 }
 
-/// Hashes and counts `chunks`, writing each to `sink` if there is one, and
-/// checks them against the header's size and digest. Returns the digest.
+/// Hashes and counts the parts' chunks, writing each to `sink` if there is
+/// one, and checks them against the header's size and against every digest
+/// given, in the header or the trailer. Returns the digest.
 async fn verify<S>(
     header: &UploadHeader,
-    expected_digest: String,
-    mut chunks: S,
+    header_digest: Option<String>,
+    mut parts: S,
     mut sink: Option<(&mut tokio::fs::File, &Path)>,
 ) -> Result<String, FileError>
 where
-    S: Stream<Item = Result<Vec<u8>, FileError>> + Unpin,
+    S: Stream<Item = Result<UploadPart, FileError>> + Unpin,
 {
     let mut hasher = Sha256::new();
     let mut received = 0u64;
-    while let Some(chunk) = chunks.next().await {
-        let chunk = chunk?;
+    let mut trailer_digest = None;
+    while let Some(part) = parts.next().await {
+        let chunk = match part? {
+            UploadPart::Chunk(chunk) => chunk,
+            UploadPart::Trailer { sha256 } => {
+                trailer_digest = Some(parse_digest(&sha256)?);
+                break;
+            }
+        };
         received += chunk.len() as u64;
         if received > header.size {
             return Err(FileError::BadRequest(format!(
@@ -438,18 +549,30 @@ where
                 .map_err(io_error("writing", path))?;
         }
     }
+    // Bytes after the trailer would be covered by no digest: refuse them
+    // rather than ignore them.
+    if trailer_digest.is_some()
+        && let Some(after) = parts.next().await
+    {
+        after?;
+        return Err(FileError::BadRequest(
+            "the trailer must be the last upload message; nothing was written".into(),
+        ));
+    }
     if received != header.size {
         return Err(FileError::SizeMismatch {
             received,
             expected: header.size,
         });
     }
+    if header_digest.is_none() && trailer_digest.is_none() {
+        return Err(FileError::MissingDigest);
+    }
     let actual = hex::encode(hasher.finalize());
-    if actual != expected_digest {
-        return Err(FileError::DigestMismatch {
-            expected: expected_digest,
-            actual,
-        });
+    for expected in [header_digest, trailer_digest].into_iter().flatten() {
+        if actual != expected {
+            return Err(FileError::DigestMismatch { expected, actual });
+        }
     }
     Ok(actual)
 }

@@ -1,7 +1,8 @@
 //! Bulk transfer through both modes, in one process: a file is streamed
 //! from each agent with `DownloadFile` and the bytes are counted and
-//! dropped, so only the transport is timed (the agent hashes the file
-//! before its header, and the clock starts at the first chunk). Rounds
+//! dropped (the trailer's digest is not checked), so the transport is what
+//! is timed, along with the agent hashing the bytes as it sends them; the
+//! clock starts at the first chunk and stops after the trailer. Rounds
 //! alternate between the modes. Prints MiB/s per round, the medians and the
 //! polling/listening ratio.
 //!

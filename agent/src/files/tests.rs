@@ -25,6 +25,46 @@ fn header(path: &str, bytes: &[u8]) -> UploadHeader {
     }
 }
 
+/// The parts of an upload whose digest comes only in the trailer.
+fn with_trailer(
+    parts: &[&[u8]],
+    sha256: String,
+) -> impl Stream<Item = Result<UploadPart, FileError>> + Unpin {
+    let mut all: Vec<_> = parts
+        .iter()
+        .map(|p| Ok(UploadPart::Chunk(p.to_vec())))
+        .collect();
+    all.push(Ok(UploadPart::Trailer { sha256 }));
+    futures::stream::iter(all)
+}
+
+fn trailer_only(path: &str, bytes: &[u8]) -> UploadHeader {
+    UploadHeader {
+        sha256: String::new(),
+        ..header(path, bytes)
+    }
+}
+
+/// Every part of a download: the chunks' bytes, then the trailer's digest,
+/// or the error that ended it.
+async fn drain(download: &mut Download) -> (Vec<u8>, Result<String, FileError>) {
+    let mut got = Vec::new();
+    while let Some(part) = download.parts.recv().await {
+        match part {
+            Ok(DownloadPart::Chunk(chunk)) => {
+                assert!(chunk.len() <= 7, "chunks keep to chunk_bytes");
+                got.extend(chunk);
+            }
+            Ok(DownloadPart::Trailer { sha256 }) => {
+                assert!(download.parts.recv().await.is_none(), "the trailer is last");
+                return (got, Ok(sha256));
+            }
+            Err(error) => return (got, Err(error)),
+        }
+    }
+    panic!("the download ended without a trailer or an error");
+}
+
 fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|entries| {
@@ -51,15 +91,177 @@ async fn upload_then_download_round_trips_and_resumes() {
         body
     );
 
-    let mut download = files.download("a/b.txt", 6).await.expect("download");
-    assert_eq!(download.info.sha256, sha(body));
-    let mut got = Vec::new();
-    while let Some(chunk) = download.chunks.recv().await {
-        let chunk = chunk.expect("chunk");
-        assert!(chunk.len() <= 7);
-        got.extend(chunk);
-    }
+    let mut whole = files.download("a/b.txt", 0).await.expect("download");
+    assert_eq!((whole.size, whole.offset), (body.len() as u64, 0));
+    let (got, trailer) = drain(&mut whole).await;
+    assert_eq!((got, trailer.expect("trailer")), (body.to_vec(), sha(body)));
+
+    // A resumed download sends only the rest, but its trailer still covers
+    // the whole file.
+    let mut resumed = files.download("a/b.txt", 6).await.expect("download");
+    assert_eq!(resumed.offset, 6);
+    let (got, trailer) = drain(&mut resumed).await;
     assert_eq!(got, &body[6..]);
+    assert_eq!(trailer.expect("trailer"), sha(body));
+
+    let mut at_end = files
+        .download("a/b.txt", body.len() as u64)
+        .await
+        .expect("download");
+    let (got, trailer) = drain(&mut at_end).await;
+    assert!(got.is_empty());
+    assert_eq!(trailer.expect("trailer"), sha(body));
+}
+
+#[tokio::test]
+async fn a_file_that_changes_size_during_a_download_fails_it() {
+    let (_dir, files) = files();
+    let body = vec![b'x'; 100];
+    files
+        .upload(header("grows.bin", &body), chunks(&[&body]))
+        .await
+        .expect("upload");
+    files
+        .upload(header("shrinks.bin", &body), chunks(&[&body]))
+        .await
+        .expect("upload");
+    // Two parts are in flight at most, so the sender cannot reach the end
+    // of either file before the change below.
+    let mut grows = files.download("grows.bin", 0).await.expect("download");
+    let mut shrinks = files.download("shrinks.bin", 0).await.expect("download");
+    let mut append = std::fs::OpenOptions::new()
+        .append(true)
+        .open(files.root().join("grows.bin"))
+        .expect("open");
+    std::io::Write::write_all(&mut append, b"more").expect("append");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(files.root().join("shrinks.bin"))
+        .expect("open")
+        .set_len(50)
+        .expect("truncate");
+
+    let (_, grown) = drain(&mut grows).await;
+    assert!(
+        matches!(
+            grown,
+            Err(FileError::ChangedDuringDownload {
+                expected: 100,
+                actual: 104,
+                ..
+            })
+        ),
+        "{grown:?}"
+    );
+    let (got, shrunk) = drain(&mut shrinks).await;
+    assert!(got.len() <= 50);
+    assert!(
+        matches!(
+            shrunk,
+            Err(FileError::ChangedDuringDownload {
+                expected: 100,
+                actual: 50,
+                ..
+            })
+        ),
+        "{shrunk:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_upload_may_carry_its_digest_only_in_the_trailer() {
+    let (_dir, files) = files();
+    let body = b"hashed while it streamed";
+    let stored = files
+        .upload_parts(
+            trailer_only("t/only.txt", body),
+            with_trailer(&[&body[..5], &body[5..]], sha(body)),
+        )
+        .await
+        .expect("upload");
+    assert_eq!((stored.size, stored.sha256), (body.len() as u64, sha(body)));
+    assert_eq!(
+        std::fs::read(files.root().join("t/only.txt")).expect("read"),
+        body
+    );
+    // With a digest in the header as well, a matching trailer is accepted.
+    files
+        .upload_parts(header("t/both.txt", body), with_trailer(&[body], sha(body)))
+        .await
+        .expect("both digests match");
+    assert_eq!(leftovers(&files.root().join("t")).len(), 2);
+}
+
+#[tokio::test]
+async fn a_mismatching_trailer_leaves_nothing_behind() {
+    let (_dir, files) = files();
+    files
+        .upload(header("keep.txt", b"old"), chunks(&[b"old"]))
+        .await
+        .expect("first upload");
+    let body = b"new bytes";
+    let err = files
+        .upload_parts(
+            trailer_only("keep.txt", body),
+            with_trailer(&[body], sha(b"other")),
+        )
+        .await
+        .expect_err("trailer digest");
+    assert!(matches!(err, FileError::DigestMismatch { .. }), "{err}");
+    // A header digest that is right does not excuse a wrong trailer.
+    let err = files
+        .upload_parts(
+            header("keep.txt", body),
+            with_trailer(&[body], sha(b"other")),
+        )
+        .await
+        .expect_err("trailer disagrees with the header");
+    assert!(matches!(err, FileError::DigestMismatch { .. }), "{err}");
+    let err = files
+        .upload_parts(
+            trailer_only("keep.txt", body),
+            with_trailer(&[body], "not hex".into()),
+        )
+        .await
+        .expect_err("bad trailer");
+    assert!(matches!(err, FileError::BadRequest(_)), "{err}");
+    assert_eq!(
+        std::fs::read(files.root().join("keep.txt")).expect("read"),
+        b"old"
+    );
+    assert_eq!(leftovers(files.root()), ["keep.txt"]);
+}
+
+#[tokio::test]
+async fn an_upload_without_a_trailer_or_header_digest_is_refused() {
+    for sink in [UploadSink::Store, UploadSink::Discard] {
+        let (_dir, mut files) = files();
+        files.settings.upload_sink = sink;
+        let body = b"unverifiable";
+        let err = files
+            .upload(trailer_only("none.bin", body), chunks(&[body]))
+            .await
+            .expect_err("no digest at all");
+        assert!(matches!(err, FileError::MissingDigest), "{sink:?}: {err}");
+        assert!(leftovers(files.root()).is_empty(), "{sink:?}");
+    }
+}
+
+#[tokio::test]
+async fn nothing_may_follow_the_trailer() {
+    let (_dir, files) = files();
+    let body = b"abc";
+    let parts = futures::stream::iter(vec![
+        Ok(UploadPart::Chunk(body.to_vec())),
+        Ok(UploadPart::Trailer { sha256: sha(body) }),
+        Ok(UploadPart::Chunk(b"late".to_vec())),
+    ]);
+    let err = files
+        .upload_parts(trailer_only("late.bin", body), parts)
+        .await
+        .expect_err("bytes after the trailer");
+    assert!(matches!(err, FileError::BadRequest(_)), "{err}");
+    assert!(leftovers(files.root()).is_empty());
 }
 
 #[tokio::test]

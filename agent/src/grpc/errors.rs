@@ -35,6 +35,9 @@ impl From<FileError> for Status {
             FileError::DigestMismatch { .. } | FileError::SizeMismatch { .. } => {
                 Status::data_loss(message)
             }
+            FileError::MissingDigest => Status::invalid_argument(message),
+            // The same call made again reads the file as it is now.
+            FileError::ChangedDuringDownload { .. } => Status::aborted(message),
             FileError::Io { .. } => Status::internal(message),
         }
     }

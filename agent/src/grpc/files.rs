@@ -6,7 +6,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::files::{FileError, Files, UploadHeader};
+use crate::files::{DownloadPart, FileError, Files, UploadHeader, UploadPart};
 
 /// The file service; cheap to clone.
 #[derive(Debug, Clone)]
@@ -38,16 +38,27 @@ impl FileService for FileApi {
             }) => header,
             _ => {
                 return Err(Status::invalid_argument(
-                    "an upload must start with a header (path, size, sha256)",
+                    "an upload must start with a header (path, size, and sha256 unless a trailer carries it)",
                 ));
             }
         };
-        let chunks = stream.map(|message| match message {
+        let parts = stream.map(|message| match message {
             Ok(pb::UploadFileRequest {
                 part: Some(Part::Chunk(bytes)),
-            }) => Ok(bytes),
-            Ok(_) => Err(FileError::BadRequest(
-                "only the first upload message may be a header; the rest must be chunks".into(),
+            }) => Ok(UploadPart::Chunk(bytes)),
+            Ok(pb::UploadFileRequest {
+                part: Some(Part::Trailer(trailer)),
+            }) => Ok(UploadPart::Trailer {
+                sha256: trailer.sha256,
+            }),
+            Ok(pb::UploadFileRequest {
+                part: Some(Part::Header(_)),
+            }) => Err(FileError::BadRequest(
+                "only the first upload message may be a header; the rest must be chunks and a trailer"
+                    .into(),
+            )),
+            Ok(pb::UploadFileRequest { part: None }) => Err(FileError::BadRequest(
+                "an upload message carried neither a chunk nor a trailer".into(),
             )),
             Err(status) => Err(FileError::BadRequest(format!(
                 "the upload stream broke: {}",
@@ -56,13 +67,13 @@ impl FileService for FileApi {
         });
         let stored = self
             .files
-            .upload(
+            .upload_parts(
                 UploadHeader {
                     path: header.path,
                     size: header.size,
                     sha256: header.sha256,
                 },
-                chunks,
+                parts,
             )
             .await?;
         tracing::Span::current().record("bytes", stored.size);
@@ -83,27 +94,27 @@ impl FileService for FileApi {
         use pb::download_file_response::Part;
         let request = request.into_inner();
         let download = self.files.download(&request.path, request.offset).await?;
-        tracing::Span::current()
-            .record("bytes", download.info.size.saturating_sub(download.offset));
+        tracing::Span::current().record("bytes", download.size.saturating_sub(download.offset));
+        // The digest is not known yet: it follows the chunks, in the trailer.
         let header = pb::DownloadFileResponse {
             part: Some(Part::Header(pb::DownloadHeader {
-                path: download.info.path.display().to_string(),
-                size: download.info.size,
-                sha256: download.info.sha256,
+                path: download.path.display().to_string(),
+                size: download.size,
+                sha256: String::new(),
                 offset: download.offset,
             })),
         };
-        let chunks = ReceiverStream::new(download.chunks).map(|chunk| {
-            chunk
-                .map(|bytes| {
+        let parts = ReceiverStream::new(download.parts).map(|part| {
+            let part = match part? {
+                DownloadPart::Chunk(bytes) => {
                     tentacle_proto::metrics::METRICS.add_bytes("out", bytes.len() as u64);
-                    pb::DownloadFileResponse {
-                        part: Some(Part::Chunk(bytes)),
-                    }
-                })
-                .map_err(Status::from)
+                    Part::Chunk(bytes)
+                }
+                DownloadPart::Trailer { sha256 } => Part::Trailer(pb::DownloadTrailer { sha256 }),
+            };
+            Ok(pb::DownloadFileResponse { part: Some(part) })
         });
-        let stream = tokio_stream::once(Ok(header)).chain(chunks);
+        let stream = tokio_stream::once(Ok(header)).chain(parts);
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::channel::AgentChannel;
-use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tentacle_proto::backoff::Backoff;
 use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
@@ -15,7 +14,7 @@ use tentacle_proto::v1::file_service_client::FileServiceClient;
 use tentacle_proto::v1::package_service_client::PackageServiceClient;
 use tentacle_proto::v1::script_service_client::ScriptServiceClient;
 use tentacle_proto::{Identity, Thumbprint, TrustStore};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
@@ -39,6 +38,8 @@ pub enum ClientError {
         "the downloaded bytes hash to {actual}, but the agent's file hashes to {expected}; the partial file was removed, try again"
     )]
     Integrity { expected: String, actual: String },
+    #[error("the agent stored bytes hashing to {stored}, but the bytes sent hash to {sent}")]
+    UploadIntegrity { sent: String, stored: String },
     #[error("the agent's reply was incomplete: {0}")]
     Protocol(&'static str),
     #[error(
@@ -288,6 +289,9 @@ impl AgentClient {
     }
 
     /// Uploads `local` to `remote` on the agent, streaming it in chunks.
+    /// The file is read once: its bytes are hashed as they are sent, and the
+    /// digest follows them in the trailer. The agent's reply must name the
+    /// same digest.
     pub async fn upload(
         &self,
         local: &Path,
@@ -295,22 +299,42 @@ impl AgentClient {
         chunk_bytes: usize,
     ) -> Result<pb::UploadFileResponse, ClientError> {
         use pb::upload_file_request::Part;
-        let (size, sha256) = hash_file(local).await?;
+        let size = tokio::fs::metadata(local)
+            .await
+            .map_err(io_error("reading", local))?
+            .len();
         let header = pb::UploadFileRequest {
             part: Some(Part::Header(pb::UploadHeader {
                 path: remote.to_owned(),
                 size,
-                sha256,
+                sha256: String::new(),
             })),
         };
-        let (messages, reader) =
-            stream_file(local, header, chunk_bytes, |chunk| pb::UploadFileRequest {
+        let (messages, reader) = stream_file(
+            local,
+            header,
+            chunk_bytes,
+            |chunk| pb::UploadFileRequest {
                 part: Some(Part::Chunk(chunk)),
-            })
-            .await?;
+            },
+            Some(|sha256| pb::UploadFileRequest {
+                part: Some(Part::Trailer(pb::UploadTrailer { sha256 })),
+            }),
+        )
+        .await?;
         let response = self.files().upload_file(messages).await;
-        finish_reading(reader, local).await?;
-        Ok(response?.into_inner())
+        let sent = finish_reading(reader, local).await?;
+        let response = response?.into_inner();
+        // The agent checked the trailer, so a different digest here means
+        // the reply does not describe the bytes that were sent.
+        let sent_sha256 = sent.sha256.unwrap_or_default();
+        if response.sha256 != sent_sha256 || response.size != sent.bytes {
+            return Err(ClientError::UploadIntegrity {
+                sent: sent_sha256,
+                stored: response.sha256,
+            });
+        }
+        Ok(response)
     }
 
     /// Whether the agent's package cache holds `sha256`.
@@ -347,14 +371,18 @@ impl AgentClient {
                     size,
                 })),
             };
-            let (messages, reader) = stream_file(local, header, 256 * 1024, |chunk| {
-                pb::UploadPackageRequest {
+            let (messages, reader) = stream_file(
+                local,
+                header,
+                256 * 1024,
+                |chunk| pb::UploadPackageRequest {
                     part: Some(Part::Chunk(chunk)),
-                }
-            })
+                },
+                None,
+            )
             .await?;
             let response = self.packages().upload_package(messages).await;
-            uploaded_bytes = finish_reading(reader, local).await?;
+            uploaded_bytes = finish_reading(reader, local).await?.bytes;
             response?;
         }
         let extracted = self
@@ -387,8 +415,10 @@ impl AgentClient {
 
     /// Downloads `remote` to `local`. Bytes go to `local.partial` first; with
     /// `resume`, an existing partial file is continued from its length. The
-    /// whole file is verified against the agent's SHA-256 before it is
-    /// renamed into place.
+    /// bytes are hashed as they are written (a resumed partial file's prefix
+    /// first), and the whole file is checked against the digest in the
+    /// agent's trailer before it is fsynced and renamed into place. Returns
+    /// the agent's header with `sha256` set to that verified digest.
     pub async fn download(
         &self,
         remote: &str,
@@ -413,51 +443,93 @@ impl AgentClient {
             })
             .await?
             .into_inner();
-        let header = match stream.message().await? {
+        let mut header = match stream.message().await? {
             Some(pb::DownloadFileResponse {
                 part: Some(Part::Header(header)),
             }) => header,
             _ => return Err(ClientError::Protocol("a download must start with a header")),
         };
+        if header.offset != offset || header.size < offset {
+            return Err(ClientError::Protocol(
+                "the download's header does not continue from the offset asked for",
+            ));
+        }
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&partial)
             .await
             .map_err(io_error("opening", &partial))?;
+        let mut hasher = Sha256::new();
         if offset == 0 {
             file.set_len(0)
                 .await
                 .map_err(io_error("truncating", &partial))?;
+        } else {
+            // The trailer covers the whole file, so the bytes already here
+            // are hashed before the new ones are appended.
+            hash_prefix(&mut file, offset, &mut hasher)
+                .await
+                .map_err(io_error("reading", &partial))?;
         }
-        while let Some(message) = stream.next().await {
-            match message?.part {
-                Some(Part::Chunk(bytes)) => file
-                    .write_all(&bytes)
-                    .await
-                    .map_err(io_error("writing", &partial))?,
-                _ => {
+        let mut received = offset;
+        let trailer = loop {
+            let Some(message) = stream.message().await? else {
+                return Err(ClientError::Protocol(
+                    "the download ended without its trailer, so it could not be verified; download again to resume",
+                ));
+            };
+            match message.part {
+                Some(Part::Chunk(bytes)) => {
+                    received += bytes.len() as u64;
+                    if received > header.size {
+                        let _ = tokio::fs::remove_file(&partial).await;
+                        return Err(ClientError::Protocol(
+                            "the agent sent more bytes than its header's size; the partial file was removed",
+                        ));
+                    }
+                    hasher.update(&bytes);
+                    file.write_all(&bytes)
+                        .await
+                        .map_err(io_error("writing", &partial))?;
+                }
+                Some(Part::Trailer(trailer)) => break trailer,
+                Some(Part::Header(_)) | None => {
                     return Err(ClientError::Protocol(
-                        "only the first download message may be a header",
+                        "only the first download message may be a header, and every one must have a part",
                     ));
                 }
             }
+        };
+        if stream.message().await?.is_some() {
+            return Err(ClientError::Protocol(
+                "the download's trailer must be its last message",
+            ));
+        }
+        if received != header.size {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(ClientError::Protocol(
+                "the download's trailer came before all of its bytes; the partial file was removed",
+            ));
+        }
+        let actual = hex::encode(hasher.finalize());
+        if !actual.eq_ignore_ascii_case(&trailer.sha256) {
+            drop(file);
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(ClientError::Integrity {
+                expected: trailer.sha256,
+                actual,
+            });
         }
         file.sync_all()
             .await
             .map_err(io_error("syncing", &partial))?;
         drop(file);
-        let (_, actual) = hash_file(&partial).await?;
-        if actual != header.sha256 {
-            let _ = tokio::fs::remove_file(&partial).await;
-            return Err(ClientError::Integrity {
-                expected: header.sha256,
-                actual,
-            });
-        }
         tokio::fs::rename(&partial, local)
             .await
             .map_err(io_error("renaming into", local))?;
+        header.sha256 = actual;
         Ok(header)
     }
 }
@@ -472,17 +544,28 @@ pub struct PackageDelivery {
     pub was_cached: bool,
 }
 
-/// Streams `first`, then the file's bytes in chunks wrapped by `wrap`. The
-/// returned task reports how many file bytes it read.
+/// What [`stream_file`]'s reader sent.
+#[derive(Debug)]
+struct Sent {
+    bytes: u64,
+    /// The bytes' digest, when a trailer carried it.
+    sha256: Option<String>,
+}
+
+/// Streams `first`, then the file's bytes in chunks wrapped by `wrap`, then,
+/// with `trailer`, their digest wrapped by it. The trailer goes only after
+/// the file was read to its end, so a failed read never looks complete. The
+/// returned task reports what it sent.
 async fn stream_file<M: Send + 'static>(
     local: &Path,
     first: M,
     chunk_bytes: usize,
     wrap: fn(Vec<u8>) -> M,
+    trailer: Option<fn(String) -> M>,
 ) -> Result<
     (
         tokio_stream::wrappers::ReceiverStream<M>,
-        tokio::task::JoinHandle<std::io::Result<u64>>,
+        tokio::task::JoinHandle<std::io::Result<Sent>>,
     ),
     ClientError,
 > {
@@ -492,7 +575,11 @@ async fn stream_file<M: Send + 'static>(
     // Two messages in flight at most, so memory stays flat.
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let reader = tokio::spawn(async move {
-        let mut sent = 0u64;
+        let mut hasher = trailer.map(|_| Sha256::new());
+        let mut sent = Sent {
+            bytes: 0,
+            sha256: None,
+        };
         if tx.send(first).await.is_err() {
             return Ok(sent);
         }
@@ -500,27 +587,62 @@ async fn stream_file<M: Send + 'static>(
             let mut chunk = vec![0u8; chunk_bytes.max(1)];
             let n = file.read(&mut chunk).await?;
             if n == 0 {
-                return Ok(sent);
+                break;
             }
             chunk.truncate(n);
-            sent += n as u64;
+            sent.bytes += n as u64;
+            if let Some(hasher) = hasher.as_mut() {
+                hasher.update(&chunk);
+            }
             if tx.send(wrap(chunk)).await.is_err() {
                 return Ok(sent);
             }
         }
+        if let (Some(trailer), Some(hasher)) = (trailer, hasher) {
+            let sha256 = hex::encode(hasher.finalize());
+            sent.sha256 = Some(sha256.clone());
+            let _ = tx.send(trailer(sha256)).await;
+        }
+        Ok(sent)
     });
     Ok((tokio_stream::wrappers::ReceiverStream::new(rx), reader))
 }
 
 async fn finish_reading(
-    reader: tokio::task::JoinHandle<std::io::Result<u64>>,
+    reader: tokio::task::JoinHandle<std::io::Result<Sent>>,
     local: &Path,
-) -> Result<u64, ClientError> {
+) -> Result<Sent, ClientError> {
     match reader.await {
         Ok(Ok(sent)) => Ok(sent),
         Ok(Err(source)) => Err(io_error("reading", local)(source)),
         Err(join) => Err(io_error("reading", local)(std::io::Error::other(join))),
     }
+}
+
+/// Feeds the first `len` bytes of `reader` to `hasher`; fewer is an error,
+/// since the offset asked for promised that many.
+async fn hash_prefix(
+    reader: &mut (impl AsyncRead + Unpin),
+    len: u64,
+    hasher: &mut Sha256,
+) -> std::io::Result<()> {
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let want = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(buffer.len());
+        let n = reader.read(&mut buffer[..want]).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the partial file shrank while it was being resumed",
+            ));
+        }
+        hasher.update(&buffer[..n]);
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 /// Where a download in progress is kept.
@@ -554,3 +676,6 @@ pub fn print_line(line: &pb::LogLine) {
         _ => eprintln!("[agent] {}", line.text),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,5 +1,6 @@
 //! File transfer through the real agent: a 64 MiB round trip with matching
-//! digests, resumed downloads, and paths that try to leave the files root.
+//! digests (sent in trailers, after the data), resumed downloads, wrong or
+//! missing digests, and paths that try to leave the files root.
 
 use std::io::Write;
 
@@ -142,6 +143,42 @@ async fn a_wrong_digest_leaves_nothing_at_the_destination(mode: Mode) {
         .await
         .expect_err("digest mismatch");
     assert_eq!(status.code(), Code::DataLoss);
+
+    // The digest may travel only in the trailer, after the bytes; a wrong
+    // one is caught the same way, and so is one that never arrives.
+    let trailer_only = pb::UploadFileRequest {
+        part: Some(pb::upload_file_request::Part::Header(pb::UploadHeader {
+            path: "bad.bin".into(),
+            size: 4,
+            sha256: String::new(),
+        })),
+    };
+    let chunk = pb::UploadFileRequest {
+        part: Some(pb::upload_file_request::Part::Chunk(b"abcd".to_vec())),
+    };
+    let wrong_trailer = pb::UploadFileRequest {
+        part: Some(pb::upload_file_request::Part::Trailer(pb::UploadTrailer {
+            sha256: hex::encode(Sha256::digest(b"abce")),
+        })),
+    };
+    let status = client
+        .files()
+        .upload_file(tokio_stream::iter(vec![
+            trailer_only.clone(),
+            chunk.clone(),
+            wrong_trailer,
+        ]))
+        .await
+        .expect_err("trailer mismatch");
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    let status = client
+        .files()
+        .upload_file(tokio_stream::iter(vec![trailer_only, chunk]))
+        .await
+        .expect_err("no digest");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("trailer"), "{status:?}");
+
     let left: Vec<_> = std::fs::read_dir(agent.home().join("files"))
         .expect("files root")
         .filter_map(|e| e.ok())
