@@ -9,10 +9,13 @@
 //! [`stats::alternate`]), with the spread beside it.
 
 pub mod baselines;
+pub mod calls;
+pub mod fleet;
 pub mod local;
 pub mod processes;
 pub mod sshd;
 pub mod stats;
+pub mod unary_peer;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,8 +35,15 @@ pub struct Settings {
     pub rounds: usize,
     /// Bytes for the bulk rows (disk, copies, uploads).
     pub bulk_bytes: u64,
-    /// Calls per round for the small-command rows.
+    /// Calls per round for the small-command rows (a new process each).
     pub calls: usize,
+    /// Sequential small gRPC calls per round for the latency rows.
+    pub small_calls: usize,
+    /// Polling agents in the fleet rows.
+    pub fleet_agents: usize,
+    /// Whether `fleet-largest` runs without being named by `--only` (it
+    /// grows a fleet until the hub runs out of something: minutes).
+    pub largest: bool,
     /// Only the row with this name.
     pub only: Option<String>,
     /// Where files and the peer's keys go (on the filesystem being measured).
@@ -47,6 +57,9 @@ impl Settings {
             rounds: 5,
             bulk_bytes: 1 << 30,
             calls: 10,
+            small_calls: 2000,
+            fleet_agents: 10_000,
+            largest: true,
             only: None,
             dir,
         }
@@ -55,7 +68,7 @@ impl Settings {
     /// Refuses an `--only` that names no row.
     pub fn check(&self) -> Result<(), BenchError> {
         match &self.only {
-            Some(only) if !ROWS.contains(&only.as_str()) => {
+            Some(only) if !all_rows().any(|row| row == only) => {
                 Err(BenchError::UnknownRow(only.clone()))
             }
             _ => Ok(()),
@@ -73,6 +86,9 @@ impl Settings {
             rounds: 2,
             bulk_bytes: 16 << 20,
             calls: 3,
+            small_calls: 200,
+            fleet_agents: 200,
+            largest: false,
             only: None,
             dir,
         }
@@ -96,6 +112,22 @@ pub struct Row {
     pub ratio_is: Option<&'static str>,
     /// Why the row did not run.
     pub skipped: Option<String>,
+    /// The goal for `ratio` (or for `value` when the row has no peer), as
+    /// the performance targets state it, e.g. "<= 1.10".
+    pub target: Option<&'static str>,
+    /// Further comparisons measured in the same rounds, e.g. an upload
+    /// against the disk's own fsynced write rate.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<Also>,
+}
+
+/// A second comparison of a row, measured in the same rounds as its value.
+#[derive(Debug, Clone, Serialize)]
+pub struct Also {
+    pub peer: Peer,
+    pub ratio: Option<Ratio>,
+    pub ratio_is: &'static str,
+    pub target: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -131,7 +163,8 @@ impl Machine {
     }
 }
 
-/// The names `--only` accepts, in the order the bench runs them.
+/// The rows of this module, in the order the bench runs them; the call
+/// rows follow ([`calls::ROWS`]).
 pub const ROWS: [&str; 6] = [
     "disk-fsync",
     "rustls-copy",
@@ -141,10 +174,15 @@ pub const ROWS: [&str; 6] = [
     "exec",
 ];
 
+/// Every row `--only` accepts, in the order the bench runs them.
+pub fn all_rows() -> impl Iterator<Item = &'static str> {
+    ROWS.into_iter().chain(calls::ROWS).chain(fleet::ROWS)
+}
+
 /// Why a bench run stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("no row is named `{0}`; the rows are: {rows}", rows = ROWS.join(", "))]
+    #[error("no row is named `{0}`; the rows are: {rows}", rows = all_rows().collect::<Vec<_>>().join(", "))]
     UnknownRow(String),
     #[error("{what}: {source}")]
     Io {
@@ -154,7 +192,7 @@ pub enum BenchError {
     },
 }
 
-fn skipped(name: &'static str, measure: &str, unit: &'static str, why: String) -> Row {
+pub(crate) fn skipped(name: &'static str, measure: &str, unit: &'static str, why: String) -> Row {
     Row {
         name,
         measure: measure.to_owned(),
@@ -164,10 +202,17 @@ fn skipped(name: &'static str, measure: &str, unit: &'static str, why: String) -
         ratio: None,
         ratio_is: None,
         skipped: Some(why),
+        target: None,
+        also: Vec::new(),
     }
 }
 
-fn measured(name: &'static str, measure: &str, unit: &'static str, samples: &[f64]) -> Row {
+pub(crate) fn measured(
+    name: &'static str,
+    measure: &str,
+    unit: &'static str,
+    samples: &[f64],
+) -> Row {
     Row {
         name,
         measure: measure.to_owned(),
@@ -177,10 +222,12 @@ fn measured(name: &'static str, measure: &str, unit: &'static str, samples: &[f6
         ratio: None,
         ratio_is: None,
         skipped: None,
+        target: None,
+        also: Vec::new(),
     }
 }
 
-const MB: f64 = 1_000_000.0;
+pub(crate) const MB: f64 = 1_000_000.0;
 
 /// Runs the rows `settings` selects, printing each as it finishes.
 pub async fn run(settings: &Settings, quick: bool) -> Result<Report, BenchError> {
@@ -250,6 +297,28 @@ pub async fn run(settings: &Settings, quick: bool) -> Result<Report, BenchError>
             source: std::io::Error::other(error),
         })?;
         for row in ssh {
+            print_row(&row);
+            rows.push(row);
+        }
+    }
+
+    rows.extend(calls::rows(settings).await);
+
+    let fleet_names: Vec<&'static str> = fleet::ROWS
+        .into_iter()
+        .filter(|name| wanted(name))
+        .filter(|name| *name != fleet::LARGEST || settings.largest || settings.only.is_some())
+        .collect();
+    if !fleet_names.is_empty() {
+        let (dir, agents) = (settings.dir.clone(), settings.fleet_agents);
+        let fleet =
+            tokio::task::spawn_blocking(move || fleet::fleet_rows(&dir, agents, &fleet_names))
+                .await
+                .map_err(|error| BenchError::Io {
+                    what: "the fleet rows".to_owned(),
+                    source: std::io::Error::other(error),
+                })?;
+        for row in fleet {
             print_row(&row);
             rows.push(row);
         }
@@ -360,6 +429,8 @@ fn exec_row(
         ratio: None,
         ratio_is: None,
         skipped: None,
+        target: Some(">= 10"),
+        also: Vec::new(),
     };
     let agent = match processes::ListeningAgent::start(&dir.join("tentacle")) {
         Ok(agent) => agent,
@@ -449,7 +520,7 @@ fn scp_rate(
 
 /// A file of `bytes` pseudo-random bytes (incompressible, so no transport
 /// gains from compression).
-fn write_file(path: &Path, bytes: u64) -> std::io::Result<()> {
+pub(crate) fn write_file(path: &Path, bytes: u64) -> std::io::Result<()> {
     use rand::RngCore;
     use std::io::Write;
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
@@ -465,40 +536,62 @@ fn write_file(path: &Path, bytes: u64) -> std::io::Result<()> {
     file.flush()
 }
 
-/// One table line, as soon as the row is done.
+/// Width of the name column.
+const NAME: usize = 24;
+
+/// One table block, as soon as the row is done: the value, then its peer
+/// and ratio (and any further comparisons), each on a line of its own.
 pub fn print_row(row: &Row) {
-    if let (Some(peer), Some(ratio), Some(is)) = (&row.peer, &row.ratio, row.ratio_is) {
-        println!(
-            "{:<16} {:>10.1} {:<5} {}\n{:<16} {:>10.1} {:<5} {}\n{:<16} {:>10.2} {:<5} {is}, spread {:.2}..{:.2} over {} rounds",
-            row.name,
-            row.value.unwrap_or(f64::NAN),
-            row.unit,
-            row.measure,
-            "",
-            peer.value,
-            row.unit,
-            peer.name,
-            "",
-            ratio.median,
-            "x",
-            ratio.min,
-            ratio.max,
-            ratio.rounds.len()
-        );
-        return;
-    }
+    let target =
+        |target: Option<&str>| target.map(|t| format!(" (target {t})")).unwrap_or_default();
     match (&row.value, &row.skipped) {
         (Some(value), _) => println!(
-            "{:<16} {:>10.1} {:<5} {}",
-            row.name, value, row.unit, row.measure
+            "{:<NAME$} {:>10.1} {:<5} {}{}",
+            row.name,
+            value,
+            row.unit,
+            row.measure,
+            if row.ratio.is_none() {
+                target(row.target)
+            } else {
+                String::new()
+            }
         ),
         (None, Some(why)) => println!(
-            "{:<16} {:>10} {:<5} {} (skipped: {why})",
+            "{:<NAME$} {:>10} {:<5} {} (skipped: {why})",
             row.name, "-", row.unit, row.measure
         ),
         (None, None) => println!(
-            "{:<16} {:>10} {:<5} {}",
+            "{:<NAME$} {:>10} {:<5} {}",
             row.name, "-", row.unit, row.measure
         ),
+    }
+    let comparisons = row
+        .peer
+        .iter()
+        .zip(row.ratio_is)
+        .map(|(peer, is)| (peer, row.ratio.as_ref(), is, row.target))
+        .chain(
+            row.also
+                .iter()
+                .map(|also| (&also.peer, also.ratio.as_ref(), also.ratio_is, also.target)),
+        );
+    for (peer, ratio, is, goal) in comparisons {
+        println!(
+            "{:<NAME$} {:>10.1} {:<5} {}",
+            "", peer.value, row.unit, peer.name
+        );
+        if let Some(ratio) = ratio {
+            println!(
+                "{:<NAME$} {:>10.2} {:<5} {is}{}, spread {:.2}..{:.2} over {} rounds",
+                "",
+                ratio.median,
+                "",
+                target(goal),
+                ratio.min,
+                ratio.max,
+                ratio.rounds.len()
+            );
+        }
     }
 }

@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// Rounds per row [default: 5, or 2 with --quick].
     #[arg(long)]
     rounds: Option<usize>,
+    /// Polling agents in the fleet rows [default: 10000, or 200 with
+    /// --quick].
+    #[arg(long)]
+    agents: Option<usize>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -53,12 +57,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
         settings.rounds = rounds;
     }
+    if let Some(agents) = args.agents {
+        anyhow::ensure!(agents > 0, "--agents must be at least 1");
+        settings.fleet_agents = agents;
+    }
     settings.check()?;
     println!(
-        "{:<16} {:>10} {:<5} measure ({} rounds a row, median)",
+        "{:<24} {:>10} {:<5} measure ({} rounds a row, median)",
         "row", "value", "unit", settings.rounds
     );
-    let report = bench::run(&settings, args.quick).await?;
+    let report = tokio::select! {
+        report = bench::run(&settings, args.quick) => report?,
+        _ = tokio::signal::ctrl_c() => {
+            // The peers run in process groups of their own, out of the
+            // terminal's reach: stop them before leaving.
+            let stopped = bench::local::kill_groups();
+            eprintln!("interrupted; stopped the bench's {stopped} process groups");
+            return Ok(ExitCode::from(130));
+        }
+    };
     let ran = report.rows.iter().filter(|row| row.value.is_some()).count();
     println!(
         "{ran} of {} rows measured in {:.1}s on {} CPUs",

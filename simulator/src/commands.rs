@@ -15,6 +15,10 @@ pub async fn dispatch(home: &Path, command: Command) -> anyhow::Result<ExitCode>
         Command::Run(args) => crate::run_cmd::run(&home, *args).await,
         Command::Report(command) => crate::run_cmd::report(command),
         Command::Bench(args) => crate::bench_cmd::run(args).await,
+        Command::BenchUnaryPeer { trust } => {
+            tentacle_sim::bench::unary_peer::serve(trust, std::io::stdout()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { script } => {
             let code = demo::run(script.as_deref().unwrap_or(demo::DEFAULT_SCRIPT)).await?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))

@@ -46,6 +46,15 @@ enum Command {
     /// Measures Tentacle beside OpenSSH and the machine's own limits (disk,
     /// raw TLS) in one run; prints a table and can write JSON.
     Bench(bench_cmd::BenchArgs),
+    /// The bench's plain tonic baseline, started by `bench` itself: serves a
+    /// constant `GetCapabilities` over pinned mTLS and prints `ADDRESS
+    /// THUMBPRINT`.
+    #[command(hide = true)]
+    BenchUnaryPeer {
+        /// The only client certificate it accepts.
+        #[arg(long)]
+        trust: tentacle_proto::Thumbprint,
+    },
     /// Starts a listening agent with fresh certificates in a temporary home,
     /// runs a script through it and prints the output.
     Demo {

@@ -39,3 +39,43 @@ pub fn wait_until_listening(
     }
     Ok(())
 }
+
+/// Process groups the bench started and has not stopped yet, so an
+/// interrupted run can stop them: each peer runs in a group of its own,
+/// which Ctrl-C on the terminal does not reach.
+static GROUPS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Remembers the group led by `pid` (a child spawned with `process_group(0)`).
+pub fn track_group(pid: u32) {
+    GROUPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(pid);
+}
+
+/// Forgets the group once its leader is reaped, so its id is never
+/// signalled after the system may have reused it.
+pub fn forget_group(pid: u32) {
+    GROUPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|&tracked| tracked != pid);
+}
+
+/// SIGKILL to every group still tracked; returns how many there were.
+pub fn kill_groups() -> usize {
+    let groups = std::mem::take(
+        &mut *GROUPS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for &pid in &groups {
+        if let Ok(pid) = i32::try_from(pid) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    groups.len()
+}

@@ -103,6 +103,7 @@ impl Sshd {
             .stderr(std::fs::File::create(dir.join("sshd.log")).map_err(io("sshd.log"))?)
             .spawn()
             .map_err(io(format!("starting {SSHD}")))?;
+        super::local::track_group(child.id());
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut sshd = Self {
             dir: dir.to_owned(),
@@ -193,6 +194,17 @@ impl Sshd {
             .arg(format!("127.0.0.1:{}", to.display()));
         run(&mut command).map(drop)
     }
+
+    /// `scp 127.0.0.1:FROM TO`.
+    pub fn download(&self, from: &Path, to: &Path) -> Result<(), SshError> {
+        let mut command = Command::new("scp");
+        self.common(&mut command, "-P");
+        command
+            .arg("-q")
+            .arg(format!("127.0.0.1:{}", from.display()))
+            .arg(to);
+        run(&mut command).map(drop)
+    }
 }
 
 impl Drop for Sshd {
@@ -208,6 +220,7 @@ impl Drop for Sshd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        super::local::forget_group(self.child.id());
     }
 }
 

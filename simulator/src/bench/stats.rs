@@ -52,6 +52,27 @@ impl Ratio {
     }
 }
 
+impl Ratio {
+    /// The same spread of per-round differences `ours - theirs`, for rows
+    /// whose target is a difference (e.g. at most 5 ms slower).
+    pub fn differences(pairs: &[(f64, f64)]) -> Option<Self> {
+        let rounds: Vec<f64> = pairs
+            .iter()
+            .filter(|(a, b)| a.is_finite() && b.is_finite())
+            .map(|(a, b)| a - b)
+            .collect();
+        let median = median(&rounds)?;
+        let min = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some(Self {
+            median,
+            min,
+            max,
+            rounds,
+        })
+    }
+}
+
 /// Runs `a` and `b` in `rounds` alternating rounds, starting with `a` on
 /// even rounds and with `b` on odd ones (ABBA order), and returns each
 /// round's `(a, b)` figures. The order flips so neither side always runs
