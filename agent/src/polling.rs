@@ -109,19 +109,32 @@ async fn maintain(
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new(settings.reconnect_initial, settings.reconnect_max);
+    // Set when the hub drained our tunnel: it is restarting, so retries
+    // stay in the first window for a while instead of doubling away.
+    let mut hub_restarting_since: Option<tokio::time::Instant> = None;
     while !stop.is_cancelled() {
         let opened = tokio::time::Instant::now();
-        match open_and_serve(
+        let signals = SessionSignals::default();
+        let outcome = open_and_serve(
             &settings,
             &hub,
             index,
             &identity,
             routes.clone(),
             &serve,
-            &stop,
+            Attempt {
+                signals: signals.clone(),
+                stop: &stop,
+            },
         )
-        .await
-        {
+        .await;
+        if signals.drained.is_cancelled() {
+            hub_restarting_since = Some(tokio::time::Instant::now());
+            backoff.reset();
+        } else if outcome.is_ok() {
+            hub_restarting_since = None;
+        }
+        match outcome {
             Ok(SessionEnd::Replaced) => {
                 // A new certificate: open the replacement at once while the
                 // old tunnel finishes its calls.
@@ -140,13 +153,25 @@ async fn maintain(
         if opened.elapsed() > settings.reconnect_max {
             backoff.reset();
         }
-        let wait = backoff.next_delay(&mut rand::rng());
+        let wait = match hub_restarting_since {
+            Some(since) if since.elapsed() < RESTART_RETRY_PERIOD => {
+                backoff.first_window_delay(&mut rand::rng())
+            }
+            _ => backoff.next_delay(&mut rand::rng()),
+        };
         tracing::debug!(agent_id = %settings.agent_id, ?wait, attempt = backoff.attempts(), tunnel = index, "reconnecting after a jittered wait");
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = stop.cancelled() => return,
         }
     }
+}
+
+/// What one attempt is told from outside: when to stop, and where the
+/// session reports the hub's drain notice.
+struct Attempt<'a> {
+    signals: SessionSignals,
+    stop: &'a CancellationToken,
 }
 
 async fn open_and_serve(
@@ -156,8 +181,9 @@ async fn open_and_serve(
     identity_cell: &Arc<IdentityCell>,
     routes: Routes,
     serve: &ServeSettings,
-    stop: &CancellationToken,
+    attempt: Attempt<'_>,
 ) -> Result<SessionEnd, TunnelError> {
+    let Attempt { signals, stop } = attempt;
     let address = hub.address.to_string();
     // Each attempt uses the identity current at that moment; a later change
     // replaces the tunnel.
@@ -293,7 +319,6 @@ async fn open_and_serve(
             }
         })
     };
-    let signals = SessionSignals::default();
     let session_stop = CancellationToken::new();
     let drain_sender = outgoing.clone();
     let session = tunnel::run_session(
@@ -358,6 +383,13 @@ impl Drop for TunnelGauge {
         tentacle_proto::metrics::METRICS.tunnels_open.dec();
     }
 }
+
+/// How long after a hub drained its tunnel (a graceful restart) the
+/// agent keeps retrying within the first reconnect window, so that a
+/// restarted hub sees its whole fleet back within that window instead of
+/// the stragglers of a doubled one. After this the usual doubling resumes,
+/// for a hub that went away for good.
+const RESTART_RETRY_PERIOD: Duration = Duration::from_secs(120);
 
 /// How long a draining tunnel keeps accepting calls the hub picked just
 /// before it heard of the drain.

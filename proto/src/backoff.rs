@@ -53,6 +53,16 @@ impl Backoff {
         Duration::from_nanos(rng.random_range(0..=nanos))
     }
 
+    /// A wait uniform in the first window (`0..=initial`), leaving the
+    /// window as it is: for retries that should not spread out further,
+    /// such as reconnecting to a hub that said it is restarting.
+    pub fn first_window_delay(&mut self, rng: &mut impl Rng) -> Duration {
+        self.attempts = self.attempts.saturating_add(1);
+        let first = self.initial.min(self.max);
+        let nanos = u64::try_from(first.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rng.random_range(0..=nanos))
+    }
+
     /// Back to the first window, after a success.
     pub fn reset(&mut self) {
         self.window = self.initial.min(self.max);

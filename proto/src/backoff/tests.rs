@@ -116,3 +116,26 @@ async fn wait_sleeps_for_the_delay_it_reports() {
     assert_eq!(backoff.window(), Duration::from_secs(8));
     assert_eq!(backoff.attempts(), 1);
 }
+
+#[test]
+fn first_window_delays_stay_in_the_first_window_however_many() {
+    let mut backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(60));
+    let mut rng = rng();
+    // Two ordinary failures doubled the window to 20 s.
+    backoff.next_delay(&mut rng);
+    backoff.next_delay(&mut rng);
+    assert_eq!(backoff.window(), Duration::from_secs(20));
+    let waits: Vec<Duration> = (0..200)
+        .map(|_| backoff.first_window_delay(&mut rng))
+        .collect();
+    assert!(
+        waits.iter().all(|w| *w <= Duration::from_secs(5)),
+        "{waits:?}"
+    );
+    // Spread over the window, not bunched at one end.
+    assert!(waits.iter().any(|w| *w < Duration::from_secs(2)));
+    assert!(waits.iter().any(|w| *w > Duration::from_secs(3)));
+    // The doubling window itself is left alone.
+    assert_eq!(backoff.window(), Duration::from_secs(20));
+    assert_eq!(backoff.attempts(), 202);
+}
