@@ -454,6 +454,9 @@ fn target(name: &str) -> Option<&'static str> {
         "fleet-hub-memory" => Some("<= 64"),
         "fleet-sim-memory" => Some("<= 128"),
         "fleet-wave-lost" => Some("= 0"),
+        "fleet-wave" | "fleet-reconnect" => Some("<= 10 (at 10,000)"),
+        "agent-idle-rss" => Some("<= 10"),
+        "agent-binary" => Some("<= 15"),
         _ => None,
     }
 }
@@ -512,8 +515,9 @@ impl Rows {
 
     fn measured(&mut self, name: &str, measure: String, value: f64) {
         if let Some(name) = self.name(name).filter(|n| self.wants(n)) {
-            self.done
-                .push(measured(name, &measure, unit(name), &[value]));
+            let mut row = measured(name, &measure, unit(name), &[value]);
+            row.target = target(name);
+            self.done.push(row);
         }
     }
 
