@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     // Tunnel bytes pass through without being copied into a Vec.
-    config.bytes([".tentacle.v1.TunnelFrame.data"]);
+    config.bytes([".tentacle.v1.CallData.data"]);
     let include = protoc_bin_vendored::include_path()?;
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("tentacle_v1_descriptor.bin"))

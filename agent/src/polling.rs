@@ -1,5 +1,5 @@
 //! Polling mode: the agent dials its hub(s), opens reverse tunnels, and
-//! serves its usual routes inside each tunnel.
+//! serves its usual routes over each tunnel's call frames.
 //!
 //! Each (hub, tunnel index) pair is kept open by its own task, which
 //! reconnects with exponential backoff and full jitter so that thousands of
@@ -17,18 +17,18 @@ use tentacle_proto::dial::ListeningAddress;
 use tentacle_proto::http2::Http2Settings;
 use tentacle_proto::incoming::PeerInfo;
 use tentacle_proto::tls::IdentityCell;
-use tentacle_proto::tunnel::{self, HeartbeatSettings, SessionEnd, SessionSignals};
+use tentacle_proto::tunnel::{
+    self, HeartbeatSettings, ServerSettings, SessionEnd, SessionSignals, TunnelServer,
+};
 use tentacle_proto::v1::tunnel_frame::Kind;
 use tentacle_proto::v1::tunnel_service_client::TunnelServiceClient;
 use tentacle_proto::v1::{TunnelFrame, TunnelHello};
 use tentacle_proto::{Thumbprint, TrustStore};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::{Endpoint, Uri};
 
-use crate::server::{self, ServeSettings};
+use crate::server::ServeSettings;
 pub use dialer::{Dialer, TcpDialer};
 pub use proxy::ProxySettings;
 
@@ -248,27 +248,34 @@ async fn open_and_serve(
             reason: tentacle_proto::dial::describe_connect_error(&e),
         })?;
 
-    let (outgoing, outgoing_rx) = mpsc::channel(tunnel::PIPE_CHUNKS);
-    let hello = TunnelFrame {
-        kind: Some(Kind::Hello(TunnelHello {
-            agent_id: settings.agent_id.clone(),
-            agent_version: crate::VERSION.to_owned(),
-            tunnel_index: index,
-        })),
-    };
-    let _ = outgoing.send(hello).await;
+    let (outbound, frames) = tunnel::outbound();
+    let hello = Kind::Hello(TunnelHello {
+        agent_id: settings.agent_id.clone(),
+        agent_version: crate::VERSION.to_owned(),
+        tunnel_index: index,
+        protocol: tunnel::PROTOCOL,
+        max_concurrent_calls: serve.max_concurrent_streams,
+    });
+    outbound.ordered(hello).await;
     // A hub that accepts the stream but never answers must not hold this
     // tunnel slot (or the agent's shutdown) forever.
     let setup = async {
         let mut incoming = TunnelServiceClient::new(channel)
             .max_decoding_message_size(tunnel::MAX_FRAME)
-            .open(ReceiverStream::new(outgoing_rx))
+            .open(frames)
             .await?
             .into_inner();
         match incoming.message().await? {
             Some(TunnelFrame {
-                kind: Some(Kind::Welcome(_)),
-            }) => Ok(incoming),
+                kind: Some(Kind::Welcome(welcome)),
+            }) if welcome.protocol == tunnel::PROTOCOL => Ok(incoming),
+            Some(TunnelFrame {
+                kind: Some(Kind::Welcome(welcome)),
+            }) => Err(tonic::Status::failed_precondition(format!(
+                "the hub speaks tunnel protocol {}, this agent speaks {}; upgrade the hub or the agent so that both match",
+                welcome.protocol,
+                tunnel::PROTOCOL
+            ))),
             _ => Err(tonic::Status::unavailable(
                 "the hub did not welcome the tunnel",
             )),
@@ -299,73 +306,58 @@ async fn open_and_serve(
         thumbprint: hub.thumbprint,
         remote_addr,
     };
-    let (io, ends) = tunnel::pipe(Some(peer));
-    let session_over = CancellationToken::new();
-    let mut inner = {
-        let incoming = tokio_stream::StreamExt::chain(
-            tokio_stream::once(Ok::<_, std::io::Error>(io)),
-            tokio_stream::pending(),
-        );
-        let serve = ServeSettings {
-            http2: serve.http2.without_keepalive(),
-            ..serve.clone()
-        };
-        let done = session_over.clone();
-        tokio::spawn(async move {
-            if let Err(error) =
-                server::serve(routes, incoming, done.cancelled_owned(), &serve).await
-            {
-                tracing::warn!(%error, "the tunnel's inner server failed");
-            }
-        })
-    };
+    let server = TunnelServer::new(
+        routes,
+        outbound.clone(),
+        Some(peer),
+        ServerSettings {
+            max_concurrent_calls: serve.max_concurrent_streams,
+            side: "agent",
+        },
+    );
     let session_stop = CancellationToken::new();
-    let drain_sender = outgoing.clone();
-    let session = tunnel::run_session(
+    let mut session = tokio::spawn(tunnel::run_session(
         incoming,
-        outgoing,
-        ends,
+        outbound.clone(),
+        Arc::new(server.clone()),
         settings.heartbeat.clone(),
         signals,
         session_stop.clone(),
-    );
-    let mut session = Box::pin(session);
+    ));
     let end = tokio::select! {
         end = &mut session => end,
         () = stop.cancelled() => {
-            // The agent is stopping: refuse new calls inside the tunnel, let
-            // running ones finish while bytes still flow, then close it.
-            session_over.cancel();
-            let _ = tokio::time::timeout(settings.shutdown_grace, &mut inner).await;
+            // The agent is stopping: refuse new calls in the tunnel, let
+            // running ones finish while frames still flow, then close it.
+            server.stop_accepting();
+            server.wait_idle(settings.shutdown_grace).await;
             session_stop.cancel();
             session.await
         }
         _ = identity_changes.changed() => {
             // Rotated certificate: tell the hub to stop picking this tunnel,
-            // give calls it already picked a moment to arrive, then let the
-            // inner server finish them and close, all in the background.
+            // give calls it already picked a moment to arrive, then let
+            // running ones finish and close, all in the background.
             let grace = settings.shutdown_grace;
             tokio::spawn(async move {
-                let drain = TunnelFrame {
-                    kind: Some(Kind::Drain(tentacle_proto::v1::TunnelDrain {
-                        reason: "the agent switched to a new certificate".into(),
-                    })),
-                };
-                let _ = drain_sender.send(drain).await;
+                let drain = Kind::Drain(tentacle_proto::v1::TunnelDrain {
+                    reason: "the agent switched to a new certificate".into(),
+                });
+                outbound.ordered(drain).await;
                 tokio::time::sleep(DRAIN_SETTLE).await;
-                session_over.cancel();
-                let _ = tokio::time::timeout(grace, &mut inner).await;
+                server.stop_accepting();
+                server.wait_idle(grace).await;
                 session_stop.cancel();
-                let end = session.await;
-                inner.abort();
+                let end = session.await.unwrap_or(SessionEnd::Stopped);
+                server.close();
                 tracing::info!(tunnel = index, ?end, "the tunnel with the old certificate is closed");
             });
             return Ok(SessionEnd::Replaced);
         }
     };
-    session_over.cancel();
-    inner.abort();
-    Ok(end)
+    server.close();
+    // The session task only ends by returning.
+    Ok(end.unwrap_or(SessionEnd::Stopped))
 }
 
 /// Counts an open tunnel in the metrics while it lives.

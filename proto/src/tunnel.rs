@@ -1,69 +1,65 @@
-//! The byte pipe under a reverse tunnel, shared by the hub and the agent.
+//! The reverse tunnel's session and call multiplexing, shared by the hub
+//! and the agent.
 //!
-//! [`pipe`] makes a [`TunnelIo`] (the inner HTTP/2 connection reads and
-//! writes it) and the [`PipeEnds`] that a session pumps to and from the
-//! outer `Open` stream. [`run_session`] does the pumping, answers and sends
-//! heartbeats, and notices drains. See `tentacle/v1/tunnel.proto` for the
-//! layering.
+//! One `Open` stream carries every call the hub makes to a polling agent
+//! (see `tentacle/v1/tunnel.proto` for the frames and their rules):
 //!
-//! Architecture Invariant: each direction is pumped by its own task through
-//! bounded channels, so backpressure in one direction never stalls the
-//! other, and a tunnel's buffered bytes are bounded by the channel sizes.
+//! - [`run_session`] reads the peer's frames, answers and sends
+//!   heartbeats, notices drains, and hands call frames to a [`CallFrames`]:
+//!   the hub's [`TunnelCaller`] or the agent's [`TunnelServer`].
+//! - [`outbound`] is the queue of frames to the peer: call frames in order,
+//!   with credit and heartbeat frames ahead of them.
 //!
-//! Limits: the chunk size and buffer depth are [`PipeSettings`], the
-//! heartbeat [`HeartbeatSettings`]; [`MAX_FRAME`] is part of the protocol
-//! (both ends decode with it), so it is a constant, not a setting.
+//! Architecture Invariant: the reader never waits on a call. Each call's
+//! received bytes are bounded by its window ([`CALL_WINDOW`]), so the
+//! reader queues them without blocking, and one slow consumer never stalls
+//! the other calls or the heartbeats of its tunnel.
+//!
+//! Limits: [`MAX_CHUNK`], [`MAX_FRAME`] and [`CALL_WINDOW`] are part of the
+//! protocol (both ends rely on them), so they are constants, not settings;
+//! the heartbeat is [`HeartbeatSettings`].
 
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, PollSender};
-use tonic::transport::server::Connected;
+use tokio_util::sync::CancellationToken;
 
-use crate::incoming::PeerInfo;
 use crate::v1::TunnelFrame;
 use crate::v1::tunnel_frame::Kind;
+
+mod body;
+mod caller;
+mod headers;
+pub mod memory;
+mod server;
+mod window;
+
+pub use caller::{CallerClosed, TunnelCaller};
+pub use server::{CallService, ServerSettings, TunnelServer};
 
 /// The most bytes one `data` frame carries.
 pub const MAX_CHUNK: usize = 64 * 1024;
 
-/// Chunks buffered in each direction of one tunnel.
-pub const PIPE_CHUNKS: usize = 16;
+/// Frames queued for the peer in order (call frames) on each side of one
+/// tunnel, ahead of HTTP/2 flow control.
+pub const OUTBOUND_FRAMES: usize = 16;
+
+/// The most `data` payload bytes a side may have sent on one call without
+/// the receiver's credit: each direction of each call buffers at most this.
+pub const CALL_WINDOW: u32 = 1 << 20;
+
+/// The frame protocol this build speaks (`TunnelHello.protocol`).
+pub const PROTOCOL: u32 = 2;
 
 /// The largest `TunnelFrame` either side accepts: one chunk plus framing.
-/// Both ends set it as their decoding limit, which keeps a tunnel's
-/// buffered bytes within [`PipeSettings::chunks`] `* MAX_FRAME` per
-/// direction.
+/// Both ends set it as their decoding limit.
 pub const MAX_FRAME: usize = MAX_CHUNK + 1024;
-
-/// How a tunnel's pipe buffers bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PipeSettings {
-    /// The most bytes one `data` frame carries. Capped at [`MAX_CHUNK`]:
-    /// the peer's decoding limit, [`MAX_FRAME`], is derived from it, so a
-    /// side may send smaller chunks but never larger ones.
-    pub chunk_bytes: usize,
-    /// Chunks buffered in each direction (at least one).
-    pub chunks: usize,
-}
-
-impl Default for PipeSettings {
-    fn default() -> Self {
-        Self {
-            chunk_bytes: MAX_CHUNK,
-            chunks: PIPE_CHUNKS,
-        }
-    }
-}
 
 /// The shortest heartbeat interval a session honours; shorter ones (zero
 /// included, which would make the ticker panic) are raised to it.
@@ -87,114 +83,110 @@ impl Default for HeartbeatSettings {
     }
 }
 
-/// One end of the inner HTTP/2 connection.
-pub struct TunnelIo {
-    incoming: mpsc::Receiver<Bytes>,
-    current: Bytes,
-    outgoing: PollSender<Bytes>,
-    chunk_bytes: usize,
-    peer: Option<PeerInfo>,
+/// Where a session hands the frames of calls: the hub's [`TunnelCaller`]
+/// or the agent's [`TunnelServer`].
+pub trait CallFrames: Send + Sync + 'static {
+    /// A call frame from the peer. Must not block: see the module's
+    /// invariant.
+    fn receive(&self, frame: Kind);
 }
 
-impl std::fmt::Debug for TunnelIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelIo")
-            .field("peer", &self.peer)
-            .finish_non_exhaustive()
+/// The sending side of a tunnel's frames to the peer.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Frames whose order matters: hello, drain, and every call frame
+    /// except credit. Bounded, so senders feel backpressure.
+    pub ordered: mpsc::Sender<TunnelFrame>,
+    /// Credit, ping and pong frames, sent ahead of the ordered queue. They
+    /// are small and few (one credit per quarter window consumed), and
+    /// must never wait behind data, or windows could not reopen.
+    pub urgent: mpsc::UnboundedSender<TunnelFrame>,
+}
+
+impl Outbound {
+    /// Queues an urgent frame; false once the tunnel is closed.
+    pub fn urgent(&self, kind: Kind) -> bool {
+        self.urgent.send(TunnelFrame { kind: Some(kind) }).is_ok()
+    }
+
+    /// Queues an ordered frame, waiting for room; false once the tunnel is
+    /// closed.
+    pub async fn ordered(&self, kind: Kind) -> bool {
+        self.ordered
+            .send(TunnelFrame { kind: Some(kind) })
+            .await
+            .is_ok()
+    }
+
+    /// Queues an ordered frame from where nothing can wait (a drop): now if
+    /// there is room, else from a task of its own.
+    pub fn ordered_later(&self, kind: Kind) {
+        let frame = TunnelFrame { kind: Some(kind) };
+        if let Err(mpsc::error::TrySendError::Full(frame)) = self.ordered.try_send(frame)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let ordered = self.ordered.clone();
+            runtime.spawn(async move {
+                let _ = ordered.send(frame).await;
+            });
+        }
     }
 }
 
-/// The session's side of the pipe.
+/// The frames for the peer, urgent ones first; what the outer stream sends.
 #[derive(Debug)]
-pub struct PipeEnds {
-    /// Bytes from the outer stream, for the inner connection to read.
-    pub to_inner: mpsc::Sender<Bytes>,
-    /// Bytes the inner connection wrote, for the outer stream.
-    pub from_inner: mpsc::Receiver<Bytes>,
+pub struct OutboundFrames {
+    ordered: mpsc::Receiver<TunnelFrame>,
+    urgent: mpsc::UnboundedReceiver<TunnelFrame>,
 }
 
-/// A connected pipe with the default [`PipeSettings`]. `peer` is who is at
-/// the far end of the tunnel; the inner server's handlers see it as the
-/// connection's [`PeerInfo`].
-pub fn pipe(peer: Option<PeerInfo>) -> (TunnelIo, PipeEnds) {
-    pipe_with(peer, PipeSettings::default())
+impl OutboundFrames {
+    /// Takes no more frames; those already queued are still yielded, then
+    /// the stream ends.
+    pub fn close(&mut self) {
+        self.ordered.close();
+        self.urgent.close();
+    }
+
+    /// The next queued frame, if one is queued now.
+    pub fn try_next(&mut self) -> Option<TunnelFrame> {
+        self.urgent
+            .try_recv()
+            .or_else(|_| self.ordered.try_recv())
+            .ok()
+    }
 }
 
-/// A connected pipe buffering as `settings` say.
-pub fn pipe_with(peer: Option<PeerInfo>, settings: PipeSettings) -> (TunnelIo, PipeEnds) {
-    let chunks = settings.chunks.max(1);
-    let (to_inner, incoming) = mpsc::channel(chunks);
-    let (outgoing, from_inner) = mpsc::channel(chunks);
+impl Stream for OutboundFrames {
+    type Item = TunnelFrame;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TunnelFrame>> {
+        let this = self.get_mut();
+        let urgent = match this.urgent.poll_recv(cx) {
+            Poll::Ready(Some(frame)) => return Poll::Ready(Some(frame)),
+            Poll::Ready(None) => true,
+            Poll::Pending => false,
+        };
+        match this.ordered.poll_recv(cx) {
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame)),
+            // Ends once both queues have ended.
+            Poll::Ready(None) if urgent => Poll::Ready(None),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A tunnel's outbound queues: the senders, and the stream for the peer.
+pub fn outbound() -> (Outbound, OutboundFrames) {
+    let (ordered, ordered_rx) = mpsc::channel(OUTBOUND_FRAMES);
+    let (urgent, urgent_rx) = mpsc::unbounded_channel();
     (
-        TunnelIo {
-            incoming,
-            current: Bytes::new(),
-            outgoing: PollSender::new(outgoing),
-            chunk_bytes: settings.chunk_bytes.clamp(1, MAX_CHUNK),
-            peer,
-        },
-        PipeEnds {
-            to_inner,
-            from_inner,
+        Outbound { ordered, urgent },
+        OutboundFrames {
+            ordered: ordered_rx,
+            urgent: urgent_rx,
         },
     )
-}
-
-impl AsyncRead for TunnelIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        while self.current.is_empty() {
-            match ready!(self.incoming.poll_recv(cx)) {
-                Some(bytes) => self.current = bytes,
-                // The session ended: end of stream.
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-        let n = self.current.len().min(buf.remaining());
-        buf.put_slice(&self.current.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for TunnelIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if ready!(self.outgoing.poll_reserve(cx)).is_err() {
-            return Poll::Ready(Err(closed()));
-        }
-        let n = buf.len().min(self.chunk_bytes);
-        self.outgoing
-            .send_item(Bytes::copy_from_slice(&buf[..n]))
-            .map_err(|_| closed())?;
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.outgoing.close();
-        Poll::Ready(Ok(()))
-    }
-}
-
-fn closed() -> io::Error {
-    io::Error::new(io::ErrorKind::BrokenPipe, "the tunnel is closed")
-}
-
-impl Connected for TunnelIo {
-    type ConnectInfo = Option<PeerInfo>;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.peer.clone()
-    }
 }
 
 /// Why a session ended.
@@ -206,8 +198,6 @@ pub enum SessionEnd {
     StreamError(String),
     /// Nothing was heard for the heartbeat timeout.
     HeartbeatTimeout,
-    /// The inner connection closed its side.
-    InnerClosed,
     /// This side asked the session to stop.
     Stopped,
     /// This side opened a replacement (a new certificate) and is draining
@@ -227,9 +217,6 @@ pub struct SessionSignals {
 struct Liveness {
     started: Instant,
     last_heard_ms: Arc<AtomicU64>,
-    /// Set while the reader waits to hand bytes to a slow inner connection:
-    /// frames are arriving, so the peer is alive even if none is read.
-    delivering: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Liveness {
@@ -237,7 +224,6 @@ impl Liveness {
         Self {
             started: Instant::now(),
             last_heard_ms: Arc::new(AtomicU64::new(0)),
-            delivering: Arc::default(),
         }
     }
 
@@ -246,24 +232,20 @@ impl Liveness {
         self.last_heard_ms.store(now, Ordering::Relaxed);
     }
 
-    fn set_delivering(&self, delivering: bool) {
-        self.delivering.store(delivering, Ordering::Relaxed);
-    }
-
     /// Whether nothing was heard for longer than `timeout`.
     fn is_dead(&self, timeout: Duration) -> bool {
         let heard = Duration::from_millis(self.last_heard_ms.load(Ordering::Relaxed));
         self.started.elapsed().saturating_sub(heard) > timeout
-            && !self.delivering.load(Ordering::Relaxed)
     }
 }
 
-/// Pumps frames between the outer stream and the pipe until either side
-/// ends, the heartbeat times out, or `stop` fires.
+/// Reads the peer's frames, handing call frames to `calls`, until the peer
+/// ends, the heartbeat times out, or `stop` fires. Pings go out through
+/// `outbound`.
 pub async fn run_session<S>(
     incoming: S,
-    outgoing: mpsc::Sender<TunnelFrame>,
-    ends: PipeEnds,
+    outbound: Outbound,
+    calls: Arc<dyn CallFrames>,
     heartbeat: HeartbeatSettings,
     signals: SessionSignals,
     stop: CancellationToken,
@@ -272,137 +254,85 @@ where
     S: Stream<Item = Result<TunnelFrame, tonic::Status>> + Send + Unpin + 'static,
 {
     let liveness = Liveness::new();
-    let session = stop.child_token();
-    let PipeEnds {
-        to_inner,
-        mut from_inner,
-    } = ends;
-
-    let reader = tokio::spawn(read_outer(
-        incoming,
-        to_inner,
-        outgoing.clone(),
-        signals,
-        liveness.clone(),
-        session.clone(),
-    ));
-
-    let writer = {
-        let outgoing = outgoing.clone();
-        let session = session.clone();
-        tokio::spawn(async move {
-            loop {
-                let bytes = tokio::select! {
-                    bytes = from_inner.recv() => bytes,
-                    () = session.cancelled() => return SessionEnd::Stopped,
-                };
-                let Some(bytes) = bytes else {
-                    return SessionEnd::InnerClosed;
-                };
-                let frame = TunnelFrame {
-                    kind: Some(Kind::Data(bytes)),
-                };
-                if outgoing.send(frame).await.is_err() {
-                    return SessionEnd::PeerClosed;
-                }
+    let reader = read_frames(incoming, &outbound, &*calls, &signals, &liveness);
+    let heartbeats = async {
+        let mut tick = tokio::time::interval(heartbeat.interval.max(MIN_HEARTBEAT_INTERVAL));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nonce = 0u64;
+        loop {
+            tick.tick().await;
+            if liveness.is_dead(heartbeat.timeout) {
+                return SessionEnd::HeartbeatTimeout;
             }
-        })
-    };
-
-    let heartbeats = {
-        let session = session.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(heartbeat.interval.max(MIN_HEARTBEAT_INTERVAL));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut nonce = 0u64;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = session.cancelled() => return SessionEnd::Stopped,
-                }
-                if liveness.is_dead(heartbeat.timeout) {
-                    return SessionEnd::HeartbeatTimeout;
-                }
-                nonce += 1;
-                let ping = TunnelFrame {
-                    kind: Some(Kind::Ping(nonce)),
-                };
-                // Never block on a full queue: the timeout check above must
-                // keep running even when the peer stopped reading.
-                match outgoing.try_send(ping) {
-                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
-                    Err(mpsc::error::TrySendError::Closed(_)) => return SessionEnd::PeerClosed,
-                }
+            nonce += 1;
+            if !outbound.urgent(Kind::Ping(nonce)) {
+                return SessionEnd::PeerClosed;
             }
-        })
-    };
-
-    // The first task to finish decides why the session ended.
-    let mut tasks = [reader, writer, heartbeats];
-    let (first, _, _) = futures::future::select_all(tasks.iter_mut()).await;
-    session.cancel();
-    for task in &tasks {
-        task.abort();
-    }
-    match first {
-        Ok(end) if stop.is_cancelled() => {
-            let _ = end;
-            SessionEnd::Stopped
         }
-        Ok(end) => end,
-        Err(_) => SessionEnd::Stopped,
+    };
+    tokio::select! {
+        end = reader => end,
+        end = heartbeats => end,
+        () = stop.cancelled() => SessionEnd::Stopped,
     }
 }
 
-async fn read_outer<S>(
+async fn read_frames<S>(
     mut incoming: S,
-    to_inner: mpsc::Sender<Bytes>,
-    outgoing: mpsc::Sender<TunnelFrame>,
-    signals: SessionSignals,
-    liveness: Liveness,
-    session: CancellationToken,
+    outbound: &Outbound,
+    calls: &dyn CallFrames,
+    signals: &SessionSignals,
+    liveness: &Liveness,
 ) -> SessionEnd
 where
     S: Stream<Item = Result<TunnelFrame, tonic::Status>> + Unpin,
 {
     loop {
-        let frame = tokio::select! {
-            frame = incoming.next() => frame,
-            () = session.cancelled() => return SessionEnd::Stopped,
-        };
-        let frame = match frame {
+        let frame = match incoming.next().await {
             None => return SessionEnd::PeerClosed,
             Some(Err(status)) => return SessionEnd::StreamError(status.message().to_owned()),
             Some(Ok(frame)) => frame,
         };
         liveness.heard();
         match frame.kind {
-            Some(Kind::Data(bytes)) => {
-                liveness.set_delivering(true);
-                let sent = tokio::select! {
-                    sent = to_inner.send(bytes) => sent,
-                    () = session.cancelled() => return SessionEnd::Stopped,
-                };
-                liveness.set_delivering(false);
-                if sent.is_err() {
-                    return SessionEnd::InnerClosed;
-                }
-            }
             Some(Kind::Ping(nonce)) => {
-                let pong = TunnelFrame {
-                    kind: Some(Kind::Pong(nonce)),
-                };
-                // Never wait behind data for a pong: if the queue is full,
-                // the data itself proves we are alive.
-                let _ = outgoing.try_send(pong);
+                outbound.urgent(Kind::Pong(nonce));
             }
             Some(Kind::Drain(drain)) => {
                 tracing::info!(reason = %drain.reason, "the peer is draining this tunnel");
                 signals.drained.cancel();
             }
+            Some(
+                kind @ (Kind::Start(_)
+                | Kind::Response(_)
+                | Kind::Data(_)
+                | Kind::Trailers(_)
+                | Kind::Cancel(_)
+                | Kind::Credit(_)),
+            ) => calls.receive(kind),
             Some(Kind::Pong(_) | Kind::Hello(_) | Kind::Welcome(_)) | None => {}
         }
     }
+}
+
+/// Parses a `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m,
+/// u, n). Anything else is no deadline, as gRPC specifies.
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value.saturating_mul(3600)),
+        "M" => Duration::from_secs(value.saturating_mul(60)),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

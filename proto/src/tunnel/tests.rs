@@ -1,69 +1,401 @@
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::convert::Infallible;
+use std::sync::atomic::AtomicUsize;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
 
 use super::*;
+use crate::v1::{CallData, CallStart};
 
-/// Two sessions whose outer streams are wired to each other in memory.
-fn connected(heartbeat: HeartbeatSettings) -> (TunnelIo, TunnelIo, CancellationToken) {
-    let stop = CancellationToken::new();
-    let (io_a, ends_a) = pipe(None);
-    let (io_b, ends_b) = pipe(None);
-    let (a_out, a_to_b) = mpsc::channel(8);
-    let (b_out, b_to_a) = mpsc::channel(8);
-    let ok = |rx| ReceiverStream::new(rx).map(Ok::<_, tonic::Status>);
-    tokio::spawn(run_session(
-        ok(b_to_a),
-        a_out,
-        ends_a,
-        heartbeat.clone(),
-        SessionSignals::default(),
-        stop.clone(),
-    ));
-    tokio::spawn(run_session(
-        ok(a_to_b),
-        b_out,
-        ends_b,
-        heartbeat,
-        SessionSignals::default(),
-        stop.clone(),
-    ));
-    (io_a, io_b, stop)
+type Handler =
+    tower::util::BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
+
+/// A hub's caller and an agent's server wired in memory, serving
+/// `handler`; `max_calls` 0 is the agent's default limit.
+fn connected(
+    handler: Handler,
+    max_calls: u32,
+) -> (TunnelCaller, TunnelServer<Handler>, CancellationToken) {
+    let settings = ServerSettings {
+        max_concurrent_calls: if max_calls == 0 { 1024 } else { max_calls },
+        side: "agent",
+    };
+    memory::connect(handler, settings)
+}
+
+fn grpc_ok() -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers
+}
+
+/// Answers with the request's bytes, then OK trailers; the response starts
+/// before the request ends, so both directions stream at once.
+fn echo() -> Handler {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(
+        |request: http::Request<Body>| async move {
+            let mut body = request.into_body();
+            let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, tonic::Status>>(4);
+            tokio::spawn(async move {
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(frame) => {
+                            if let Ok(data) = frame.into_data()
+                                && tx.send(Ok(http_body::Frame::data(data))).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(Ok(http_body::Frame::trailers(grpc_ok()))).await;
+            });
+            let body = http_body_util::StreamBody::new(ReceiverStream::new(rx));
+            Ok::<_, Infallible>(http::Response::new(Body::new(body)))
+        },
+    ))
+}
+
+fn request(path: &str, body: Body) -> http::Request<Body> {
+    let mut request = http::Request::new(body);
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = format!("http://agent{path}").parse().expect("uri");
+    request
+}
+
+async fn read_all(response: http::Response<Body>) -> (Vec<u8>, Option<http::HeaderMap>) {
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("the body streams");
+        match frame.into_data() {
+            Ok(data) => bytes.extend_from_slice(&data),
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    (bytes, trailers)
 }
 
 #[tokio::test]
-async fn bytes_cross_in_both_directions_in_order() {
-    let (mut a, mut b, stop) = connected(HeartbeatSettings::default());
-    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+async fn a_call_streams_megabytes_both_ways_within_its_window() {
+    let (caller, server, stop) = connected(echo(), 0);
+    let payload: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, tonic::Status>>(2);
     let sent = payload.clone();
-    let writer = tokio::spawn(async move {
-        a.write_all(&sent).await.expect("write");
-        a
+    tokio::spawn(async move {
+        for chunk in sent.chunks(100_000) {
+            let _ = tx
+                .send(Ok(http_body::Frame::data(Bytes::copy_from_slice(chunk))))
+                .await;
+        }
     });
-    let mut got = vec![0u8; payload.len()];
-    b.read_exact(&mut got).await.expect("read");
-    assert_eq!(got, payload);
-    let mut a = writer.await.expect("writer");
-    b.write_all(b"reply").await.expect("write back");
-    let mut reply = [0u8; 5];
-    a.read_exact(&mut reply).await.expect("read back");
-    assert_eq!(&reply, b"reply");
+    let body = Body::new(http_body_util::StreamBody::new(ReceiverStream::new(rx)));
+    let response = caller
+        .call(request("/echo/Big", body))
+        .await
+        .expect("answered");
+    let (got, trailers) = read_all(response).await;
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "the bytes arrive whole and in order");
+    assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+    assert_eq!(caller.calls(), 0, "the call is forgotten once it ended");
+    assert!(server.wait_idle(Duration::from_secs(5)).await);
     stop.cancel();
+}
+
+#[tokio::test]
+async fn concurrent_calls_keep_their_own_bytes() {
+    let (caller, _server, stop) = connected(echo(), 0);
+    let calls = (0..32u8).map(|i| {
+        let caller = caller.clone();
+        async move {
+            let payload = vec![i; 200_000 + usize::from(i) * 1000];
+            let body = Body::new(http_body_util::Full::new(Bytes::from(payload.clone())));
+            let response = caller
+                .call(request("/echo/Each", body))
+                .await
+                .expect("answered");
+            let (got, trailers) = read_all(response).await;
+            assert_eq!(trailers.expect("trailers")["grpc-status"], "0", "call {i}");
+            assert_eq!(got.len(), payload.len(), "call {i}");
+            assert!(got == payload, "call {i} got its own bytes");
+        }
+    });
+    futures::future::join_all(calls).await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn metadata_and_the_method_reach_the_handler_and_the_peer_is_known() {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let handler = {
+        let seen = seen.clone();
+        tower::util::BoxCloneSyncService::new(tower::service_fn(
+            move |request: http::Request<Body>| {
+                let seen = seen.clone();
+                async move {
+                    *seen.lock().expect("lock") = Some((
+                        request.uri().path().to_owned(),
+                        request.headers().get("x-role").cloned(),
+                    ));
+                    let mut response = http::Response::new(Body::empty());
+                    *response.headers_mut() = grpc_ok();
+                    Ok::<_, Infallible>(response)
+                }
+            },
+        ))
+    };
+    let (caller, _server, stop) = connected(handler, 0);
+    let mut call = request(
+        "/tentacle.v1.CapabilitiesService/GetCapabilities",
+        Body::empty(),
+    );
+    call.headers_mut()
+        .insert("x-role", http::HeaderValue::from_static("web"));
+    let response = caller.call(call).await.expect("answered");
+    assert_eq!(
+        response.headers()["grpc-status"],
+        "0",
+        "a trailers-only answer"
+    );
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(
+        seen,
+        Some((
+            "/tentacle.v1.CapabilitiesService/GetCapabilities".to_owned(),
+            Some(http::HeaderValue::from_static("web"))
+        ))
+    );
+    stop.cancel();
+}
+
+/// A handler whose response never ends; counts how many of its bodies were
+/// dropped, which is how a handler sees a cancelled call.
+fn endless(dropped: Arc<AtomicUsize>) -> Handler {
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    tower::util::BoxCloneSyncService::new(tower::service_fn(
+        move |_request: http::Request<Body>| {
+            let counted = Counted(dropped.clone());
+            async move {
+                let stream = futures::stream::unfold(counted, |counted| async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Some((
+                        Ok::<_, tonic::Status>(http_body::Frame::data(Bytes::from_static(
+                            b"line\n",
+                        ))),
+                        counted,
+                    ))
+                });
+                Ok::<_, Infallible>(http::Response::new(Body::new(
+                    http_body_util::StreamBody::new(stream),
+                )))
+            }
+        },
+    ))
+}
+
+#[tokio::test]
+async fn a_caller_that_lets_go_cancels_the_call_at_the_agent() {
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let (caller, server, stop) = connected(endless(dropped.clone()), 0);
+    let response = caller
+        .call(request("/watch/Forever", Body::empty()))
+        .await
+        .expect("answered");
+    let mut body = response.into_body();
+    let first = body.frame().await.expect("a frame").expect("data");
+    assert_eq!(
+        first.into_data().expect("data"),
+        Bytes::from_static(b"line\n")
+    );
+    assert_eq!(server.calls(), 1);
+    drop(body);
+    assert!(
+        server.wait_idle(Duration::from_secs(5)).await,
+        "the agent stopped the call"
+    );
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the handler's stream was dropped"
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_deadline_ends_a_call_the_agent_is_still_serving() {
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let (caller, server, stop) = connected(endless(dropped.clone()), 0);
+    let mut call = request("/watch/Forever", Body::empty());
+    call.headers_mut()
+        .insert("grpc-timeout", http::HeaderValue::from_static("100m"));
+    let response = caller.call(call).await.expect("answered");
+    let (_, trailers) = read_all(response).await;
+    assert_eq!(
+        trailers.expect("trailers")["grpc-status"],
+        "4",
+        "DEADLINE_EXCEEDED"
+    );
+    assert!(server.wait_idle(Duration::from_secs(5)).await);
+    assert_eq!(dropped.load(Ordering::SeqCst), 1);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_closed_tunnel_fails_running_calls_and_refuses_new_ones() {
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let (caller, _server, stop) = connected(endless(dropped), 0);
+    let response = caller
+        .call(request("/watch/Forever", Body::empty()))
+        .await
+        .expect("answered");
+    caller.close();
+    let mut body = response.into_body();
+    let failed = loop {
+        match body.frame().await {
+            Some(Ok(_)) => {}
+            Some(Err(status)) => break status,
+            None => panic!("the body ended without an error"),
+        }
+    };
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    assert!(
+        caller
+            .call(request("/echo/After", Body::empty()))
+            .await
+            .is_err()
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn calls_beyond_the_agents_limit_wait_their_turn() {
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let (caller, server, stop) = connected(endless(dropped), 2);
+    let first = caller
+        .call(request("/watch/A", Body::empty()))
+        .await
+        .expect("answered");
+    let _second = caller
+        .call(request("/watch/B", Body::empty()))
+        .await
+        .expect("answered");
+    let third = tokio::spawn({
+        let caller = caller.clone();
+        async move {
+            caller
+                .call(request("/watch/C", Body::empty()))
+                .await
+                .map(|_| ())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!third.is_finished(), "the third waits for a turn");
+    assert_eq!(server.calls(), 2);
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the third got a turn")
+        .expect("task")
+        .expect("answered");
+    stop.cancel();
+}
+
+/// An agent's server fed frames by hand, and the queue of what it answers.
+fn lone_server() -> (TunnelServer<Handler>, OutboundFrames) {
+    let (out, frames) = outbound();
+    let settings = ServerSettings {
+        max_concurrent_calls: 8,
+        side: "agent",
+    };
+    (TunnelServer::new(echo(), out, None, settings), frames)
+}
+
+#[tokio::test]
+async fn a_peer_that_overruns_a_window_has_its_call_cancelled() {
+    let (server, mut frames) = lone_server();
+    server.receive(Kind::Start(CallStart {
+        call: 9,
+        path: "/echo/Flood".into(),
+        headers: Vec::new(),
+    }));
+    let chunk = Bytes::from(vec![0u8; MAX_CHUNK]);
+    let chunks = usize::try_from(CALL_WINDOW).expect("fits") / MAX_CHUNK + 1;
+    for _ in 0..chunks {
+        server.receive(Kind::Data(CallData {
+            call: 9,
+            data: chunk.clone(),
+            end: false,
+        }));
+    }
+    let cancel = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match frames.next().await.map(|f| f.kind) {
+                Some(Some(Kind::Cancel(cancel))) => break cancel,
+                Some(_) => {}
+                None => panic!("the queue ended"),
+            }
+        }
+    })
+    .await
+    .expect("a cancel");
+    assert_eq!(cancel.call, 9);
+    assert!(cancel.reason.contains("window"), "{}", cancel.reason);
+    assert_eq!(server.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_start_with_metadata_http2_would_refuse_is_answered_with_a_status() {
+    let (server, mut frames) = lone_server();
+    server.receive(Kind::Start(CallStart {
+        call: 3,
+        path: "/echo/Bad".into(),
+        headers: vec![crate::v1::CallHeader {
+            name: "x-bad".into(),
+            value: b"a\r\nb".to_vec(),
+        }],
+    }));
+    let frame = tokio::time::timeout(Duration::from_secs(5), frames.next())
+        .await
+        .expect("an answer")
+        .expect("a frame");
+    let Some(Kind::Trailers(trailers)) = frame.kind else {
+        panic!("expected trailers, got {frame:?}");
+    };
+    let status = trailers
+        .trailers
+        .iter()
+        .find(|h| h.name == "grpc-status")
+        .map(|h| h.value.clone());
+    assert_eq!(status, Some(b"3".to_vec()), "INVALID_ARGUMENT");
+    assert_eq!(server.calls(), 0);
 }
 
 #[tokio::test(start_paused = true)]
 async fn silence_ends_a_session_after_the_heartbeat_timeout() {
-    let (_io, ends) = pipe(None);
-    let (outgoing, mut sent) = mpsc::channel(8);
-    tokio::spawn(async move { while sent.recv().await.is_some() {} });
+    let (out, _frames) = outbound();
     let heartbeat = HeartbeatSettings {
         interval: Duration::from_secs(1),
         timeout: Duration::from_secs(3),
     };
     let silent = futures::stream::pending::<Result<TunnelFrame, tonic::Status>>();
+    let caller = TunnelCaller::new(out.clone(), 0);
     let end = run_session(
         silent,
-        outgoing,
-        ends,
+        out,
+        Arc::new(caller),
         heartbeat,
         SessionSignals::default(),
         CancellationToken::new(),
@@ -74,15 +406,15 @@ async fn silence_ends_a_session_after_the_heartbeat_timeout() {
 
 #[tokio::test]
 async fn pings_are_answered_and_drains_are_signalled() {
-    let (_io, ends) = pipe(None);
-    let (outgoing, mut sent) = mpsc::channel(8);
+    let (out, mut sent) = outbound();
     let (peer, frames) = mpsc::channel(8);
     let signals = SessionSignals::default();
     let stop = CancellationToken::new();
+    let caller = TunnelCaller::new(out.clone(), 0);
     let session = tokio::spawn(run_session(
         ReceiverStream::new(frames).map(Ok),
-        outgoing,
-        ends,
+        out,
+        Arc::new(caller),
         HeartbeatSettings::default(),
         signals.clone(),
         stop.clone(),
@@ -93,7 +425,7 @@ async fn pings_are_answered_and_drains_are_signalled() {
     .await
     .expect("send");
     loop {
-        let frame = sent.recv().await.expect("a reply");
+        let frame = sent.next().await.expect("a reply");
         if frame.kind == Some(Kind::Pong(7)) {
             break;
         }
@@ -110,48 +442,4 @@ async fn pings_are_answered_and_drains_are_signalled() {
         .expect("drain signalled");
     drop(peer);
     assert_eq!(session.await.expect("session"), SessionEnd::PeerClosed);
-}
-
-/// Writes `len` bytes into a fresh pipe and returns the chunk sizes the
-/// session would send.
-async fn chunk_sizes(settings: PipeSettings, len: usize) -> Vec<usize> {
-    let (mut io, mut ends) = pipe_with(None, settings);
-    let reader = tokio::spawn(async move {
-        let mut sizes = Vec::new();
-        while let Some(bytes) = ends.from_inner.recv().await {
-            sizes.push(bytes.len());
-        }
-        sizes
-    });
-    io.write_all(&vec![7u8; len]).await.expect("write");
-    io.shutdown().await.expect("shutdown");
-    drop(io);
-    reader.await.expect("reader")
-}
-
-#[tokio::test]
-async fn writes_are_cut_into_chunks_of_the_configured_size() {
-    let small = PipeSettings {
-        chunk_bytes: 1000,
-        chunks: 2,
-    };
-    let sizes = chunk_sizes(small, 4500).await;
-    assert_eq!(sizes, [1000, 1000, 1000, 1000, 500]);
-    let default = chunk_sizes(PipeSettings::default(), 2 * MAX_CHUNK + 1).await;
-    assert_eq!(default, [MAX_CHUNK, MAX_CHUNK, 1]);
-}
-
-#[tokio::test]
-async fn chunks_never_exceed_what_the_peer_decodes_and_zero_is_raised() {
-    let huge = PipeSettings {
-        chunk_bytes: 10 * MAX_CHUNK,
-        chunks: 0,
-    };
-    let sizes = chunk_sizes(huge, 3 * MAX_CHUNK).await;
-    assert_eq!(sizes, [MAX_CHUNK; 3]);
-    let zero = PipeSettings {
-        chunk_bytes: 0,
-        chunks: 1,
-    };
-    assert_eq!(chunk_sizes(zero, 3).await, [1, 1, 1]);
 }

@@ -18,7 +18,7 @@ use http::HeaderValue;
 use tentacle_proto::Thumbprint;
 use tonic::body::Body;
 use tonic::transport::Channel;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use crate::registry::{CallGuard, PickError, Registry};
 use crate::target::{AgentId, Target};
@@ -195,8 +195,7 @@ impl PollingChannel {
             Err(error) => return Ok(CallError::no_tunnel(error, deadline, pickup).into_http()),
         };
         let guard = tunnel.begin_call();
-        let mut channel = tunnel.channel.clone();
-        let response = channel.ready().await?.call(request).await?;
+        let response = tunnel.caller.call(request).await?;
         // Count the call as in flight until its response body is done.
         Ok(response.map(|body| Body::new(ConnectionBody::new(body, Some(guard)))))
     }
@@ -229,24 +228,7 @@ impl HubRouted {
     }
 }
 
-/// Parses a `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).
-pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let text = headers.get("grpc-timeout")?.to_str().ok()?;
-    if text.len() < 2 || text.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = text.split_at(text.len() - 1);
-    let value: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(value.saturating_mul(3600)),
-        "M" => Duration::from_secs(value.saturating_mul(60)),
-        "S" => Duration::from_secs(value),
-        "m" => Duration::from_millis(value),
-        "u" => Duration::from_micros(value),
-        "n" => Duration::from_nanos(value),
-        _ => return None,
-    })
-}
+pub use tentacle_proto::tunnel::grpc_timeout;
 
 /// A response body that keeps its call counted until it ends.
 struct ConnectionBody {

@@ -113,6 +113,7 @@ impl From<TunnelError> for Status {
             TunnelError::NoClientCertificate(error) => error.into(),
             TunnelError::Closing => Status::unavailable(message),
             TunnelError::NoHello => Status::deadline_exceeded(message),
+            TunnelError::Protocol { .. } => Status::failed_precondition(message),
             TunnelError::Stream(status) => status,
             TunnelError::NotHello | TunnelError::InvalidAgentId(_) => {
                 Status::invalid_argument(message)

@@ -14,8 +14,8 @@ use arc_swap::ArcSwap;
 use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
 use tentacle_proto::incoming::AcceptSettings;
 use tentacle_proto::tunnel::HeartbeatSettings;
+use tentacle_proto::v1::TunnelDrain;
 use tentacle_proto::v1::tunnel_frame::Kind;
-use tentacle_proto::v1::{TunnelDrain, TunnelFrame};
 use tentacle_proto::{Identity, Thumbprint, TrustStore};
 use tonic::transport::Channel;
 
@@ -39,7 +39,7 @@ pub struct HubSettings {
     pub drain_grace: Duration,
     pub dial: DialSettings,
     pub accept: AcceptSettings,
-    /// How long a new tunnel may take to finish its inner HTTP/2 handshake.
+    /// How long a new tunnel may take to send its hello.
     pub tunnel_setup_timeout: Duration,
     /// How long an agent's old certificate stays trusted after a rotation,
     /// unless the agent asks for another overlap.
@@ -497,11 +497,9 @@ impl Hub {
         tracing::info!(tunnels = tunnels.len(), "draining tunnels");
         for tunnel in &tunnels {
             tunnel.start_draining();
-            let _ = tunnel.control.try_send(TunnelFrame {
-                kind: Some(Kind::Drain(TunnelDrain {
-                    reason: "the hub is shutting down".into(),
-                })),
-            });
+            tunnel.outbound.ordered_later(Kind::Drain(TunnelDrain {
+                reason: "the hub is shutting down".into(),
+            }));
         }
         let idle = async {
             while tunnels.iter().any(|t| t.in_flight() > 0) {

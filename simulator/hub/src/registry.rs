@@ -6,10 +6,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tentacle_proto::Thumbprint;
-use tentacle_proto::v1::TunnelFrame;
-use tokio::sync::{mpsc, watch};
+use tentacle_proto::tunnel::{Outbound, TunnelCaller};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::target::AgentId;
 
@@ -19,10 +18,10 @@ pub struct Tunnel {
     pub id: u64,
     pub agent_id: AgentId,
     pub thumbprint: Thumbprint,
-    /// The inner HTTP/2 client; the agent serves at its far end.
-    pub channel: Channel,
-    /// Frames to the agent outside the inner connection (drain).
-    pub control: mpsc::Sender<TunnelFrame>,
+    /// Sends calls to the agent over the tunnel.
+    pub caller: TunnelCaller,
+    /// Frames to the agent outside any call (drain).
+    pub outbound: Outbound,
     /// Cancelling closes the tunnel.
     pub stop: CancellationToken,
     draining: AtomicBool,
@@ -33,8 +32,8 @@ impl Tunnel {
     pub fn new(
         agent_id: AgentId,
         thumbprint: Thumbprint,
-        channel: Channel,
-        control: mpsc::Sender<TunnelFrame>,
+        caller: TunnelCaller,
+        outbound: Outbound,
         stop: CancellationToken,
     ) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -42,8 +41,8 @@ impl Tunnel {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             agent_id,
             thumbprint,
-            channel,
-            control,
+            caller,
+            outbound,
             stop,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),

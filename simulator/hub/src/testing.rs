@@ -10,7 +10,10 @@ use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
 use tentacle_proto::incoming::PeerInfo;
-use tentacle_proto::tunnel::{self, HeartbeatSettings, SessionSignals};
+use tentacle_proto::tunnel::{
+    self, HeartbeatSettings, OutboundFrames, ServerSettings, SessionSignals, TunnelCaller,
+    TunnelServer,
+};
 use tentacle_proto::v1 as pb;
 use tentacle_proto::v1::capabilities_service_server::{
     CapabilitiesService, CapabilitiesServiceServer,
@@ -20,9 +23,7 @@ use tentacle_proto::v1::tunnel_service_client::TunnelServiceClient;
 use tentacle_proto::v1::{TunnelFrame, TunnelHello, TunnelWelcome};
 use tentacle_proto::{Identity, Thumbprint};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
-use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::server::Connected;
@@ -193,41 +194,46 @@ impl CapabilitiesService for FakeAgent {
     }
 }
 
-/// A tunnel from `name` whose inner connection reaches a [`FakeAgent`]
-/// directly, and the receiver of its control frames.
-pub async fn fake_tunnel(
-    name: &str,
-    thumbprint: Thumbprint,
-) -> (Arc<Tunnel>, mpsc::Receiver<TunnelFrame>) {
-    let channel = connect(
-        Routes::new(CapabilitiesServiceServer::new(FakeAgent(name.into()))),
-        thumbprint,
-    )
-    .await;
-    tunnel_over(name, thumbprint, channel)
+/// A tunnel from `name` whose calls reach a [`FakeAgent`] in memory, and
+/// the queue of the frames the hub sends it outside calls (drains).
+pub async fn fake_tunnel(name: &str, thumbprint: Thumbprint) -> (Arc<Tunnel>, OutboundFrames) {
+    let routes = Routes::new(CapabilitiesServiceServer::new(FakeAgent(name.into())));
+    let (caller, _server, stop) = tunnel::memory::connect(
+        routes,
+        ServerSettings {
+            max_concurrent_calls: 64,
+            side: "agent",
+        },
+    );
+    // The fake agent lives as long as the tunnel.
+    let tunnel = tunnel_over(name, thumbprint, caller);
+    let guard = stop.clone();
+    let watched = tunnel.0.stop.clone();
+    tokio::spawn(async move {
+        watched.cancelled().await;
+        guard.cancel();
+    });
+    tunnel
 }
 
-/// A tunnel from `name` whose inner connection is never used; registry
-/// tests only pick it.
-pub fn idle_tunnel(
-    name: &str,
-    thumbprint: Thumbprint,
-) -> (Arc<Tunnel>, mpsc::Receiver<TunnelFrame>) {
-    let channel = Endpoint::from_static("http://idle").connect_lazy();
-    tunnel_over(name, thumbprint, channel)
+/// A tunnel from `name` whose calls go nowhere; registry tests only pick
+/// it.
+pub fn idle_tunnel(name: &str, thumbprint: Thumbprint) -> (Arc<Tunnel>, OutboundFrames) {
+    let (outbound, _unread) = tunnel::outbound();
+    tunnel_over(name, thumbprint, TunnelCaller::new(outbound, 0))
 }
 
 fn tunnel_over(
     name: &str,
     thumbprint: Thumbprint,
-    channel: Channel,
-) -> (Arc<Tunnel>, mpsc::Receiver<TunnelFrame>) {
-    let (control, frames) = mpsc::channel(8);
+    caller: TunnelCaller,
+) -> (Arc<Tunnel>, OutboundFrames) {
+    let (outbound, frames) = tunnel::outbound();
     let tunnel = Tunnel::new(
         agent_id(name),
         thumbprint,
-        channel,
-        control,
+        caller,
+        outbound,
         CancellationToken::new(),
     );
     (Arc::new(tunnel), frames)
@@ -259,6 +265,8 @@ pub fn hello(name: &str) -> TunnelFrame {
             agent_id: name.into(),
             agent_version: "test".into(),
             tunnel_index: 0,
+            protocol: tunnel::PROTOCOL,
+            max_concurrent_calls: 64,
         })),
     }
 }
@@ -272,11 +280,11 @@ pub async fn open_tunnel_with(
         Some(Kind::Hello(hello)) => hello.agent_id.clone(),
         _ => String::new(),
     };
-    let (outgoing, outgoing_rx) = mpsc::channel(tunnel::PIPE_CHUNKS);
-    outgoing.send(first).await.expect("queue the hello");
+    let (outbound, frames) = tunnel::outbound();
+    let _ = outbound.ordered.send(first).await;
     let mut incoming = TunnelServiceClient::new(hub)
         .max_decoding_message_size(tunnel::MAX_FRAME)
-        .open(ReceiverStream::new(outgoing_rx))
+        .open(frames)
         .await?
         .into_inner();
     let welcome = match incoming.message().await? {
@@ -286,16 +294,20 @@ pub async fn open_tunnel_with(
         other => panic!("expected a welcome, got {other:?}"),
     };
     let stop = CancellationToken::new();
-    let (io, ends) = tunnel::pipe(None);
-    let inner = tokio_stream::once(Ok::<_, io::Error>(io)).chain(tokio_stream::pending());
-    let serving = Server::builder()
-        .add_service(CapabilitiesServiceServer::new(FakeAgent(name)))
-        .serve_with_incoming_shutdown(inner, stop.clone().cancelled_owned());
-    tokio::spawn(serving);
+    let routes = Routes::new(CapabilitiesServiceServer::new(FakeAgent(name)));
+    let server = TunnelServer::new(
+        routes,
+        outbound.clone(),
+        None,
+        ServerSettings {
+            max_concurrent_calls: 64,
+            side: "agent",
+        },
+    );
     tokio::spawn(tunnel::run_session(
         incoming,
-        outgoing,
-        ends,
+        outbound,
+        Arc::new(server),
         HeartbeatSettings::default(),
         SessionSignals::default(),
         stop.clone(),

@@ -2,17 +2,13 @@
 
 use std::sync::Arc;
 
-use hyper_util::rt::TokioIo;
 use tentacle_proto::Thumbprint;
-use tentacle_proto::http2::Http2Settings;
 use tentacle_proto::incoming::PeerInfo;
-use tentacle_proto::tunnel::{self, SessionSignals};
+use tentacle_proto::tunnel::{self, Outbound, OutboundFrames, SessionSignals, TunnelCaller};
 use tentacle_proto::v1::tunnel_frame::Kind;
 use tentacle_proto::v1::tunnel_service_server::TunnelService;
-use tentacle_proto::v1::{TunnelFrame, TunnelWelcome};
-use tokio::sync::mpsc;
+use tentacle_proto::v1::{TunnelFrame, TunnelHello, TunnelWelcome};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Endpoint, Uri};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::errors::NoClientCertificate;
@@ -46,6 +42,10 @@ pub enum TunnelError {
     Stream(#[from] Status),
     #[error("the first tunnel frame must be a hello")]
     NotHello,
+    #[error(
+        "the agent speaks tunnel protocol {agent}, this hub speaks {hub}; upgrade the agent or the hub so that both match"
+    )]
+    Protocol { agent: u32, hub: u32 },
     #[error("agent id `{0}` is not valid: use 1-128 letters, digits, `-`, `_` or `.`")]
     InvalidAgentId(String),
     #[error(
@@ -129,25 +129,28 @@ impl TunnelApi {
             }) => hello,
             _ => return Err(TunnelError::NotHello),
         };
+        if hello.protocol != tunnel::PROTOCOL {
+            return Err(TunnelError::Protocol {
+                agent: hello.protocol,
+                hub: tunnel::PROTOCOL,
+            });
+        }
         let agent_id = AgentId::parse(&hello.agent_id)
             .map_err(|_| TunnelError::InvalidAgentId(hello.agent_id.clone()))?;
         authorise(&self.hub, &peer.thumbprint, &agent_id).inspect_err(|error| {
             tracing::warn!(agent = %agent_id, thumbprint = %peer.thumbprint, %error, "refused a tunnel");
         })?;
 
-        let (outgoing, outgoing_rx) = mpsc::channel(tunnel::PIPE_CHUNKS);
-        let welcome = TunnelFrame {
-            kind: Some(Kind::Welcome(TunnelWelcome {
-                hub_version: env!("CARGO_PKG_VERSION").to_owned(),
-            })),
-        };
-        outgoing
-            .send(welcome)
-            .await
-            .map_err(|_| TunnelError::ClosedDuringSetup)?;
-        // The session must pump bytes before the inner handshake can finish,
-        // and this handler must return before any frame flows: both happen in
-        // a task of their own.
+        let (outbound, frames) = tunnel::outbound();
+        let welcome = Kind::Welcome(TunnelWelcome {
+            hub_version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol: tunnel::PROTOCOL,
+        });
+        if !outbound.ordered(welcome).await {
+            return Err(TunnelError::ClosedDuringSetup);
+        }
+        // This handler must return before any frame flows, so the session
+        // runs in a task of its own.
         // A root span of its own: a tunnel outlives the call that opened it.
         let span = tracing::info_span!(
             target: tentacle_proto::telemetry::TRACE_TARGET,
@@ -166,31 +169,32 @@ impl TunnelApi {
                 self.hub.clone(),
                 peer,
                 agent_id,
-                hello.tunnel_index,
+                hello,
                 incoming,
-                outgoing,
+                outbound,
                 ended.clone().drop_guard(),
             ),
             span,
         ));
-        Ok(Box::pin(frames_until(outgoing_rx, ended)))
+        Ok(Box::pin(frames_until(frames, ended)))
     }
 }
 
 /// The frames queued for the agent, ending once `ended` fires and the
 /// frames already queued (a drain notice among them) are sent.
 fn frames_until(
-    frames: mpsc::Receiver<TunnelFrame>,
+    frames: OutboundFrames,
     ended: CancellationToken,
 ) -> impl tokio_stream::Stream<Item = Result<TunnelFrame, Status>> + Send + 'static {
     futures::stream::unfold((frames, ended), |(mut frames, ended)| async move {
+        use futures::StreamExt;
         let frame = tokio::select! {
             biased;
-            frame = frames.recv() => frame,
+            frame = frames.next() => frame,
             () = ended.cancelled() => {
                 // No more senders may add to the queue; what is in it still goes.
                 frames.close();
-                frames.recv().await
+                frames.next().await
             }
         };
         frame.map(|frame| (Ok(frame), (frames, ended)))
@@ -201,58 +205,22 @@ async fn run_tunnel(
     hub: Arc<Hub>,
     peer: PeerInfo,
     agent_id: AgentId,
-    index: u32,
+    hello: TunnelHello,
     incoming: Streaming<TunnelFrame>,
-    outgoing: mpsc::Sender<TunnelFrame>,
+    outbound: Outbound,
     // Dropped when this function returns, however it returns: that ends
     // the reply stream.
     _ended: tokio_util::sync::DropGuard,
 ) {
-    let (io, ends) = tunnel::pipe(Some(peer.clone()));
+    let index = hello.tunnel_index;
     let stop = CancellationToken::new();
     let signals = SessionSignals::default();
-    let session = tokio::spawn(tunnel::run_session(
-        incoming,
-        outgoing.clone(),
-        ends,
-        hub.settings().heartbeat.clone(),
-        signals.clone(),
-        stop.clone(),
-    ));
-    let mut once = Some(io);
-    // The session's heartbeats keep the tunnel alive, so the inner
-    // connection does not ping; clients have always advertised HTTP/2's own
-    // 16 KiB frames.
-    let endpoint = Http2Settings {
-        max_frame_bytes: None,
-        ..Http2Settings::for_tunnels(&hub.settings().heartbeat).without_keepalive()
-    }
-    .apply_to_endpoint(Endpoint::from_static("http://tentacle-agent"));
-    let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
-        let io = once.take();
-        async move {
-            io.map(TokioIo::new)
-                .ok_or_else(|| std::io::Error::other("the tunnel's inner connection is gone"))
-        }
-    }));
-    let channel = match tokio::time::timeout(hub.settings().tunnel_setup_timeout, connect).await {
-        Ok(Ok(channel)) => channel,
-        Ok(Err(error)) => {
-            tracing::warn!(agent = %agent_id, %error, "could not start a tunnel's inner connection");
-            stop.cancel();
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(agent = %agent_id, "a tunnel's inner connection did not start in time");
-            stop.cancel();
-            return;
-        }
-    };
+    let caller = TunnelCaller::new(outbound.clone(), hello.max_concurrent_calls);
     let tunnel = Arc::new(Tunnel::new(
         agent_id.clone(),
         peer.thumbprint,
-        channel,
-        outgoing,
+        caller.clone(),
+        outbound.clone(),
         stop.clone(),
     ));
     hub.registry().add(tunnel.clone());
@@ -260,9 +228,10 @@ async fn run_tunnel(
     // on it; the calls already running finish.
     tokio::spawn({
         let tunnel = tunnel.clone();
+        let drained = signals.drained.clone();
         async move {
             tokio::select! {
-                () = signals.drained.cancelled() => {
+                () = drained.cancelled() => {
                     tracing::info!(agent = %tunnel.agent_id, "the agent is draining a tunnel");
                     tunnel.start_draining();
                 }
@@ -271,7 +240,16 @@ async fn run_tunnel(
         }
     });
     tracing::info!(agent = %agent_id, tunnel = index, thumbprint = %peer.thumbprint.short(), "tunnel open");
-    let end = session.await;
+    let end = tunnel::run_session(
+        incoming,
+        outbound,
+        Arc::new(caller.clone()),
+        hub.settings().heartbeat.clone(),
+        signals,
+        stop.clone(),
+    )
+    .await;
+    caller.close();
     hub.registry().remove(&tunnel);
     tunnel.stop.cancel();
     tracing::info!(agent = %agent_id, tunnel = index, ?end, "tunnel closed");

@@ -11,7 +11,7 @@ use crate::testing::{
 };
 
 /// The whole exchange over in-memory connections: hello, welcome, then the
-/// inner connection carries the hub's calls to the agent.
+/// tunnel carries the hub's calls to the agent.
 #[tokio::test]
 async fn a_trusted_agent_is_welcomed_and_then_reached_through_its_tunnel() {
     let hub = memory_hub(HubSettings::default());
@@ -42,6 +42,29 @@ async fn a_trusted_agent_is_welcomed_and_then_reached_through_its_tunnel() {
     tokio::time::timeout(Duration::from_secs(10), gone)
         .await
         .expect("the tunnel is forgotten");
+}
+
+/// An agent of another tunnel protocol (one that still sends an inner
+/// HTTP/2 connection's bytes) is told what to upgrade, not left hanging.
+#[tokio::test]
+async fn a_hello_of_another_protocol_is_refused_with_what_to_upgrade() {
+    let hub = memory_hub(HubSettings::default());
+    let print = thumbprint("web-01");
+    hub.trust_agent(polling("web-01", print));
+    let channel = connect(hub_routes(&hub), print).await;
+    let mut old = crate::testing::hello("web-01");
+    if let Some(tentacle_proto::v1::tunnel_frame::Kind::Hello(hello)) = &mut old.kind {
+        hello.protocol = 0;
+    }
+    let status = open_tunnel_with(channel, old).await.expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("tunnel protocol 0, this hub speaks 2"),
+        "{status:?}"
+    );
+    assert_eq!(hub.registry().connected_agents(), 0);
 }
 
 #[tokio::test]

@@ -1,0 +1,299 @@
+//! The hub's end of a tunnel: [`TunnelCaller`] sends each call as frames
+//! with an id of its own and turns the agent's answer back into an HTTP
+//! response, so tonic's generated clients work over it unchanged.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+
+use super::body::{Incoming, IncomingBody, SendError, send_body};
+use super::headers::{from_wire, to_wire};
+use super::window::{RecvWindow, SendWindow};
+use super::{CallFrames, Outbound};
+use crate::v1::tunnel_frame::Kind;
+use crate::v1::{CallCancel, CallStart};
+
+/// The tunnel closed before the call could be answered.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the tunnel to the agent closed")]
+pub struct CallerClosed;
+
+/// Calls over one tunnel; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TunnelCaller {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    outbound: Outbound,
+    next_call: AtomicU64,
+    calls: Mutex<HashMap<u64, Slot>>,
+    closed: AtomicBool,
+    /// The agent's announced limit of concurrent calls; callers beyond it
+    /// wait for a turn here rather than being refused there.
+    turns: Option<Arc<Semaphore>>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    frames: mpsc::UnboundedSender<Incoming>,
+    send: Arc<SendWindow>,
+    recv: Arc<RecvWindow>,
+    /// Stops the task sending the request body.
+    stop: CancellationToken,
+}
+
+impl TunnelCaller {
+    /// A caller sending through `outbound`; `max_concurrent_calls` is the
+    /// agent's announced limit (0: none).
+    pub fn new(outbound: Outbound, max_concurrent_calls: u32) -> Self {
+        let turns = usize::try_from(max_concurrent_calls)
+            .ok()
+            .filter(|n| *n > 0)
+            .map(|n| Arc::new(Semaphore::new(n)));
+        Self {
+            shared: Arc::new(Shared {
+                outbound,
+                next_call: AtomicU64::new(1),
+                calls: Mutex::default(),
+                closed: AtomicBool::new(false),
+                turns,
+            }),
+        }
+    }
+
+    /// Calls still running (their response not yet read to the end).
+    pub fn calls(&self) -> usize {
+        self.shared.calls().len()
+    }
+
+    /// Fails every running call and refuses new ones: the tunnel is gone.
+    pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        if let Some(turns) = &self.shared.turns {
+            turns.close();
+        }
+        let slots: Vec<Slot> = self.shared.calls().drain().map(|(_, s)| s).collect();
+        for slot in slots {
+            slot.stop.cancel();
+        }
+    }
+
+    /// Sends `request` to the agent and waits for its response headers;
+    /// the body streams after. A tunnel that closes first is an error;
+    /// everything the agent answers (failures included) is a response.
+    pub async fn call(
+        &self,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, CallerClosed> {
+        let turn = match &self.shared.turns {
+            Some(turns) => Some(
+                turns
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| CallerClosed)?,
+            ),
+            None => None,
+        };
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(CallerClosed);
+        }
+        let call = self.shared.next_call.fetch_add(1, Ordering::Relaxed);
+        let (frames, mut answers) = mpsc::unbounded_channel();
+        let slot = Slot {
+            frames,
+            send: Arc::default(),
+            recv: Arc::default(),
+            stop: CancellationToken::new(),
+        };
+        let (send, recv, stop) = (slot.send.clone(), slot.recv.clone(), slot.stop.clone());
+        self.shared.calls().insert(call, slot);
+        // From here on, a caller that goes away cancels the call.
+        let guard = CallGuard {
+            shared: self.shared.clone(),
+            call,
+            _turn: turn,
+        };
+
+        let (parts, body) = request.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
+        let start = Kind::Start(CallStart {
+            call,
+            path,
+            headers: to_wire(&parts.headers),
+        });
+        if !self.shared.outbound.ordered(start).await {
+            return Err(CallerClosed);
+        }
+        let outbound = self.shared.outbound.clone();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let sent = tokio::select! {
+                sent = send_body(body, call, &send, &outbound, true) => sent,
+                () = stop.cancelled() => return,
+            };
+            if let Err(SendError::Body(status)) = sent {
+                // The request's own stream failed: the agent must not take
+                // a truncated request for a whole one.
+                shared.fail(
+                    call,
+                    tonic::Status::cancelled(format!(
+                        "the request stream failed: {}",
+                        status.message()
+                    )),
+                    true,
+                );
+            }
+        });
+
+        match answers.recv().await {
+            Some(Incoming::Headers(headers)) => {
+                let body =
+                    IncomingBody::new(call, answers, recv, self.shared.outbound.clone(), || {
+                        tonic::Status::unavailable("the tunnel to the agent closed during the call")
+                    })
+                    .with_guard(guard);
+                let mut response = http::Response::new(Body::new(body));
+                *response.headers_mut() = headers;
+                Ok(response)
+            }
+            // Trailers only: the agent answered without a body.
+            Some(Incoming::Trailers(trailers)) => {
+                let mut response = http::Response::new(Body::empty());
+                *response.headers_mut() = trailers;
+                Ok(response)
+            }
+            Some(Incoming::Failed(status)) => Ok(status.into_http()),
+            Some(Incoming::Data(_) | Incoming::End) => {
+                self.shared.fail(
+                    call,
+                    tonic::Status::internal("the agent sent data before headers"),
+                    true,
+                );
+                Ok(tonic::Status::internal("the agent sent data before headers").into_http())
+            }
+            None => Err(CallerClosed),
+        }
+    }
+}
+
+impl Shared {
+    fn calls(&self) -> MutexGuard<'_, HashMap<u64, Slot>> {
+        // A panic elsewhere never leaves the map half-changed: every change
+        // is one insert or remove.
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Ends `call` with `status` on this side; with `tell_agent`, cancels
+    /// it there too.
+    fn fail(&self, call: u64, status: tonic::Status, tell_agent: bool) {
+        let Some(slot) = self.calls().remove(&call) else {
+            return;
+        };
+        slot.stop.cancel();
+        let reason = status.message().to_owned();
+        let _ = slot.frames.send(Incoming::Failed(status));
+        if tell_agent {
+            self.outbound
+                .ordered_later(Kind::Cancel(CallCancel { call, reason }));
+        }
+    }
+
+    fn with_slot(&self, call: u64, f: impl FnOnce(&Slot)) {
+        if let Some(slot) = self.calls().get(&call) {
+            f(slot);
+        }
+    }
+}
+
+impl CallFrames for TunnelCaller {
+    fn receive(&self, frame: Kind) {
+        let shared = &self.shared;
+        match frame {
+            Kind::Response(response) => match from_wire(response.headers) {
+                Ok(headers) => shared.with_slot(response.call, |slot| {
+                    let _ = slot.frames.send(Incoming::Headers(headers));
+                }),
+                Err(error) => shared.fail(
+                    response.call,
+                    tonic::Status::internal(format!("the agent sent bad metadata: {error}")),
+                    true,
+                ),
+            },
+            Kind::Data(data) => {
+                let mut overrun = None;
+                shared.with_slot(data.call, |slot| {
+                    match slot.recv.received(data.data.len()) {
+                        Ok(()) => {
+                            let _ = slot.frames.send(Incoming::Data(data.data));
+                        }
+                        Err(error) => overrun = Some(error),
+                    }
+                });
+                if let Some(error) = overrun {
+                    shared.fail(data.call, tonic::Status::internal(error.to_string()), true);
+                }
+            }
+            Kind::Trailers(trailers) => {
+                let Some(slot) = shared.calls().remove(&trailers.call) else {
+                    return;
+                };
+                slot.stop.cancel();
+                let answer = match from_wire(trailers.trailers) {
+                    Ok(trailers) => Incoming::Trailers(trailers),
+                    Err(error) => Incoming::Failed(tonic::Status::internal(format!(
+                        "the agent sent bad trailers: {error}"
+                    ))),
+                };
+                let _ = slot.frames.send(answer);
+            }
+            Kind::Cancel(cancel) => shared.fail(
+                cancel.call,
+                tonic::Status::cancelled(format!(
+                    "the agent cancelled the call: {}",
+                    cancel.reason
+                )),
+                false,
+            ),
+            Kind::Credit(credit) => {
+                shared.with_slot(credit.call, |slot| slot.send.grant(credit.bytes))
+            }
+            // Calls go the other way; nothing to do with these.
+            Kind::Start(_)
+            | Kind::Hello(_)
+            | Kind::Welcome(_)
+            | Kind::Ping(_)
+            | Kind::Pong(_)
+            | Kind::Drain(_) => {}
+        }
+    }
+}
+
+/// Cancels its call at the agent if the caller lets go before the call
+/// ended, and holds the call's turn until then.
+struct CallGuard {
+    shared: Arc<Shared>,
+    call: u64,
+    _turn: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.shared.fail(
+            self.call,
+            tonic::Status::cancelled("the caller cancelled the call"),
+            true,
+        );
+    }
+}
