@@ -4,7 +4,9 @@
 //! mode serves these routes over pinned-TLS TCP connections; any other
 //! transport (an in-memory pipe in tests, a tunnel) serves the same routes.
 
+use std::any::Any;
 use std::future::Future;
+use std::sync::OnceLock;
 
 use tentacle_proto::http2::Http2Settings;
 use tentacle_proto::v1 as pb;
@@ -77,14 +79,13 @@ pub async fn routes(
     health
         .set_serving::<PackageServiceServer<PackageApi>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // The reflection services decode every descriptor they serve; they are
+    // the same for every agent, so a process hosting thousands of agents
+    // (the simulator) builds them once.
+    static REFLECTION_V1: OnceLock<Box<dyn Any + Send + Sync>> = OnceLock::new();
+    static REFLECTION_V1ALPHA: OnceLock<Box<dyn Any + Send + Sync>> = OnceLock::new();
+    let reflection_v1 = shared(&REFLECTION_V1, || reflection().build_v1())?;
+    let reflection_v1alpha = shared(&REFLECTION_V1ALPHA, || reflection().build_v1alpha())?;
     let routes = Routes::new(
         ScriptServiceServer::new(scripts)
             .max_decoding_message_size(limit)
@@ -105,6 +106,30 @@ pub async fn routes(
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
     Ok((routes, health))
+}
+
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// The value `cell` holds, built by `build` the first time. The cell is
+/// typed `Any` because the reflection services' types cannot be named;
+/// `T` is inferred from `build`, so the downcast always matches.
+fn shared<T, E>(
+    cell: &'static OnceLock<Box<dyn Any + Send + Sync>>,
+    build: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E>
+where
+    T: Clone + Send + Sync + 'static,
+{
+    if let Some(built) = cell.get().and_then(|b| b.downcast_ref::<T>()) {
+        return Ok(built.clone());
+    }
+    let built = build()?;
+    let _ = cell.set(Box::new(built.clone()));
+    Ok(built)
 }
 
 /// Serves `routes` on every connection `incoming` yields until `shutdown`

@@ -120,6 +120,10 @@ impl TunnelCaller {
             call,
             _turn: turn,
         };
+        // A close between the check above and the insert missed this slot.
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(CallerClosed);
+        }
 
         let (parts, body) = request.into_parts();
         let path = parts
