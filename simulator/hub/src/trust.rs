@@ -124,12 +124,21 @@ pub fn register_into(agents: &mut Vec<TrustedAgent>, agent: TrustedAgent) -> Res
 /// The parsed file is cached under its inode, size and modification time: the
 /// file grows with the fleet, and a hub rereads it every second and before
 /// every registration, so it is parsed again only when it changed.
+///
+/// Each entry's TOML is kept too: a registration rewrites the whole file,
+/// and rendering 10,000 entries for every batch of registrations made the
+/// writer the bottleneck of a fleet's arrival. Only changed entries are
+/// rendered again.
 #[derive(Debug, Clone)]
 pub struct AgentTrustFile {
     path: PathBuf,
     lock: std::sync::Arc<std::sync::Mutex<()>>,
     cache: std::sync::Arc<std::sync::Mutex<Cached>>,
+    rendered: std::sync::Arc<std::sync::Mutex<Rendered>>,
 }
+
+/// Each stored entry and its `[[agent]]` table as last written.
+type Rendered = std::collections::HashMap<Thumbprint, (TrustedAgent, String)>;
 
 /// The last version of the file this handle read or wrote.
 type Cached = Option<(FileStamp, Vec<TrustedAgent>)>;
@@ -162,6 +171,7 @@ impl AgentTrustFile {
             path: path.into(),
             lock: std::sync::Arc::default(),
             cache: std::sync::Arc::default(),
+            rendered: std::sync::Arc::default(),
         }
     }
 
@@ -220,10 +230,9 @@ impl AgentTrustFile {
             path: self.path.clone(),
             source,
         };
-        let text = toml::to_string_pretty(&TrustFile {
-            agents: agents.to_vec(),
-        })
-        .map_err(|e| err(std::io::Error::other(e)))?;
+        let text = self
+            .render(agents)
+            .map_err(|e| err(std::io::Error::other(e)))?;
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
@@ -236,6 +245,35 @@ impl AgentTrustFile {
             .ok()
             .map(|stamp| (stamp, agents.to_vec()));
         Ok(())
+    }
+
+    /// The file's text for `agents`: one `[[agent]]` table each, rendered
+    /// again only where the entry changed since the last write.
+    fn render(&self, agents: &[TrustedAgent]) -> Result<String, toml::ser::Error> {
+        let mut last = std::mem::take(
+            &mut *self
+                .rendered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut now = Rendered::with_capacity(agents.len());
+        let mut text = String::new();
+        for agent in agents {
+            let entry = match last.remove(&agent.thumbprint) {
+                Some(entry) if entry.0 == *agent => entry,
+                _ => (
+                    agent.clone(),
+                    format!("[[agent]]\n{}\n", toml::to_string(agent)?),
+                ),
+            };
+            text.push_str(&entry.1);
+            now.insert(agent.thumbprint, entry);
+        }
+        *self
+            .rendered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
+        Ok(text)
     }
 
     /// Adds an entry, replacing any with the same thumbprint or name.

@@ -118,3 +118,25 @@ fn an_update_that_changes_nothing_does_not_write() {
     );
     assert_eq!(file.load().expect("load"), [agent("web-01")]);
 }
+
+/// Entries are rendered once and reused; what reaches the disk still
+/// follows every change, as a fresh reader of the file sees it.
+#[test]
+fn a_changed_entry_is_written_again_and_a_fresh_reader_sees_every_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agents.toml");
+    let file = AgentTrustFile::new(&path);
+    let (a, b, c) = (agent("web-01"), agent("web-02"), agent("web-03"));
+    file.upsert_all(vec![a.clone(), b.clone()]).expect("first");
+    let mut rotated = b.clone();
+    rotated.roles = vec!["db".into()];
+    rotated.previous_thumbprint = Some(Thumbprint::of_der(b"old"));
+    rotated.retire_previous_at = Some(1_900_000_000);
+    file.upsert_all(vec![rotated.clone(), c.clone()])
+        .expect("second");
+    assert!(file.remove(&a.thumbprint).expect("remove"));
+    let fresh = AgentTrustFile::new(&path);
+    assert_eq!(fresh.load().expect("load"), [rotated, c]);
+    let text = std::fs::read_to_string(&path).expect("read");
+    assert_eq!(text.matches("[[agent]]").count(), 2, "{text}");
+}
