@@ -156,38 +156,107 @@ pub enum SendError {
 /// trailers, if the body ends with some, are returned for the caller to
 /// send. With `end_request`, the last frame says the request stream ended.
 pub async fn send_body(
-    mut body: Body,
+    body: Body,
     call: u64,
     window: &SendWindow,
     outbound: &Outbound,
     end_request: bool,
 ) -> Result<Option<HeaderMap>, SendError> {
+    send_body_after(body, None, call, window, outbound, end_request).await
+}
+
+/// What [`send_ready`] left to send.
+#[derive(Debug)]
+pub enum Rest {
+    /// The request ended; its end is sent.
+    Ended,
+    /// More is to come: the body, and bytes taken from it but not sent.
+    More(Body, Option<Bytes>),
+}
+
+/// Sends the request bytes `body` has ready now, up to [`MAX_CHUNK`] (a
+/// unary request's message and its end), so that they leave together with
+/// the call's start instead of after a task switch. Never waits for
+/// credit: a call's first [`MAX_CHUNK`] bytes always fit its window.
+pub async fn send_ready(
+    mut body: Body,
+    call: u64,
+    window: &SendWindow,
+    outbound: &Outbound,
+) -> Result<Rest, SendError> {
+    use futures::FutureExt;
+    let mut sent = 0usize;
+    loop {
+        let Some(frame) =
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).now_or_never()
+        else {
+            return Ok(Rest::More(body, None));
+        };
+        let data = match frame {
+            None => {
+                let end = Kind::Data(CallData {
+                    call,
+                    data: Bytes::new(),
+                    end: true,
+                });
+                return if outbound.ordered(end).await {
+                    Ok(Rest::Ended)
+                } else {
+                    Err(SendError::Closed)
+                };
+            }
+            Some(Err(status)) => return Err(SendError::Body(status)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                // Requests carry no trailers; anything else is skipped.
+                Err(_) => continue,
+            },
+        };
+        if sent + data.len() > MAX_CHUNK {
+            return Ok(Rest::More(body, Some(data)));
+        }
+        sent += data.len();
+        let _ = window.reserve(data.len()).await;
+        let frame = Kind::Data(CallData {
+            call,
+            data,
+            end: false,
+        });
+        if !outbound.ordered(frame).await {
+            return Err(SendError::Closed);
+        }
+    }
+}
+
+/// [`send_body`], sending `first` before the body's own bytes.
+pub async fn send_body_after(
+    mut body: Body,
+    first: Option<Bytes>,
+    call: u64,
+    window: &SendWindow,
+    outbound: &Outbound,
+    end_request: bool,
+) -> Result<Option<HeaderMap>, SendError> {
+    let mut first = first;
     let trailers = loop {
+        if let Some(data) = first.take() {
+            send_data(data, call, window, outbound).await?;
+            continue;
+        }
         let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         let frame = match frame {
             None => break None,
             Some(Err(status)) => return Err(SendError::Body(status)),
             Some(Ok(frame)) => frame,
         };
-        let mut data = match frame.into_data() {
+        let data = match frame.into_data() {
             Ok(data) => data,
             Err(frame) => match frame.into_trailers() {
                 Ok(trailers) => break Some(trailers),
                 Err(_) => continue,
             },
         };
-        while !data.is_empty() {
-            let n = window.reserve(data.len().min(MAX_CHUNK)).await;
-            let chunk = data.split_to(n.min(data.len()));
-            let frame = Kind::Data(CallData {
-                call,
-                data: chunk,
-                end: false,
-            });
-            if !outbound.ordered(frame).await {
-                return Err(SendError::Closed);
-            }
-        }
+        send_data(data, call, window, outbound).await?;
     };
     if end_request {
         let end = Kind::Data(CallData {
@@ -200,4 +269,26 @@ pub async fn send_body(
         }
     }
     Ok(trailers)
+}
+
+/// Sends `data` as frames of at most [`MAX_CHUNK`], each within the window.
+async fn send_data(
+    mut data: Bytes,
+    call: u64,
+    window: &SendWindow,
+    outbound: &Outbound,
+) -> Result<(), SendError> {
+    while !data.is_empty() {
+        let n = window.reserve(data.len().min(MAX_CHUNK)).await;
+        let chunk = data.split_to(n.min(data.len()));
+        let frame = Kind::Data(CallData {
+            call,
+            data: chunk,
+            end: false,
+        });
+        if !outbound.ordered(frame).await {
+            return Err(SendError::Closed);
+        }
+    }
+    Ok(())
 }

@@ -10,7 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 
-use super::body::{Incoming, IncomingBody, SendError, send_body};
+use super::body::{Incoming, IncomingBody, Rest, SendError, send_body_after, send_ready};
 use super::headers::{from_wire, to_wire};
 use super::window::{RecvWindow, SendWindow};
 use super::{CallFrames, Outbound};
@@ -140,24 +140,33 @@ impl TunnelCaller {
         }
         let outbound = self.shared.outbound.clone();
         let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let sent = tokio::select! {
-                sent = send_body(body, call, &send, &outbound, true) => sent,
-                () = stop.cancelled() => return,
-            };
-            if let Err(SendError::Body(status)) = sent {
-                // The request's own stream failed: the agent must not take
-                // a truncated request for a whole one.
-                shared.fail(
-                    call,
-                    tonic::Status::cancelled(format!(
-                        "the request stream failed: {}",
-                        status.message()
-                    )),
-                    true,
-                );
-            }
-        });
+        // A unary request is sent here, in one go with its start; only a
+        // body still streaming gets a task of its own.
+        let rest = send_ready(body, call, &send, &outbound).await;
+        if !matches!(rest, Ok(Rest::Ended)) {
+            tokio::spawn(async move {
+                let sent = match rest {
+                    Ok(Rest::More(body, first)) => tokio::select! {
+                        sent = send_body_after(body, first, call, &send, &outbound, true) => sent,
+                        () = stop.cancelled() => return,
+                    },
+                    Ok(Rest::Ended) => Ok(None),
+                    Err(error) => Err(error),
+                };
+                if let Err(SendError::Body(status)) = sent {
+                    // The request's own stream failed: the agent must not
+                    // take a truncated request for a whole one.
+                    shared.fail(
+                        call,
+                        tonic::Status::cancelled(format!(
+                            "the request stream failed: {}",
+                            status.message()
+                        )),
+                        true,
+                    );
+                }
+            });
+        }
 
         match answers.recv().await {
             Some(Incoming::Headers(headers)) => {

@@ -443,3 +443,40 @@ async fn pings_are_answered_and_drains_are_signalled() {
     drop(peer);
     assert_eq!(session.await.expect("session"), SessionEnd::PeerClosed);
 }
+
+/// A unary request's start, message and end are queued by the call itself,
+/// back to back, so they leave in one write rather than after a task switch.
+#[tokio::test]
+async fn a_unary_request_is_queued_whole_with_its_start() {
+    let (out, mut frames) = outbound();
+    let caller = TunnelCaller::new(out, 0);
+    let body = Body::new(http_body_util::Full::new(Bytes::from_static(
+        b"\0\0\0\0\x02hi",
+    )));
+    let call = tokio::spawn({
+        let caller = caller.clone();
+        async move { caller.call(request("/echo/Unary", body)).await.map(|_| ()) }
+    });
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), frames.next())
+            .await
+            .expect("a frame")
+            .expect("queued");
+        kinds.push(frame.kind);
+    }
+    assert!(matches!(kinds[0], Some(Kind::Start(_))), "{kinds:?}");
+    assert!(
+        matches!(&kinds[1], Some(Kind::Data(d)) if d.data.len() == 7 && !d.end),
+        "{kinds:?}"
+    );
+    assert!(
+        matches!(&kinds[2], Some(Kind::Data(d)) if d.data.is_empty() && d.end),
+        "{kinds:?}"
+    );
+    caller.close();
+    assert!(
+        call.await.expect("task").is_err(),
+        "no answer: the tunnel closed"
+    );
+}
