@@ -7,8 +7,8 @@
 //! (`fleet-connect`), sit idle (`fleet-hub-memory`, `fleet-sim-memory`), run
 //! one simulated script each (`fleet-wave`, `fleet-wave-lost`) and come
 //! back after a hub restart (`fleet-reconnect`). `fleet-largest` grows a
-//! fleet on a hub of its own until something runs out, and runs only when
-//! named. Every wait is bounded; every process is killed with its group when
+//! fleet on a hub of its own until something runs out, in the full bench
+//! or when named, never with `--quick`. Every wait is bounded; every process is killed with its group when
 //! its handle drops. Binaries come from beside the running executable, or
 //! from `$TENTACLE_BENCH_BIN_DIR`.
 
@@ -43,8 +43,8 @@ pub const ROWS: [&str; 9] = [
     LARGEST,
 ];
 
-/// The row that runs only when asked for by name (it takes minutes and the
-/// whole machine).
+/// The row `--quick` leaves out unless it is named (it takes minutes and
+/// the whole machine).
 pub const LARGEST: &str = "fleet-largest";
 
 /// Names a directory to take the binaries from instead of the one beside
