@@ -35,31 +35,62 @@ impl std::fmt::Debug for ProxySettings {
 /// The largest CONNECT response header accepted.
 const MAX_RESPONSE: usize = 16 * 1024;
 
+/// Why an `HTTPS_PROXY` value is not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyUrlError {
+    /// The agent speaks plain HTTP to its proxy, so an `https://` proxy
+    /// would get its credentials in clear text where the user expects TLS.
+    #[error(
+        "an https:// proxy is not supported: the agent speaks plain HTTP CONNECT to its proxy, which would send the proxy credentials unencrypted; use http://[user:password@]host:port (the connection to the hub inside the proxy is TLS either way)"
+    )]
+    Https,
+    #[error("expected http://[user:password@]host:port")]
+    Malformed,
+}
+
 impl ProxySettings {
     /// Reads `HTTPS_PROXY` (or `https_proxy`) as `http://[user:pass@]host:port`,
     /// unless `NO_PROXY` (or `no_proxy`) covers `target_host`.
     pub fn from_env(target_host: &str) -> Option<Self> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let url = var("HTTPS_PROXY").or_else(|| var("https_proxy"))?;
-        let no_proxy = var("NO_PROXY")
-            .or_else(|| var("no_proxy"))
-            .unwrap_or_default();
-        if no_proxy_covers(&no_proxy, target_host) {
+        Self::from_values(
+            var("HTTPS_PROXY").or_else(|| var("https_proxy")),
+            var("NO_PROXY").or_else(|| var("no_proxy")),
+            target_host,
+        )
+    }
+
+    /// [`Self::from_env`] with the variables' values given. A value that
+    /// cannot be used is ignored with a warning that never shows its
+    /// password.
+    fn from_values(
+        https_proxy: Option<String>,
+        no_proxy: Option<String>,
+        target_host: &str,
+    ) -> Option<Self> {
+        let url = https_proxy?;
+        if no_proxy_covers(&no_proxy.unwrap_or_default(), target_host) {
             return None;
         }
         match Self::parse_url(&url) {
-            Some(proxy) => Some(proxy),
-            None => {
-                tracing::warn!(%url, "ignoring HTTPS_PROXY: expected http://[user:password@]host:port");
+            Ok(proxy) => Some(proxy),
+            Err(error) => {
+                let url = redacted(&url);
+                tracing::warn!(%url, "ignoring HTTPS_PROXY: {error}");
                 None
             }
         }
     }
 
-    fn parse_url(url: &str) -> Option<Self> {
+    fn parse_url(url: &str) -> Result<Self, ProxyUrlError> {
+        if url
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+        {
+            return Err(ProxyUrlError::Https);
+        }
         let rest = url
             .strip_prefix("http://")
-            .or_else(|| url.strip_prefix("https://"))
             .unwrap_or(url)
             .trim_end_matches('/');
         let (credentials, address) = match rest.rsplit_once('@') {
@@ -69,7 +100,7 @@ impl ProxySettings {
         // Without a port, curl's default for HTTP proxies.
         let (host, port) = match address.rsplit_once(':') {
             Some((host, port)) if !host.ends_with(']') || address.starts_with('[') => {
-                (host, port.parse().ok()?)
+                (host, port.parse().map_err(|_| ProxyUrlError::Malformed)?)
             }
             _ => (address, 1080),
         };
@@ -77,14 +108,14 @@ impl ProxySettings {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        if host.is_empty() {
-            return None;
+        if host.is_empty() || host.contains('/') {
+            return Err(ProxyUrlError::Malformed);
         }
         let (username, password) = match credentials.map(|c| c.split_once(':').unwrap_or((c, ""))) {
             Some((u, p)) => (Some(u.to_owned()), Some(p.to_owned())),
             None => (None, None),
         };
-        Some(Self {
+        Ok(Self {
             host,
             port,
             username,
@@ -192,9 +223,85 @@ fn no_proxy_covers(no_proxy: &str, host: &str) -> bool {
         })
 }
 
+/// `url` with the password of its credentials, if any, replaced by `***`.
+fn redacted(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(at) => url.split_at(at + 3),
+        None => ("", url),
+    };
+    match rest.rsplit_once('@') {
+        Some((credentials, address)) => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}{user}:***@{address}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An https:// proxy would be spoken to in plain HTTP, credentials
+    /// included, so it is refused; and no warning shows a password.
+    #[test]
+    fn an_https_proxy_is_refused_and_no_warning_shows_its_password() {
+        assert_eq!(
+            ProxySettings::parse_url("https://bob:s3cret@proxy.corp:3128"),
+            Err(ProxyUrlError::Https)
+        );
+        assert_eq!(
+            ProxySettings::parse_url("HTTPS://proxy.corp"),
+            Err(ProxyUrlError::Https)
+        );
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let writer = {
+            let logs = logs.clone();
+            move || LogSink(logs.clone())
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(writer)
+            .with_ansi(false)
+            .finish();
+        let used = tracing::subscriber::with_default(subscriber, || {
+            [
+                "https://bob:s3cret@proxy.corp:3128",
+                "http://bob:s3cret@proxy.corp:notaport",
+            ]
+            .map(|url| ProxySettings::from_values(Some(url.into()), None, "hub.corp"))
+        });
+        assert_eq!(used, [None, None]);
+        let logs = String::from_utf8(logs.lock().expect("logs").clone()).expect("utf-8");
+        assert_eq!(logs.matches("ignoring HTTPS_PROXY").count(), 2, "{logs}");
+        assert!(
+            logs.contains("an https:// proxy is not supported"),
+            "{logs}"
+        );
+        assert!(logs.contains("bob:***@proxy.corp"), "{logs}");
+        assert!(!logs.contains("s3cret"), "{logs}");
+    }
+
+    /// Collects what the test subscriber writes.
+    struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogSink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("logs").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn redaction_keeps_the_user_and_hides_only_the_password() {
+        assert_eq!(redacted("http://bob:pw@p:1"), "http://bob:***@p:1");
+        assert_eq!(redacted("bob:pw@p:1"), "bob:***@p:1");
+        assert_eq!(redacted("http://p:1"), "http://p:1");
+        assert_eq!(redacted("http://a:b:c@d@p:1"), "http://a:***@p:1");
+    }
 
     #[test]
     fn parses_proxy_urls() {
@@ -206,9 +313,16 @@ mod tests {
         );
         let q = ProxySettings::parse_url("127.0.0.1:8888").expect("valid");
         assert_eq!(q.username, None);
-        let r = ProxySettings::parse_url("https://proxy.corp").expect("no port");
+        let r = ProxySettings::parse_url("http://proxy.corp").expect("no port");
         assert_eq!((r.host.as_str(), r.port), ("proxy.corp", 1080));
-        assert!(ProxySettings::parse_url("http://:3128").is_none());
+        assert_eq!(
+            ProxySettings::parse_url("http://:3128"),
+            Err(ProxyUrlError::Malformed)
+        );
+        assert_eq!(
+            ProxySettings::parse_url("http://proxy:port"),
+            Err(ProxyUrlError::Malformed)
+        );
         assert!(!format!("{p:?}").contains("s3cret"));
     }
 
