@@ -14,10 +14,8 @@
 //!
 //! - the agent's listening server: [`Http2Settings::default`]; a dialling
 //!   client (`dial::DialSettings`) the same but with HTTP/2's 16 KiB frames;
-//! - both ends of a tunnel's outer connection: [`Http2Settings::for_tunnels`]
-//!   (clients again with 16 KiB frames);
-//! - inside a tunnel: the server's or the tunnel's settings
-//!   [`without_keepalive`](Http2Settings::without_keepalive).
+//! - both ends of a tunnel's connection: [`Http2Settings::for_tunnels`]
+//!   (clients again with 16 KiB frames).
 
 use std::time::Duration;
 
@@ -127,15 +125,6 @@ impl Http2Settings {
             stream_window_bytes: Some(TUNNEL_STREAM_WINDOW_BYTES),
             connection_window_bytes: Some(TUNNEL_CONNECTION_WINDOW_BYTES),
             max_frame_bytes: Some(DEFAULT_MAX_FRAME_BYTES),
-        }
-    }
-
-    /// The same settings with HTTP/2 pings turned off.
-    #[must_use]
-    pub fn without_keepalive(self) -> Self {
-        Self {
-            keepalive_interval: None,
-            ..self
         }
     }
 

@@ -193,18 +193,7 @@ pub async fn send_ready(
             return Ok(Rest::More(body, None));
         };
         let data = match frame {
-            None => {
-                let end = Kind::Data(CallData {
-                    call,
-                    data: Bytes::new(),
-                    end: true,
-                });
-                return if outbound.ordered(end).await {
-                    Ok(Rest::Ended)
-                } else {
-                    Err(SendError::Closed)
-                };
-            }
+            None => return send_end(call, outbound).await.map(|()| Rest::Ended),
             Some(Err(status)) => return Err(SendError::Body(status)),
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => data,
@@ -216,15 +205,7 @@ pub async fn send_ready(
             return Ok(Rest::More(body, Some(data)));
         }
         sent += data.len();
-        let _ = window.reserve(data.len()).await;
-        let frame = Kind::Data(CallData {
-            call,
-            data,
-            end: false,
-        });
-        if !outbound.ordered(frame).await {
-            return Err(SendError::Closed);
-        }
+        send_data(data, call, window, outbound).await?;
     }
 }
 
@@ -237,12 +218,10 @@ pub async fn send_body_after(
     outbound: &Outbound,
     end_request: bool,
 ) -> Result<Option<HeaderMap>, SendError> {
-    let mut first = first;
+    if let Some(data) = first {
+        send_data(data, call, window, outbound).await?;
+    }
     let trailers = loop {
-        if let Some(data) = first.take() {
-            send_data(data, call, window, outbound).await?;
-            continue;
-        }
         let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         let frame = match frame {
             None => break None,
@@ -259,16 +238,23 @@ pub async fn send_body_after(
         send_data(data, call, window, outbound).await?;
     };
     if end_request {
-        let end = Kind::Data(CallData {
-            call,
-            data: Bytes::new(),
-            end: true,
-        });
-        if !outbound.ordered(end).await {
-            return Err(SendError::Closed);
-        }
+        send_end(call, outbound).await?;
     }
     Ok(trailers)
+}
+
+/// Tells the agent that `call`'s request stream ended.
+async fn send_end(call: u64, outbound: &Outbound) -> Result<(), SendError> {
+    let end = Kind::Data(CallData {
+        call,
+        data: Bytes::new(),
+        end: true,
+    });
+    if outbound.ordered(end).await {
+        Ok(())
+    } else {
+        Err(SendError::Closed)
+    }
 }
 
 /// Sends `data` as frames of at most [`MAX_CHUNK`], each within the window.

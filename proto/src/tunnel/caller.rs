@@ -138,34 +138,26 @@ impl TunnelCaller {
         if !self.shared.outbound.ordered(start).await {
             return Err(CallerClosed);
         }
-        let outbound = self.shared.outbound.clone();
-        let shared = self.shared.clone();
         // A unary request is sent here, in one go with its start; only a
         // body still streaming gets a task of its own.
-        let rest = send_ready(body, call, &send, &outbound).await;
-        if !matches!(rest, Ok(Rest::Ended)) {
-            tokio::spawn(async move {
-                let sent = match rest {
-                    Ok(Rest::More(body, first)) => tokio::select! {
-                        sent = send_body_after(body, first, call, &send, &outbound, true) => sent,
-                        () = stop.cancelled() => return,
-                    },
-                    Ok(Rest::Ended) => Ok(None),
-                    Err(error) => Err(error),
-                };
-                if let Err(SendError::Body(status)) = sent {
-                    // The request's own stream failed: the agent must not
-                    // take a truncated request for a whole one.
-                    shared.fail(
-                        call,
-                        tonic::Status::cancelled(format!(
-                            "the request stream failed: {}",
-                            status.message()
-                        )),
-                        true,
-                    );
-                }
-            });
+        let outbound = &self.shared.outbound;
+        match send_ready(body, call, &send, outbound).await {
+            Ok(Rest::Ended) | Err(SendError::Closed) => {}
+            Err(SendError::Body(status)) => self.shared.request_failed(call, &status),
+            Ok(Rest::More(body, first)) => {
+                let outbound = outbound.clone();
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        sent = send_body_after(body, first, call, &send, &outbound, true) => {
+                            if let Err(SendError::Body(status)) = sent {
+                                shared.request_failed(call, &status);
+                            }
+                        }
+                        () = stop.cancelled() => {}
+                    }
+                });
+            }
         }
 
         match answers.recv().await {
@@ -187,12 +179,9 @@ impl TunnelCaller {
             }
             Some(Incoming::Failed(status)) => Ok(status.into_http()),
             Some(Incoming::Data(_) | Incoming::End) => {
-                self.shared.fail(
-                    call,
-                    tonic::Status::internal("the agent sent data before headers"),
-                    true,
-                );
-                Ok(tonic::Status::internal("the agent sent data before headers").into_http())
+                let status = tonic::Status::internal("the agent sent data before headers");
+                self.shared.fail(call, status.clone(), true);
+                Ok(status.into_http())
             }
             None => Err(CallerClosed),
         }
@@ -221,6 +210,14 @@ impl Shared {
             self.outbound
                 .ordered_later(Kind::Cancel(CallCancel { call, reason }));
         }
+    }
+
+    /// The request's own stream failed: the agent must not take a
+    /// truncated request for a whole one.
+    fn request_failed(&self, call: u64, status: &tonic::Status) {
+        let status =
+            tonic::Status::cancelled(format!("the request stream failed: {}", status.message()));
+        self.fail(call, status, true);
     }
 
     fn with_slot(&self, call: u64, f: impl FnOnce(&Slot)) {

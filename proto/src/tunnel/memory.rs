@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::server::CallService;
 use super::{
-    HeartbeatSettings, ServerSettings, SessionSignals, TunnelCaller, TunnelServer, outbound,
-    run_session,
+    CallFrames, HeartbeatSettings, ServerSettings, SessionSignals, TunnelCaller, TunnelServer,
+    outbound, run_session,
 };
 
 /// A caller whose calls `service` serves, until the token is cancelled.
@@ -23,21 +23,20 @@ pub fn connect<S: CallService>(
     let (agent_out, agent_frames) = outbound();
     let caller = TunnelCaller::new(hub_out.clone(), settings.max_concurrent_calls);
     let server = TunnelServer::new(service, agent_out.clone(), None, settings);
-    tokio::spawn(run_session(
-        agent_frames.map(Ok::<_, tonic::Status>),
-        hub_out,
-        Arc::new(caller.clone()),
-        HeartbeatSettings::default(),
-        SessionSignals::default(),
-        stop.clone(),
-    ));
-    tokio::spawn(run_session(
-        hub_frames.map(Ok::<_, tonic::Status>),
-        agent_out,
-        Arc::new(server.clone()),
-        HeartbeatSettings::default(),
-        SessionSignals::default(),
-        stop.clone(),
-    ));
+    // Each side reads what the other queued.
+    let sides: [(_, _, Arc<dyn CallFrames>); 2] = [
+        (agent_frames, hub_out, Arc::new(caller.clone())),
+        (hub_frames, agent_out, Arc::new(server.clone())),
+    ];
+    for (frames, out, calls) in sides {
+        tokio::spawn(run_session(
+            frames.map(Ok::<_, tonic::Status>),
+            out,
+            calls,
+            HeartbeatSettings::default(),
+            SessionSignals::default(),
+            stop.clone(),
+        ));
+    }
     (caller, server, stop)
 }

@@ -129,10 +129,7 @@ impl<S: CallService> TunnelServer<S> {
         let shared = &self.shared;
         let call = start.call;
         let refuse = |status: tonic::Status| {
-            shared.outbound.ordered_later(Kind::Trailers(CallTrailers {
-                call,
-                trailers: status_trailers(&status),
-            }));
+            shared.outbound.ordered_later(ended_with(call, &status));
         };
         if !shared.accepting.load(Ordering::Acquire) {
             return refuse(tonic::Status::unavailable(
@@ -144,14 +141,8 @@ impl<S: CallService> TunnelServer<S> {
             Err(status) => return refuse(status),
         };
         let deadline = crate::tunnel::grpc_timeout(request.headers());
-        let span = crate::telemetry::tracing_on().then(|| {
-            let (parts, ()) = http::Request::new(()).into_parts();
-            let mut probe = http::Request::from_parts(parts, ());
-            *probe.uri_mut() = request.uri().clone();
-            *probe.headers_mut() = request.headers().clone();
-            *probe.extensions_mut() = request.extensions().clone();
-            crate::telemetry::server_span(shared.settings.side)(&probe)
-        });
+        let span = crate::telemetry::tracing_on()
+            .then(|| crate::telemetry::server_span(shared.settings.side)(&request));
 
         let (frames, queue) = mpsc::unbounded_channel();
         let slot = Slot {
@@ -197,12 +188,7 @@ impl<S: CallService> TunnelServer<S> {
                         let status = tonic::Status::deadline_exceeded(
                             "the call's deadline passed while the agent was still serving it",
                         );
-                        outbound
-                            .ordered(Kind::Trailers(CallTrailers {
-                                call,
-                                trailers: status_trailers(&status),
-                            }))
-                            .await;
+                        outbound.ordered(ended_with(call, &status)).await;
                     }
                 }
                 None => run.await,
@@ -305,16 +291,22 @@ fn request_for(
     Ok(request)
 }
 
+/// The frame that ends `call` with `status`.
+fn ended_with(call: u64, status: &tonic::Status) -> Kind {
+    Kind::Trailers(CallTrailers {
+        call,
+        trailers: status_trailers(status),
+    })
+}
+
 /// Runs one call's handler and sends its response as frames.
-async fn serve_call<S>(
+async fn serve_call<S: CallService>(
     service: S,
     request: http::Request<Body>,
     call: u64,
     send: Arc<SendWindow>,
     outbound: Outbound,
-) where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
-{
+) {
     let Ok(response) = service.oneshot(request).await;
     let (parts, body) = response.into_parts();
     if parts.headers.contains_key("grpc-status") {
@@ -334,17 +326,19 @@ async fn serve_call<S>(
     if !outbound.ordered(headers).await {
         return;
     }
-    let trailers = match send_body(body, call, &send, &outbound, false).await {
-        Ok(Some(trailers)) => to_wire(&trailers),
-        Ok(None) => status_trailers(&tonic::Status::internal(
-            "the agent's handler ended its response without a status",
-        )),
-        Err(SendError::Body(status)) => status_trailers(&status),
+    let end = match send_body(body, call, &send, &outbound, false).await {
+        Ok(Some(trailers)) => Kind::Trailers(CallTrailers {
+            call,
+            trailers: to_wire(&trailers),
+        }),
+        Ok(None) => ended_with(
+            call,
+            &tonic::Status::internal("the agent's handler ended its response without a status"),
+        ),
+        Err(SendError::Body(status)) => ended_with(call, &status),
         Err(SendError::Closed) => return,
     };
-    outbound
-        .ordered(Kind::Trailers(CallTrailers { call, trailers }))
-        .await;
+    outbound.ordered(end).await;
 }
 
 impl<S: CallService> CallFrames for TunnelServer<S> {

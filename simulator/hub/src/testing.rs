@@ -194,17 +194,17 @@ impl CapabilitiesService for FakeAgent {
     }
 }
 
+/// How a fake agent serves its tunnel's calls.
+const FAKE_AGENT_SETTINGS: ServerSettings = ServerSettings {
+    max_concurrent_calls: 64,
+    side: "agent",
+};
+
 /// A tunnel from `name` whose calls reach a [`FakeAgent`] in memory, and
 /// the queue of the frames the hub sends it outside calls (drains).
 pub async fn fake_tunnel(name: &str, thumbprint: Thumbprint) -> (Arc<Tunnel>, OutboundFrames) {
     let routes = Routes::new(CapabilitiesServiceServer::new(FakeAgent(name.into())));
-    let (caller, _server, stop) = tunnel::memory::connect(
-        routes,
-        ServerSettings {
-            max_concurrent_calls: 64,
-            side: "agent",
-        },
-    );
+    let (caller, _server, stop) = tunnel::memory::connect(routes, FAKE_AGENT_SETTINGS);
     // The fake agent lives as long as the tunnel.
     let tunnel = tunnel_over(name, thumbprint, caller);
     let guard = stop.clone();
@@ -281,7 +281,7 @@ pub async fn open_tunnel_with(
         _ => String::new(),
     };
     let (outbound, frames) = tunnel::outbound();
-    let _ = outbound.ordered.send(first).await;
+    outbound.ordered.send(first).await.expect("queue the hello");
     let mut incoming = TunnelServiceClient::new(hub)
         .max_decoding_message_size(tunnel::MAX_FRAME)
         .open(frames)
@@ -295,15 +295,7 @@ pub async fn open_tunnel_with(
     };
     let stop = CancellationToken::new();
     let routes = Routes::new(CapabilitiesServiceServer::new(FakeAgent(name)));
-    let server = TunnelServer::new(
-        routes,
-        outbound.clone(),
-        None,
-        ServerSettings {
-            max_concurrent_calls: 64,
-            side: "agent",
-        },
-    );
+    let server = TunnelServer::new(routes, outbound.clone(), None, FAKE_AGENT_SETTINGS);
     tokio::spawn(tunnel::run_session(
         incoming,
         outbound,

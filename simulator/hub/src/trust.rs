@@ -250,12 +250,11 @@ impl AgentTrustFile {
     /// The file's text for `agents`: one `[[agent]]` table each, rendered
     /// again only where the entry changed since the last write.
     fn render(&self, agents: &[TrustedAgent]) -> Result<String, toml::ser::Error> {
-        let mut last = std::mem::take(
-            &mut *self
-                .rendered
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let mut rendered = self
+            .rendered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = std::mem::take(&mut *rendered);
         let mut now = Rendered::with_capacity(agents.len());
         let mut text = String::new();
         for agent in agents {
@@ -269,10 +268,7 @@ impl AgentTrustFile {
             text.push_str(&entry.1);
             now.insert(agent.thumbprint, entry);
         }
-        *self
-            .rendered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
+        *rendered = now;
         Ok(text)
     }
 
