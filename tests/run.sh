@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests beside the code, and the end-to-end tests in
 # tests/ that drive the real binaries, in processes and in containers.
-# Extra arguments go to `cargo test`.
+#
+#   tests/run.sh [--full] [cargo test arguments...]
+#
+# --full runs every cell of the fault matrix (192 cells, about 15 minutes
+# more) instead of the quick tier CI runs (24 cells: every fault in every
+# mode at both stages). Other arguments go to `cargo test`.
 #
 # The binaries are linked statically (glibc included), so the container
 # images are built from the very binaries these tests run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "${1:-}" = "--full" ]; then
+    shift
+    export TENTACLE_FULL_MATRIX=1
+fi
 
 started=$SECONDS
 phase_started=$SECONDS
@@ -76,7 +86,13 @@ phase "build"
 cargo build --workspace --bins
 
 phase "tests"
+# The fault matrix appends its summary here; it is printed after the suite.
+export TENTACLE_FAULT_MATRIX_SUMMARY="$PWD/target/fault-matrix-summary.txt"
+rm -f "$TENTACLE_FAULT_MATRIX_SUMMARY"
 cargo test --workspace "$@"
+if [ -f "$TENTACLE_FAULT_MATRIX_SUMMARY" ]; then
+    grep '^fault matrix' "$TENTACLE_FAULT_MATRIX_SUMMARY" >&2 || true
+fi
 
 phase "done"
 echo "tests/run.sh: everything took $((SECONDS - started)) s" >&2

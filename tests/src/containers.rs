@@ -499,11 +499,21 @@ impl Fleet {
 
     /// `tentacle-hub deploy ARGS --hub URL`.
     pub fn deploy(&self, args: &[&str]) -> Output {
-        let url = self.hub_url();
-        let mut all = vec!["deploy"];
-        all.extend_from_slice(args);
-        all.extend(["--hub", url.as_str()]);
-        self.hub_cli(&all)
+        run_bounded(&mut self.deploy_command(args), Duration::from_secs(180))
+            .unwrap_or_else(|e| panic!("tentacle-hub deploy {args:?}: {e}"))
+    }
+
+    /// `tentacle-hub deploy ARGS --hub URL` as a command to spawn: the way
+    /// to reach a listening agent, which only the hub can resolve by name.
+    pub fn deploy_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(crate::bin("tentacle-hub"));
+        command
+            .arg("--home")
+            .arg(self.home.path())
+            .arg("deploy")
+            .args(args)
+            .args(["--hub", &self.hub_url()]);
+        command
     }
 
     /// The registered agent's certificate thumbprint, from the hub's

@@ -410,3 +410,178 @@ container_test!(
         );
     }
 );
+
+/// A container partition for the fault matrix's container cells.
+#[derive(Debug, Clone, Copy)]
+enum Partition {
+    /// `docker network disconnect`: the host vanishes from the network.
+    Disconnect,
+    /// `docker pause`: every process of the agent freezes.
+    Freeze,
+}
+
+impl Partition {
+    fn apply(self, fleet: &Fleet, agent: &str) {
+        match self {
+            Self::Disconnect => fleet.disconnect(agent),
+            Self::Freeze => fleet.pause(agent),
+        }
+    }
+
+    fn heal(self, fleet: &Fleet, agent: &str) {
+        match self {
+            Self::Disconnect => fleet.connect(agent),
+            Self::Freeze => fleet.unpause(agent),
+        }
+    }
+}
+
+/// Runs `script` on `agent` through the hub: `exec` for a polling agent,
+/// `deploy --role` for a listening one (only the hub can resolve its name).
+struct HubRun {
+    running: Running,
+    /// The prefix deploy puts on the agent's lines; empty for exec.
+    prefix: String,
+}
+
+impl HubRun {
+    fn spawn(fleet: &Fleet, agent: &str, script: &str, script_file: &std::path::Path) -> Self {
+        if agent.starts_with("poll-") {
+            return Self {
+                running: Running::spawn(fleet.exec_command(
+                    agent,
+                    script,
+                    &["--pickup-timeout", "30s"],
+                )),
+                prefix: String::new(),
+            };
+        }
+        std::fs::write(script_file, script).expect("script file");
+        let file = script_file.to_string_lossy();
+        Self {
+            running: Running::spawn(fleet.deploy_command(&["--role", agent, "--script", &file])),
+            prefix: format!("[{agent}] "),
+        }
+    }
+
+    fn wait_for_line(&self, line: &str, timeout: Duration) -> bool {
+        self.running
+            .wait_for_line(&format!("{}{line}", self.prefix), timeout)
+    }
+
+    /// The script's exit code (None when the call failed or hung), its
+    /// lines, and the command's stderr plus, for deploy, its summary.
+    fn finish(self, timeout: Duration) -> (Option<i32>, Vec<String>, String) {
+        let (code, stdout, stderr) = self.running.finish(timeout);
+        if self.prefix.is_empty() {
+            return (code, stdout, stderr);
+        }
+        let lines = stdout
+            .iter()
+            .filter_map(|l| l.strip_prefix(&self.prefix))
+            .map(str::to_owned)
+            .collect();
+        let script_code = stdout.iter().find_map(|l| {
+            let (_, code) = l.split_once("  exit code ")?;
+            code.trim().parse().ok()
+        });
+        let summary = stdout
+            .iter()
+            .filter(|l| !l.starts_with(&self.prefix))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n");
+        let code = code.and(script_code);
+        (code, lines, format!("{stderr}\n{summary}"))
+    }
+}
+
+// The fault matrix's container cells: each partition, for a polling and a
+// listening agent, before the call (connecting) and mid-script (in flight).
+// Each cell asserts what the process matrix (fault_matrix.rs) does: the
+// call succeeds with every line once and the real exit code, or fails with
+// a message within its deadline and the flow then succeeds; nothing is
+// restarted.
+container_test!(
+    the_fault_matrix_holds_under_container_partitions,
+    |scenario| {
+        const LINES: usize = 10;
+        const HELD: Duration = Duration::from_secs(5);
+        let fleet = Fleet::standard(scenario);
+        let work = tempfile::tempdir().expect("tempdir");
+        let script_file = work.path().join("cell.sh");
+        let script =
+            format!("for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.3; done; exit 7");
+        let expected: Vec<String> = (1..=LINES).map(|i| format!("line {i}")).collect();
+        let mut summary = Vec::new();
+        for agent in ["poll-a", "listen-c"] {
+            for partition in [Partition::Disconnect, Partition::Freeze] {
+                for in_flight in [false, true] {
+                    let cell = format!(
+                        "{agent} {partition:?} {}",
+                        if in_flight { "in flight" } else { "connecting" }
+                    );
+                    let started = Instant::now();
+                    if !in_flight {
+                        partition.apply(&fleet, agent);
+                    }
+                    let run = HubRun::spawn(&fleet, agent, &script, &script_file);
+                    if in_flight {
+                        assert!(
+                            run.wait_for_line("line 2", Duration::from_secs(30)),
+                            "{cell}: the script started"
+                        );
+                        partition.apply(&fleet, agent);
+                    }
+                    std::thread::sleep(HELD);
+                    partition.heal(&fleet, agent);
+                    // The call's deadline: its pickup timeout, the script, and
+                    // a reconnect window.
+                    let (code, lines, stderr) = run.finish(Duration::from_secs(120));
+                    let outcome = if code == Some(7) {
+                        assert_eq!(
+                            lines, expected,
+                            "{cell}: every line once, in order\n{stderr}"
+                        );
+                        "succeeded".to_owned()
+                    } else {
+                        assert!(
+                            !stderr.trim().is_empty(),
+                            "{cell}: the call failed ({code:?}) without saying why"
+                        );
+                        // Retried as an operator would, once the host is back.
+                        let recovering = Instant::now();
+                        let (lines, again_stderr) = loop {
+                            let (again, lines, again_stderr) =
+                                HubRun::spawn(&fleet, agent, &script, &script_file)
+                                    .finish(Duration::from_secs(120));
+                            if again == Some(7) || recovering.elapsed() > Duration::from_secs(60) {
+                                assert_eq!(
+                                    again,
+                                    Some(7),
+                                    "{cell}: the flow recovers\n{again_stderr}"
+                                );
+                                break (lines, again_stderr);
+                            }
+                            std::thread::sleep(Duration::from_secs(1));
+                        };
+                        assert_eq!(
+                            lines, expected,
+                            "{cell}: every line once, in order\n{again_stderr}"
+                        );
+                        format!(
+                            "failed cleanly ({}), then succeeded",
+                            stderr.trim().lines().last().unwrap_or_default()
+                        )
+                    };
+                    summary.push(format!("{cell}: {outcome} in {}", secs(started.elapsed())));
+                }
+            }
+        }
+        say(&format!(
+            "container cells: {} cells (2 partitions x 2 modes x 2 stages), all passed:\n  {}",
+            summary.len(),
+            summary.join("\n  ")
+        ));
+    }
+);
