@@ -5,6 +5,12 @@
 //! handshake happens here and the result goes to `serve_with_incoming`.
 //! Each connection remembers its peer's thumbprint; when the trust store
 //! changes, connections whose peer is no longer trusted are closed.
+//!
+//! Both kinds of slot are bounded ([`AcceptSettings`]): handshakes in
+//! progress (what an unauthenticated client can hold, for at most the
+//! handshake timeout) and open connections. A TCP connection beyond either
+//! limit is closed at once, so a flood costs a descriptor for a moment and
+//! never stops the loop or a trusted peer's next attempt once slots free.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,7 +24,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,7 +50,23 @@ pub struct AcceptSettings {
     /// there is one loop per listener, so no herd to spread with jitter, and
     /// connections are served again as soon as descriptors free up.
     pub accept_retry_delay: Duration,
+    /// TLS handshakes in progress at once. A connection beyond it is closed
+    /// before its handshake starts: unauthenticated clients (a slowloris
+    /// holding handshakes open, a connection flood) cannot take more than
+    /// this many slots, each for at most `handshake_timeout`.
+    pub max_handshakes: usize,
+    /// Connections open at once, handshakes included. A connection beyond
+    /// it is closed at once. Descriptors run out long before the default.
+    pub max_connections: usize,
 }
+
+/// The default [`AcceptSettings::max_handshakes`]: far more than loopback
+/// or a fleet's reconnect needs at once (a handshake takes milliseconds),
+/// few enough that their buffers stay in the tens of megabytes.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
+/// The default [`AcceptSettings::max_connections`]: a hub's fleet with
+/// several tunnels each, well under a raised descriptor limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
 
 impl Default for AcceptSettings {
     fn default() -> Self {
@@ -53,6 +75,8 @@ impl Default for AcceptSettings {
             backlog: 1024,
             require_trusted_peers: true,
             accept_retry_delay: Duration::from_millis(50),
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -83,7 +107,10 @@ pub fn accept_tls(
         live.clone(),
         tx.clone(),
     ));
+    let handshakes = Arc::new(Semaphore::new(settings.max_handshakes.max(1)));
+    let connections = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     tokio::spawn(async move {
+        let mut refusals = Refusals::default();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -99,6 +126,28 @@ pub fn accept_tls(
                     continue;
                 }
             };
+            let slots = connections
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| "connections")
+                .and_then(|connection| {
+                    let handshake = handshakes
+                        .clone()
+                        .try_acquire_owned()
+                        .map_err(|_| "handshakes")?;
+                    Ok((connection, handshake))
+                });
+            let (connection_slot, handshake_slot) = match slots {
+                Ok(slots) => slots,
+                Err(limit) => {
+                    // Closed before any TLS work; counted, and logged at
+                    // most every few seconds so a flood does not flood logs.
+                    drop(tcp);
+                    crate::metrics::METRICS.handshake_failed("over_limit");
+                    refusals.note(limit, &settings, remote_addr);
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
@@ -107,11 +156,20 @@ pub fn accept_tls(
             let timeout = settings.handshake_timeout;
             let require_trusted = settings.require_trusted_peers;
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+                drop(handshake_slot);
+                let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(error)) => {
-                        tracing::info!(%remote_addr, %error, "TLS handshake failed");
-                        crate::metrics::METRICS.handshake_failed(handshake_failure_reason(&error));
+                        let reason = handshake_failure_reason(&error);
+                        tracing::info!(
+                            %remote_addr,
+                            reason,
+                            %error,
+                            "TLS handshake failed: {}",
+                            handshake_failure_hint(reason)
+                        );
+                        crate::metrics::METRICS.handshake_failed(reason);
                         return;
                     }
                     Err(_) => {
@@ -132,7 +190,9 @@ pub fn accept_tls(
                 };
                 // Track first, then check: a revocation that runs in between
                 // then either sees this connection or is seen here.
-                let stream = live.track(tls, info, trust.contains(&thumbprint) || require_trusted);
+                let stream = live
+                    .track(tls, info, trust.contains(&thumbprint) || require_trusted)
+                    .holding(connection_slot);
                 if require_trusted && !trust.contains(&thumbprint) {
                     tracing::warn!(%remote_addr, %thumbprint, "refused a peer whose trust was removed during the handshake");
                     return;
@@ -143,6 +203,36 @@ pub fn accept_tls(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Connections closed because a limit was reached, reported in one line at
+/// most every [`Refusals::EVERY`].
+#[derive(Debug, Default)]
+struct Refusals {
+    since_report: u64,
+    last_report: Option<tokio::time::Instant>,
+}
+
+impl Refusals {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    fn note(&mut self, limit: &str, settings: &AcceptSettings, remote_addr: SocketAddr) {
+        self.since_report += 1;
+        let now = tokio::time::Instant::now();
+        if self.last_report.is_some_and(|at| now - at < Self::EVERY) {
+            return;
+        }
+        tracing::warn!(
+            %remote_addr,
+            limit,
+            max_handshakes = settings.max_handshakes,
+            max_connections = settings.max_connections,
+            refused = self.since_report,
+            "closed new connections at once: too many {limit} in progress (a flood, or raise the limit)"
+        );
+        self.since_report = 0;
+        self.last_report = Some(now);
+    }
 }
 
 /// A short, stable name for why a handshake failed, for metrics.
@@ -159,6 +249,24 @@ fn handshake_failure_reason(error: &io::Error) -> &'static str {
         Some(rustls::Error::PeerIncompatible(_)) => "incompatible",
         Some(_) => "tls_error",
         None => "io_error",
+    }
+}
+
+/// What a failed handshake's reason means, for the one log line.
+fn handshake_failure_hint(reason: &str) -> &'static str {
+    match reason {
+        "untrusted_certificate" => {
+            "the client's certificate thumbprint is not trusted; trust it (`configure --trust`) if it should connect"
+        }
+        "invalid_certificate" => {
+            "the client's certificate was refused: its signature does not match it (the client lacks the certificate's key), or it is outside its dates while validity is enforced"
+        }
+        "no_certificate" => "the client presented no certificate; every client must present one",
+        "incompatible" => "the client shares no TLS version, cipher suite or protocol with us",
+        "tls_error" => {
+            "the client does not speak TLS (plain HTTP, a scanner) or sent a broken handshake"
+        }
+        _ => "the connection failed or closed during the handshake",
     }
 }
 
@@ -216,6 +324,7 @@ impl LiveConnections {
             _registration: Registration {
                 id,
                 live: self.clone(),
+                _slot: None,
             },
         }
     }
@@ -255,6 +364,8 @@ impl LiveConnections {
 struct Registration {
     id: u64,
     live: LiveConnections,
+    /// The connection's slot under `max_connections`, freed with it.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Registration {
@@ -288,6 +399,12 @@ impl<IO> std::fmt::Debug for PeerStream<IO> {
 }
 
 impl<IO> PeerStream<IO> {
+    /// Keeps `slot` until the connection is dropped.
+    fn holding(mut self, slot: OwnedSemaphorePermit) -> Self {
+        self._registration._slot = Some(slot);
+        self
+    }
+
     pub fn info(&self) -> &PeerInfo {
         &self.info
     }

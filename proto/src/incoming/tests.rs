@@ -288,3 +288,68 @@ async fn live_connections_revoke_only_tracked_peers_that_lost_trust() {
     drop(registration);
     assert!(live.is_empty());
 }
+
+#[tokio::test]
+async fn connections_beyond_the_handshake_limit_are_closed_at_once_and_slots_free_up() {
+    let client = identity("client");
+    let settings = AcceptSettings {
+        handshake_timeout: Duration::from_millis(500),
+        max_handshakes: 4,
+        ..AcceptSettings::default()
+    };
+    let mut server = Server::start(&[&client], settings, false).await;
+    let refused_before = failures("over_limit");
+    // Four silent clients hold every handshake slot.
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        holders.push(TcpStream::connect(server.address).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The fifth is closed before its handshake, well before the timeout.
+    let started = Instant::now();
+    let fifth = TcpStream::connect(server.address).await.expect("connect");
+    assert!(closed_by_peer(fifth).await, "the fifth was kept");
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "closed after {:?}: it waited for a slot",
+        started.elapsed()
+    );
+    assert!(failures("over_limit") > refused_before);
+    // The handshake timeout frees the slots; a trusted client gets in.
+    for holder in holders {
+        assert!(closed_by_peer(holder).await, "a silent client was kept");
+    }
+    let (local, _tls) = server.connect(&client).await;
+    assert_eq!(server.next().await.info().remote_addr, Some(local));
+}
+
+#[tokio::test]
+async fn connections_beyond_the_connection_limit_are_closed_and_a_closed_one_frees_its_slot() {
+    let client = identity("client");
+    let settings = AcceptSettings {
+        max_connections: 2,
+        ..AcceptSettings::default()
+    };
+    let mut server = Server::start(&[&client], settings, false).await;
+    let (_, first_tls) = server.connect(&client).await;
+    let first = server.next().await;
+    let (_, _second_tls) = server.connect(&client).await;
+    let _second = server.next().await;
+    let third = TcpStream::connect(server.address).await.expect("connect");
+    assert!(closed_by_peer(third).await, "a third connection was kept");
+    drop((first, first_tls));
+    // The slot is freed when the server drops the connection.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let config = client_config(&client, TrustStore::new([server.identity.thumbprint()]))
+            .expect("client config");
+        let tcp = TcpStream::connect(server.address).await.expect("connect");
+        let name = ServerName::try_from("tentacle").expect("server name");
+        if TlsConnector::from(config).connect(name, tcp).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.next().await;
+}
