@@ -253,6 +253,8 @@ impl Agent {
             self.trust.clone(),
             AcceptSettings {
                 handshake_timeout: self.config.server.handshake_timeout,
+                max_handshakes: self.config.server.max_handshakes,
+                max_connections: self.config.server.max_connections,
                 ..AcceptSettings::default()
             },
         )
