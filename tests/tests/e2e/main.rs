@@ -13,6 +13,7 @@ mod deploy;
 mod files;
 mod fleet;
 mod health;
+mod hostile;
 mod hub_cli;
 mod isolation;
 mod kubernetes;
