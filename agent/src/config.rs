@@ -458,8 +458,9 @@ impl Default for FilesConfig {
 pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    /// TLS handshakes in progress at once on the listening port; more
-    /// connections are closed at once (a slowloris or a flood).
+    /// TLS handshakes in progress at once on the listening port; a new
+    /// connection beyond it drops the oldest unfinished handshake, so a
+    /// slowloris cannot keep a real client out.
     pub max_handshakes: usize,
     /// Connections open at once on the listening port, handshakes included.
     pub max_connections: usize,

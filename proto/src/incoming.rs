@@ -6,13 +6,16 @@
 //! Each connection remembers its peer's thumbprint; when the trust store
 //! changes, connections whose peer is no longer trusted are closed.
 //!
-//! Both kinds of slot are bounded ([`AcceptSettings`]): handshakes in
-//! progress (what an unauthenticated client can hold, for at most the
-//! handshake timeout) and open connections. A TCP connection beyond either
-//! limit is closed at once, so a flood costs a descriptor for a moment and
-//! never stops the loop or a trusted peer's next attempt once slots free.
+//! Both kinds of slot are bounded ([`AcceptSettings`]). Handshakes in
+//! progress are what an unauthenticated client can hold (each for at most
+//! the handshake timeout); when they are all taken, a new connection evicts
+//! the one that has been shaking hands longest. A real client finishes in
+//! milliseconds, so a slowloris holding every slot is pushed out by the next
+//! arrivals instead of locking trusted peers out for the timeout. Open
+//! connections have passed the handshake; one beyond their limit is closed
+//! at once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -50,10 +53,10 @@ pub struct AcceptSettings {
     /// there is one loop per listener, so no herd to spread with jitter, and
     /// connections are served again as soon as descriptors free up.
     pub accept_retry_delay: Duration,
-    /// TLS handshakes in progress at once. A connection beyond it is closed
-    /// before its handshake starts: unauthenticated clients (a slowloris
-    /// holding handshakes open, a connection flood) cannot take more than
-    /// this many slots, each for at most `handshake_timeout`.
+    /// TLS handshakes in progress at once. A connection beyond it evicts
+    /// the oldest handshake in progress: unauthenticated clients (a
+    /// slowloris holding handshakes open, a connection flood) never hold
+    /// more than this many, and cannot keep a quick, real client out.
     pub max_handshakes: usize,
     /// Connections open at once, handshakes included. A connection beyond
     /// it is closed at once. Descriptors run out long before the default.
@@ -107,10 +110,10 @@ pub fn accept_tls(
         live.clone(),
         tx.clone(),
     ));
-    let handshakes = Arc::new(Semaphore::new(settings.max_handshakes.max(1)));
+    let handshakes = Handshakes::new(settings.max_handshakes);
     let connections = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     tokio::spawn(async move {
-        let mut refusals = Refusals::default();
+        let mut overload = Overload::default();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -126,28 +129,19 @@ pub fn accept_tls(
                     continue;
                 }
             };
-            let slots = connections
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| "connections")
-                .and_then(|connection| {
-                    let handshake = handshakes
-                        .clone()
-                        .try_acquire_owned()
-                        .map_err(|_| "handshakes")?;
-                    Ok((connection, handshake))
-                });
-            let (connection_slot, handshake_slot) = match slots {
-                Ok(slots) => slots,
-                Err(limit) => {
-                    // Closed before any TLS work; counted, and logged at
-                    // most every few seconds so a flood does not flood logs.
-                    drop(tcp);
-                    crate::metrics::METRICS.handshake_failed("over_limit");
-                    refusals.note(limit, &settings, remote_addr);
-                    continue;
-                }
+            let Ok(connection_slot) = connections.clone().try_acquire_owned() else {
+                // Closed before any TLS work; counted, and logged at most
+                // every few seconds so a flood does not flood the logs.
+                drop(tcp);
+                crate::metrics::METRICS.handshake_failed("over_limit");
+                overload.note(Limit::Connections, &settings, remote_addr);
+                continue;
             };
+            let (handshake_slot, evicted) = handshakes.begin();
+            if evicted {
+                crate::metrics::METRICS.handshake_failed("evicted");
+                overload.note(Limit::Handshakes, &settings, remote_addr);
+            }
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
@@ -156,7 +150,13 @@ pub fn accept_tls(
             let timeout = settings.handshake_timeout;
             let require_trusted = settings.require_trusted_peers;
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+                let handshake = tokio::select! {
+                    handshake = tokio::time::timeout(timeout, acceptor.accept(tcp)) => handshake,
+                    () = handshake_slot.evicted() => {
+                        tracing::debug!(%remote_addr, "dropped an unfinished TLS handshake to make room for a new connection");
+                        return;
+                    }
+                };
                 drop(handshake_slot);
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,
@@ -205,31 +205,120 @@ pub fn accept_tls(
     ReceiverStream::new(rx)
 }
 
-/// Connections closed because a limit was reached, reported in one line at
-/// most every [`Refusals::EVERY`].
+/// Handshakes in progress, oldest first, so that a new connection beyond
+/// `max` evicts the one that has waited longest.
+#[derive(Debug)]
+struct Handshakes {
+    max: usize,
+    pending: Mutex<Pending>,
+}
+
 #[derive(Debug, Default)]
-struct Refusals {
+struct Pending {
+    next_id: u64,
+    /// By id, which only grows: the first entry is the oldest.
+    tokens: BTreeMap<u64, CancellationToken>,
+}
+
+impl Handshakes {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: max.max(1),
+            pending: Mutex::default(),
+        })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Every change is one insert or remove: a poisoned map is whole.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A slot for a new handshake; whether an older one was evicted for it.
+    fn begin(self: &Arc<Self>) -> (HandshakeSlot, bool) {
+        let token = CancellationToken::new();
+        let mut pending = self.pending();
+        let mut evicted = false;
+        while pending.tokens.len() >= self.max {
+            if let Some((_, oldest)) = pending.tokens.pop_first() {
+                oldest.cancel();
+                evicted = true;
+            }
+        }
+        let id = pending.next_id;
+        pending.next_id += 1;
+        pending.tokens.insert(id, token.clone());
+        drop(pending);
+        let slot = HandshakeSlot {
+            id,
+            token,
+            handshakes: self.clone(),
+        };
+        (slot, evicted)
+    }
+}
+
+/// One handshake's place among those in progress; freed when dropped.
+#[derive(Debug)]
+struct HandshakeSlot {
+    id: u64,
+    token: CancellationToken,
+    handshakes: Arc<Handshakes>,
+}
+
+impl HandshakeSlot {
+    /// Completes when a newer connection took this slot.
+    async fn evicted(&self) {
+        self.token.cancelled().await;
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.handshakes.pending().tokens.remove(&self.id);
+    }
+}
+
+/// Which limit a connection ran into.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    /// Every handshake slot was taken: the oldest handshake was dropped.
+    Handshakes,
+    /// Every connection slot was taken: the new connection was closed.
+    Connections,
+}
+
+/// Connections turned away because a limit was reached, reported in one
+/// line at most every [`Overload::EVERY`].
+#[derive(Debug, Default)]
+struct Overload {
     since_report: u64,
     last_report: Option<tokio::time::Instant>,
 }
 
-impl Refusals {
+impl Overload {
     const EVERY: Duration = Duration::from_secs(5);
 
-    fn note(&mut self, limit: &str, settings: &AcceptSettings, remote_addr: SocketAddr) {
+    fn note(&mut self, limit: Limit, settings: &AcceptSettings, remote_addr: SocketAddr) {
         self.since_report += 1;
         let now = tokio::time::Instant::now();
         if self.last_report.is_some_and(|at| now - at < Self::EVERY) {
             return;
         }
-        tracing::warn!(
-            %remote_addr,
-            limit,
-            max_handshakes = settings.max_handshakes,
-            max_connections = settings.max_connections,
-            refused = self.since_report,
-            "closed new connections at once: too many {limit} in progress (a flood, or raise the limit)"
-        );
+        let count = self.since_report;
+        match limit {
+            Limit::Handshakes => tracing::warn!(
+                %remote_addr,
+                max_handshakes = settings.max_handshakes,
+                dropped = count,
+                "every TLS handshake slot is taken: dropped the oldest unfinished handshakes to make room (a slowloris or a connection flood; raise max_handshakes if the load is real)"
+            ),
+            Limit::Connections => tracing::warn!(
+                %remote_addr,
+                max_connections = settings.max_connections,
+                refused = count,
+                "closed new connections at once: max_connections are open (raise it if the load is real)"
+            ),
+        }
         self.since_report = 0;
         self.last_report = Some(now);
     }

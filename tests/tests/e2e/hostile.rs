@@ -489,6 +489,33 @@ async fn a_thousand_unfinished_handshakes_do_not_stop_a_trusted_call_to_the_agen
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn more_unfinished_handshakes_than_slots_do_not_stop_a_trusted_call_to_the_agent() {
+    let me = client_identity();
+    // Ten times more slow clients than slots, and a long timeout: only
+    // evicting the oldest lets the trusted client in.
+    let agent = agent(
+        &me,
+        "[server]\nhandshake_timeout = \"60s\"\nmax_handshakes = 100\n",
+    );
+    let held = slow_handshakes(agent_address(&agent), 1000).await;
+    let started = Instant::now();
+    agent_serves(&agent, &me).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        agent.wait_for_log("every TLS handshake slot is taken", CLOSE),
+        "{}",
+        agent.log_text()
+    );
+    // At most 100 are still held; the rest were dropped long before 60 s.
+    let closed = all_closed(held, Duration::from_secs(3)).await;
+    assert!(closed >= 900, "only {closed} of 1000 dropped");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_unfinished_handshakes_do_not_stop_a_trusted_call_to_the_hub() {
     let hub = hub(Duration::from_secs(2)).await;
     let held = slow_handshakes(hub.address, 1000).await;
