@@ -345,8 +345,45 @@ async fn an_expired_trusted_certificate_is_accepted_unless_validity_is_enforced(
         "{}",
         enforcing.log_text()
     );
+    // The client is told why, in words.
+    let error = tentacle_hub::client::AgentClient::connect_listening(
+        &enforcing.target(),
+        enforcing.thumbprint,
+        &expired,
+        &DialSettings::default(),
+    )
+    .await
+    .expect_err("refused");
+    assert!(
+        error.to_string().contains("outside its validity dates"),
+        "{error}"
+    );
     // A current certificate still gets in under enforcement.
     agent_serves(&enforcing, &me).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_polling_agent_checks_its_hubs_dates_only_when_it_enforces_validity() {
+    let expired_hub = HubFixture::start(dated_identity(2001, 2002)).await;
+    // By default the pinned thumbprint decides: the tunnel opens.
+    let ignoring = expired_hub.polling_agent("");
+    expired_hub
+        .client(&ignoring)
+        .await
+        .capabilities()
+        .await
+        .expect("a call through the tunnel");
+
+    let mut enforcing =
+        expired_hub.prepare_polling_agent("[trust]\ncertificate_validity = \"enforced\"\n");
+    expired_hub.trust(&enforcing);
+    let _events = enforcing.spawn_no_wait();
+    assert!(
+        enforcing.wait_for_log("outside its validity dates", Duration::from_secs(20)),
+        "{}",
+        enforcing.log_text()
+    );
+    assert!(!enforcing.log_text().contains("tunnel open"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
