@@ -887,3 +887,190 @@ async fn the_hub_ends_a_tunnel_that_sends_a_frame_over_the_limit() {
     assert!(matches!(answer, Kind::Welcome(_)), "{answer:?}");
     hub_serves(&hub).await;
 }
+
+// ---------------------------------------------------------------------------
+// 5. A hostile hub: what the polling agent does with a hub that breaks the
+// tunnel's rules. The hub here is a hand-written `TunnelService` on pinned
+// TLS: its first tunnel misbehaves, every later one makes a real call.
+
+/// How the first tunnel misbehaves.
+#[derive(Debug, Clone, Copy)]
+enum Misbehaviour {
+    /// A call's data before the welcome.
+    DataBeforeWelcome,
+    /// A welcome, then a frame four times the tunnel's limit.
+    OversizedFrame,
+}
+
+#[derive(Debug, Clone)]
+struct HostileHub {
+    misbehaviour: Misbehaviour,
+    opens: Arc<std::sync::atomic::AtomicUsize>,
+    /// The grpc-status of each real call the agent answered.
+    answered: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+type Frames = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<TunnelFrame, tonic::Status>> + Send + 'static>,
+>;
+
+#[tonic::async_trait]
+impl tentacle_proto::v1::tunnel_service_server::TunnelService for HostileHub {
+    type OpenStream = Frames;
+
+    async fn open(
+        &self,
+        request: tonic::Request<tonic::Streaming<TunnelFrame>>,
+    ) -> Result<tonic::Response<Frames>, tonic::Status> {
+        let mut incoming = request.into_inner();
+        let first = incoming.message().await?;
+        assert!(
+            matches!(
+                first,
+                Some(TunnelFrame {
+                    kind: Some(Kind::Hello(_))
+                })
+            ),
+            "the agent says hello first: {first:?}"
+        );
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let send = |kind| {
+            let _ = tx.send(Ok(TunnelFrame { kind: Some(kind) }));
+        };
+        let welcome = Kind::Welcome(tentacle_proto::v1::TunnelWelcome {
+            hub_version: "hostile".into(),
+            protocol: tentacle_proto::tunnel::PROTOCOL,
+        });
+        let first_open = self.opens.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        if first_open {
+            match self.misbehaviour {
+                Misbehaviour::DataBeforeWelcome => send(Kind::Data(CallData {
+                    call: 1,
+                    data: b"too soon".to_vec().into(),
+                    end: true,
+                })),
+                Misbehaviour::OversizedFrame => {
+                    send(welcome);
+                    send(Kind::Data(CallData {
+                        call: 1,
+                        data: vec![0u8; 4 * tentacle_proto::tunnel::MAX_FRAME].into(),
+                        end: false,
+                    }));
+                }
+            }
+            // Keep the stream open: the agent must end it itself.
+            tokio::spawn(async move {
+                while let Ok(Some(_)) = incoming.message().await {}
+                drop(tx);
+            });
+        } else {
+            send(welcome);
+            let header = |name: &str, value: &str| tentacle_proto::v1::CallHeader {
+                name: name.into(),
+                value: value.as_bytes().to_vec(),
+            };
+            send(Kind::Start(tentacle_proto::v1::CallStart {
+                call: 1,
+                path: "/tentacle.v1.CapabilitiesService/GetCapabilities".into(),
+                headers: vec![
+                    header("content-type", "application/grpc"),
+                    header("te", "trailers"),
+                ],
+            }));
+            // An empty GetCapabilitiesRequest: no compression, length 0.
+            send(Kind::Data(CallData {
+                call: 1,
+                data: vec![0u8; 5].into(),
+                end: true,
+            }));
+            let answered = self.answered.clone();
+            tokio::spawn(async move {
+                let _keep_open = tx;
+                while let Ok(Some(frame)) = incoming.message().await {
+                    if let Some(Kind::Trailers(trailers)) = frame.kind {
+                        let status = trailers
+                            .trailers
+                            .iter()
+                            .find(|h| h.name == "grpc-status")
+                            .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+                            .unwrap_or_default();
+                        let _ = answered.send(status);
+                    }
+                }
+            });
+        }
+        let frames: Frames = Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+        Ok(tonic::Response::new(frames))
+    }
+}
+
+/// Serves a [`HostileHub`] and points a new polling agent at it; returns
+/// the agent (running) and the statuses of the real calls it answers.
+async fn agent_under_hostile_hub(
+    misbehaviour: Misbehaviour,
+) -> (AgentProcess, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let identity = Identity::generate("hostile hub").expect("identity");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let mut agent = AgentProcess::prepare_polling(
+        &format!("https://{address}"),
+        &identity.thumbprint().to_string(),
+    );
+    let trust = TrustStore::new([agent.thumbprint]);
+    let cell = tentacle_proto::tls::IdentityCell::new(identity).expect("cell");
+    let tls = tentacle_proto::tls::server_config(cell, trust.clone()).expect("server config");
+    let incoming = tentacle_proto::incoming::accept_tls(
+        listener,
+        tokio_rustls::TlsAcceptor::from(tls),
+        trust,
+        AcceptSettings::default(),
+    );
+    let (answered, statuses) = tokio::sync::mpsc::unbounded_channel();
+    let hub = HostileHub {
+        misbehaviour,
+        opens: Arc::default(),
+        answered,
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(tentacle_proto::v1::tunnel_service_server::TunnelServiceServer::new(hub))
+            .serve_with_incoming(incoming),
+    );
+    let _events = agent.spawn_no_wait();
+    (agent, statuses)
+}
+
+async fn answers_a_real_call(
+    agent: &AgentProcess,
+    statuses: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let status = tokio::time::timeout(Duration::from_secs(30), statuses.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no call answered; log:\n{}", agent.log_text()))
+        .expect("the hub runs");
+    assert_eq!(status, "0", "the call succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_polling_agent_drops_a_tunnel_whose_hub_sends_data_before_its_welcome() {
+    let (agent, mut statuses) = agent_under_hostile_hub(Misbehaviour::DataBeforeWelcome).await;
+    answers_a_real_call(&agent, &mut statuses).await;
+    assert!(
+        agent.log_text().contains("did not welcome the tunnel"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_polling_agent_drops_a_tunnel_whose_hub_sends_a_frame_over_the_limit() {
+    let (agent, mut statuses) = agent_under_hostile_hub(Misbehaviour::OversizedFrame).await;
+    answers_a_real_call(&agent, &mut statuses).await;
+    assert!(
+        agent.log_text().contains("too large"),
+        "{}",
+        agent.log_text()
+    );
+}
