@@ -311,8 +311,20 @@ async fn the_agent_refuses_bad_certificates_and_keeps_serving() {
     assert!(agent.wait_for_log("every client must present one", CLOSE));
     agent_serves(&agent, &me).await;
 
+    let untrusted_lines = || {
+        agent
+            .log_text()
+            .matches("thumbprint is not trusted")
+            .count()
+    };
+    let before = untrusted_lines();
     let garbage = CertificateDer::from(b"\x30\x03garbage, not DER".to_vec());
     assert!(refused(address, presenting(garbage, &me)).await, "garbage");
+    let deadline = Instant::now() + CLOSE;
+    while untrusted_lines() == before {
+        assert!(Instant::now() < deadline, "no log line for the garbage");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     agent_serves(&agent, &me).await;
 
     // The trusted certificate is public; without its key the handshake's
