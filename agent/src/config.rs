@@ -459,9 +459,15 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// TLS handshakes in progress at once on the listening port; a new
-    /// connection beyond it drops the oldest unfinished handshake, so a
-    /// slowloris cannot keep a real client out.
+    /// connection beyond it drops the oldest unfinished handshake if that
+    /// one is older than `evict_handshakes_after`, so a slowloris cannot
+    /// keep a real client out.
     pub max_handshakes: usize,
+    /// How long a handshake may be under way before a newcomer may take
+    /// its slot when every slot is taken (younger ones keep theirs, and the
+    /// newcomer is closed).
+    #[serde(with = "humantime_serde")]
+    pub evict_handshakes_after: Duration,
     /// Connections open at once on the listening port, handshakes included.
     pub max_connections: usize,
     /// The largest gRPC message accepted (StartScript carries extra files).
@@ -484,6 +490,7 @@ impl Default for ServerConfig {
         Self {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: tentacle_proto::incoming::DEFAULT_MAX_HANDSHAKES,
+            evict_handshakes_after: tentacle_proto::incoming::DEFAULT_EVICT_HANDSHAKES_AFTER,
             max_connections: tentacle_proto::incoming::DEFAULT_MAX_CONNECTIONS,
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 1024,
@@ -616,7 +623,7 @@ mod tests {
         );
         assert_eq!(defaults.server.max_handshakes, 1024);
         let config = AgentConfig::parse(
-            "[trust]\ncertificate_validity = \"enforced\"\n[server]\nmax_handshakes = 8\nmax_connections = 16\n[server.http2]\nmax_header_list_bytes = 4096\n",
+            "[trust]\ncertificate_validity = \"enforced\"\n[server]\nmax_handshakes = 8\nevict_handshakes_after = \"250ms\"\nmax_connections = 16\n[server.http2]\nmax_header_list_bytes = 4096\n",
         )
         .expect("parse");
         assert_eq!(
@@ -626,6 +633,10 @@ mod tests {
         assert_eq!(
             (config.server.max_handshakes, config.server.max_connections),
             (8, 16)
+        );
+        assert_eq!(
+            config.server.evict_handshakes_after,
+            Duration::from_millis(250)
         );
         assert_eq!(config.server.http2.max_header_list_bytes, Some(4096));
         let typo = AgentConfig::parse("[trust]\ncertificate_validity = \"strict\"\n")

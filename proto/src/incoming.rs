@@ -8,12 +8,15 @@
 //!
 //! Both kinds of slot are bounded ([`AcceptSettings`]). Handshakes in
 //! progress are what an unauthenticated client can hold (each for at most
-//! the handshake timeout); when they are all taken, a new connection evicts
-//! the one that has been shaking hands longest. A real client finishes in
-//! milliseconds, so a slowloris holding every slot is pushed out by the next
-//! arrivals instead of locking trusted peers out for the timeout. Open
-//! connections have passed the handshake; one beyond their limit is closed
-//! at once.
+//! the handshake timeout). When they are all taken, a new connection evicts
+//! the oldest one if it has been shaking hands for longer than
+//! `evict_handshakes_after` (a real client finishes in milliseconds), so a
+//! slowloris holding every slot is pushed out by the next arrivals instead
+//! of locking trusted peers out for the whole timeout; if every handshake
+//! is younger (a burst of real clients, a fleet reconnecting), the new
+//! connection is closed instead, so work already under way completes and
+//! the newcomer retries. Open connections have passed the handshake; one
+//! beyond their limit is closed at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -54,10 +57,15 @@ pub struct AcceptSettings {
     /// connections are served again as soon as descriptors free up.
     pub accept_retry_delay: Duration,
     /// TLS handshakes in progress at once. A connection beyond it evicts
-    /// the oldest handshake in progress: unauthenticated clients (a
-    /// slowloris holding handshakes open, a connection flood) never hold
-    /// more than this many, and cannot keep a quick, real client out.
+    /// the oldest handshake in progress if that one is older than
+    /// `evict_handshakes_after`, and is closed otherwise: unauthenticated
+    /// clients (a slowloris, a connection flood) never hold more than this
+    /// many, and cannot keep a real client out by holding them.
     pub max_handshakes: usize,
+    /// How long a handshake may be in progress before a newcomer may take
+    /// its slot when every slot is taken. Far longer than a real handshake
+    /// takes, far shorter than `handshake_timeout`.
+    pub evict_handshakes_after: Duration,
     /// Connections open at once, handshakes included. A connection beyond
     /// it is closed at once. Descriptors run out long before the default.
     pub max_connections: usize,
@@ -67,6 +75,8 @@ pub struct AcceptSettings {
 /// or a fleet's reconnect needs at once (a handshake takes milliseconds),
 /// few enough that their buffers stay in the tens of megabytes.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
+/// The default [`AcceptSettings::evict_handshakes_after`].
+pub const DEFAULT_EVICT_HANDSHAKES_AFTER: Duration = Duration::from_secs(1);
 /// The default [`AcceptSettings::max_connections`]: a hub's fleet with
 /// several tunnels each, well under a raised descriptor limit.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
@@ -79,6 +89,7 @@ impl Default for AcceptSettings {
             require_trusted_peers: true,
             accept_retry_delay: Duration::from_millis(50),
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            evict_handshakes_after: DEFAULT_EVICT_HANDSHAKES_AFTER,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
@@ -110,7 +121,7 @@ pub fn accept_tls(
         live.clone(),
         tx.clone(),
     ));
-    let handshakes = Handshakes::new(settings.max_handshakes);
+    let handshakes = Handshakes::new(settings.max_handshakes, settings.evict_handshakes_after);
     let connections = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     tokio::spawn(async move {
         let mut overload = Overload::default();
@@ -137,11 +148,20 @@ pub fn accept_tls(
                 overload.note(Limit::Connections, &settings, remote_addr);
                 continue;
             };
-            let (handshake_slot, evicted) = handshakes.begin();
-            if evicted {
-                crate::metrics::METRICS.handshake_failed("evicted");
-                overload.note(Limit::Handshakes, &settings, remote_addr);
-            }
+            let handshake_slot = match handshakes.begin() {
+                Begun::Free(slot) => slot,
+                Begun::Evicted(slot) => {
+                    crate::metrics::METRICS.handshake_failed("evicted");
+                    overload.note(Limit::HandshakesEvicted, &settings, remote_addr);
+                    slot
+                }
+                Begun::Full => {
+                    drop(tcp);
+                    crate::metrics::METRICS.handshake_failed("over_limit");
+                    overload.note(Limit::Handshakes, &settings, remote_addr);
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
@@ -206,10 +226,11 @@ pub fn accept_tls(
 }
 
 /// Handshakes in progress, oldest first, so that a new connection beyond
-/// `max` evicts the one that has waited longest.
+/// `max` can evict the one that has waited longest.
 #[derive(Debug)]
 struct Handshakes {
     max: usize,
+    evict_after: Duration,
     pending: Mutex<Pending>,
 }
 
@@ -217,13 +238,23 @@ struct Handshakes {
 struct Pending {
     next_id: u64,
     /// By id, which only grows: the first entry is the oldest.
-    tokens: BTreeMap<u64, CancellationToken>,
+    started: BTreeMap<u64, (tokio::time::Instant, CancellationToken)>,
+}
+
+/// What [`Handshakes::begin`] made room for.
+enum Begun {
+    Free(HandshakeSlot),
+    /// The oldest handshake was dropped for this one.
+    Evicted(HandshakeSlot),
+    /// Every slot is taken by a handshake too young to evict.
+    Full,
 }
 
 impl Handshakes {
-    fn new(max: usize) -> Arc<Self> {
+    fn new(max: usize, evict_after: Duration) -> Arc<Self> {
         Arc::new(Self {
             max: max.max(1),
+            evict_after,
             pending: Mutex::default(),
         })
     }
@@ -233,27 +264,39 @@ impl Handshakes {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A slot for a new handshake; whether an older one was evicted for it.
-    fn begin(self: &Arc<Self>) -> (HandshakeSlot, bool) {
-        let token = CancellationToken::new();
+    /// A slot for a new handshake, if there is room or an old one to evict.
+    fn begin(self: &Arc<Self>) -> Begun {
+        let now = tokio::time::Instant::now();
         let mut pending = self.pending();
         let mut evicted = false;
-        while pending.tokens.len() >= self.max {
-            if let Some((_, oldest)) = pending.tokens.pop_first() {
+        if pending.started.len() >= self.max {
+            let oldest_is_stale = pending
+                .started
+                .first_key_value()
+                .is_some_and(|(_, (started, _))| now - *started >= self.evict_after);
+            if !oldest_is_stale {
+                return Begun::Full;
+            }
+            if let Some((_, (_, oldest))) = pending.started.pop_first() {
                 oldest.cancel();
                 evicted = true;
             }
         }
+        let token = CancellationToken::new();
         let id = pending.next_id;
         pending.next_id += 1;
-        pending.tokens.insert(id, token.clone());
+        pending.started.insert(id, (now, token.clone()));
         drop(pending);
         let slot = HandshakeSlot {
             id,
             token,
             handshakes: self.clone(),
         };
-        (slot, evicted)
+        if evicted {
+            Begun::Evicted(slot)
+        } else {
+            Begun::Free(slot)
+        }
     }
 }
 
@@ -274,7 +317,7 @@ impl HandshakeSlot {
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.handshakes.pending().tokens.remove(&self.id);
+        self.handshakes.pending().started.remove(&self.id);
     }
 }
 
@@ -282,6 +325,9 @@ impl Drop for HandshakeSlot {
 #[derive(Debug, Clone, Copy)]
 enum Limit {
     /// Every handshake slot was taken: the oldest handshake was dropped.
+    HandshakesEvicted,
+    /// Every handshake slot was taken by a young handshake: the new
+    /// connection was closed.
     Handshakes,
     /// Every connection slot was taken: the new connection was closed.
     Connections,
@@ -306,11 +352,17 @@ impl Overload {
         }
         let count = self.since_report;
         match limit {
-            Limit::Handshakes => tracing::warn!(
+            Limit::HandshakesEvicted => tracing::warn!(
                 %remote_addr,
                 max_handshakes = settings.max_handshakes,
                 dropped = count,
                 "every TLS handshake slot is taken: dropped the oldest unfinished handshakes to make room (a slowloris or a connection flood; raise max_handshakes if the load is real)"
+            ),
+            Limit::Handshakes => tracing::warn!(
+                %remote_addr,
+                max_handshakes = settings.max_handshakes,
+                refused = count,
+                "closed new connections at once: every TLS handshake slot is taken by a handshake under way (a burst of clients; they retry, or raise max_handshakes)"
             ),
             Limit::Connections => tracing::warn!(
                 %remote_addr,

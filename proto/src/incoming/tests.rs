@@ -296,16 +296,18 @@ async fn a_connection_beyond_the_handshake_limit_evicts_the_oldest_unfinished_ha
         // Long: nothing here may wait for it.
         handshake_timeout: PATIENCE * 3,
         max_handshakes: 4,
+        evict_handshakes_after: Duration::from_millis(200),
         ..AcceptSettings::default()
     };
     let mut server = Server::start(&[&client], settings, false).await;
     let evicted_before = failures("evicted");
-    // Four silent clients hold every handshake slot.
+    // Four silent clients hold every handshake slot, longer than a real
+    // handshake takes.
     let mut holders = Vec::new();
     for _ in 0..4 {
         holders.push(TcpStream::connect(server.address).await.expect("connect"));
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // A real client still gets in, at once: it takes the oldest's slot.
     let started = Instant::now();
     let (local, _tls) = server.connect(&client).await;
@@ -331,6 +333,42 @@ async fn a_connection_beyond_the_handshake_limit_evicts_the_oldest_unfinished_ha
         );
     }
     drop(newer);
+}
+
+#[tokio::test]
+async fn a_connection_beyond_the_handshake_limit_is_closed_while_every_handshake_is_young() {
+    let client = identity("client");
+    let settings = AcceptSettings {
+        handshake_timeout: Duration::from_millis(800),
+        max_handshakes: 4,
+        // Longer than the timeout: nothing is ever old enough to evict,
+        // as in a burst of real clients.
+        evict_handshakes_after: PATIENCE,
+        ..AcceptSettings::default()
+    };
+    let mut server = Server::start(&[&client], settings, false).await;
+    let refused_before = failures("over_limit");
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        holders.push(TcpStream::connect(server.address).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let fifth = TcpStream::connect(server.address).await.expect("connect");
+    assert!(closed_by_peer(fifth).await, "the fifth was kept");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "closed after {:?}: it waited for a slot",
+        started.elapsed()
+    );
+    assert!(failures("over_limit") > refused_before);
+    // The handshakes under way keep their slots until their timeout, then
+    // the slots free up for a real client.
+    for holder in holders {
+        assert!(closed_by_peer(holder).await, "a silent client was kept");
+    }
+    let (local, _tls) = server.connect(&client).await;
+    assert_eq!(server.next().await.info().remote_addr, Some(local));
 }
 
 #[tokio::test]
