@@ -18,6 +18,7 @@ use crate::scripts::ScriptSettings;
 use crate::scripts::process::ProcessSettings;
 use tentacle_proto::dial::ListeningAddress;
 use tentacle_proto::http2::Http2Settings;
+use tentacle_proto::trust::CertificateValidity;
 use tentacle_proto::tunnel::HeartbeatSettings;
 
 /// The file name of the configuration inside the home.
@@ -209,6 +210,7 @@ impl AgentConfig {
             dialer: std::sync::Arc::new(crate::polling::TcpDialer {
                 proxy: polling.proxy.clone(),
             }),
+            certificate_validity: self.trust.certificate_validity,
         })
     }
 }
@@ -352,6 +354,12 @@ impl Default for ListenConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct TrustConfig {
     pub thumbprints: Vec<Thumbprint>,
+    /// Whether a trusted peer's certificate must also be within its
+    /// validity dates: `"ignored"` (the default: the thumbprint alone
+    /// decides, as Octopus Tentacle's 100-year certificates expect) or
+    /// `"enforced"`. Applies to the agent's server and to the hubs it
+    /// polls, from the next handshake; see SECURITY.md.
+    pub certificate_validity: CertificateValidity,
 }
 
 /// Where this agent's own certificate and key are.
@@ -450,6 +458,18 @@ impl Default for FilesConfig {
 pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once on the listening port; a new
+    /// connection beyond it drops the oldest unfinished handshake if that
+    /// one is older than `evict_handshakes_after`, so a slowloris cannot
+    /// keep a real client out.
+    pub max_handshakes: usize,
+    /// How long a handshake may be under way before a newcomer may take
+    /// its slot when every slot is taken (younger ones keep theirs, and the
+    /// newcomer is closed).
+    #[serde(with = "humantime_serde")]
+    pub evict_handshakes_after: Duration,
+    /// Connections open at once on the listening port, handshakes included.
+    pub max_connections: usize,
     /// The largest gRPC message accepted (StartScript carries extra files).
     pub max_message_bytes: usize,
     pub max_concurrent_streams: u32,
@@ -469,6 +489,9 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes: tentacle_proto::incoming::DEFAULT_MAX_HANDSHAKES,
+            evict_handshakes_after: tentacle_proto::incoming::DEFAULT_EVICT_HANDSHAKES_AFTER,
+            max_connections: tentacle_proto::incoming::DEFAULT_MAX_CONNECTIONS,
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 1024,
             shutdown_grace: Duration::from_secs(30),
@@ -589,6 +612,36 @@ mod tests {
         assert_eq!(config.server.http2.max_frame_bytes, Some(256 * 1024));
         let error = AgentConfig::parse("[server.http2]\nmax_frame_bytes = 1\n").expect_err("small");
         assert!(error.to_string().contains("16 KiB"), "{error}");
+    }
+
+    #[test]
+    fn validity_and_accept_limits_are_settings() {
+        let defaults = AgentConfig::default();
+        assert_eq!(
+            defaults.trust.certificate_validity,
+            CertificateValidity::Ignored
+        );
+        assert_eq!(defaults.server.max_handshakes, 1024);
+        let config = AgentConfig::parse(
+            "[trust]\ncertificate_validity = \"enforced\"\n[server]\nmax_handshakes = 8\nevict_handshakes_after = \"250ms\"\nmax_connections = 16\n[server.http2]\nmax_header_list_bytes = 4096\n",
+        )
+        .expect("parse");
+        assert_eq!(
+            config.trust.certificate_validity,
+            CertificateValidity::Enforced
+        );
+        assert_eq!(
+            (config.server.max_handshakes, config.server.max_connections),
+            (8, 16)
+        );
+        assert_eq!(
+            config.server.evict_handshakes_after,
+            Duration::from_millis(250)
+        );
+        assert_eq!(config.server.http2.max_header_list_bytes, Some(4096));
+        let typo = AgentConfig::parse("[trust]\ncertificate_validity = \"strict\"\n")
+            .expect_err("unknown value");
+        assert!(typo.to_string().contains("enforced"), "{typo}");
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct PollingSettings {
     /// Opens each tunnel's connection; [`TcpDialer`] unless a test or the
     /// simulator brings its own.
     pub dialer: Arc<dyn Dialer>,
+    /// Whether the hub's pinned certificate must be within its dates.
+    pub certificate_validity: tentacle_proto::trust::CertificateValidity,
 }
 
 /// Why one attempt to open a tunnel failed.
@@ -190,8 +192,9 @@ async fn open_and_serve(
     let mut identity_changes = identity_cell.subscribe();
     identity_changes.borrow_and_update();
     let identity = identity_cell.current();
-    let tls_config =
-        tentacle_proto::tls::client_config(&identity, TrustStore::new([hub.thumbprint]))?;
+    let hub_trust = TrustStore::new([hub.thumbprint]);
+    hub_trust.set_certificate_validity(settings.certificate_validity);
+    let tls_config = tentacle_proto::tls::client_config(&identity, hub_trust)?;
     let dialed = settings
         .dialer
         .dial(&hub.address, settings.connect_timeout)

@@ -253,6 +253,9 @@ impl Agent {
             self.trust.clone(),
             AcceptSettings {
                 handshake_timeout: self.config.server.handshake_timeout,
+                max_handshakes: self.config.server.max_handshakes,
+                evict_handshakes_after: self.config.server.evict_handshakes_after,
+                max_connections: self.config.server.max_connections,
                 ..AcceptSettings::default()
             },
         )

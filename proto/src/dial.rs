@@ -189,6 +189,12 @@ fn describe_tls_error(error: &rustls::Error) -> String {
             | AlertDescription::BadCertificate
             | AlertDescription::DecryptError,
         ) => PEER_REFUSED_US.to_owned(),
+        Error::InvalidCertificate(CertificateError::Expired | CertificateError::NotValidYet) => {
+            "the peer's certificate is outside its validity dates, which this side enforces (`[trust] certificate_validity = \"enforced\"`); give the peer a new certificate, or set it to \"ignored\"".to_owned()
+        }
+        Error::AlertReceived(AlertDescription::CertificateExpired) => {
+            "the peer refused our certificate as outside its validity dates (it enforces them); make a new certificate with `new-certificate` and have the peer trust it".to_owned()
+        }
         other => format!("TLS handshake failed: {other}"),
     }
 }

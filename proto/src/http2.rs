@@ -1,5 +1,6 @@
 //! The HTTP/2 connection settings every Tentacle server and client applies:
-//! keepalive pings, flow-control windows and the largest frame accepted.
+//! keepalive pings, flow-control windows, the largest frame accepted and
+//! the largest header list (metadata) accepted.
 //!
 //! One [`Http2Settings`] describes one side of one kind of connection, and
 //! [`Http2Settings::apply_to_server`] / [`Http2Settings::apply_to_endpoint`]
@@ -42,6 +43,14 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The largest frame a server accepts by default. Bulk uploads arrive in
 /// fewer, larger frames than with HTTP/2's 16 KiB.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 256 * 1024;
+/// The largest header list (all of a request's or response's metadata,
+/// decoded) accepted by default: what hyper has always allowed, now
+/// explicit. A peer that sends more has its stream refused.
+pub const DEFAULT_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// The smallest header list limit accepted: gRPC's own headers need room.
+pub const MIN_HEADER_LIST_BYTES: u32 = 1024;
+/// The largest header list limit accepted: 16 MiB.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024 * 1024;
 /// The per-stream window of a tunnel's connections: a tunnel carries every
 /// call of its agent over one stream, so that stream needs room.
 pub const TUNNEL_STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
@@ -59,6 +68,7 @@ pub const TUNNEL_CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 /// # stream_window_bytes = 4194304      # absent: the library's default
 /// # connection_window_bytes = 8388608  # absent: the library's default
 /// max_frame_bytes = 262144
+/// max_header_list_bytes = 16384
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "Unchecked")]
@@ -84,6 +94,10 @@ pub struct Http2Settings {
     /// The largest frame this side accepts; `None` leaves HTTP/2's 16 KiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_frame_bytes: Option<u32>,
+    /// The largest header list (metadata) this side accepts, decoded;
+    /// `None` leaves the library's 16 KiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_header_list_bytes: Option<u32>,
 }
 
 impl Default for Http2Settings {
@@ -96,6 +110,7 @@ impl Default for Http2Settings {
             stream_window_bytes: None,
             connection_window_bytes: None,
             max_frame_bytes: Some(DEFAULT_MAX_FRAME_BYTES),
+            max_header_list_bytes: Some(DEFAULT_MAX_HEADER_LIST_BYTES),
         }
     }
 }
@@ -111,6 +126,10 @@ pub enum Http2SettingsError {
         "{field} = {value} is outside what HTTP/2 allows: use {MIN_WINDOW_BYTES} (64 KiB - 1) to {MAX_WINDOW_BYTES} (2 GiB - 1)"
     )]
     Window { field: &'static str, value: u32 },
+    #[error(
+        "max_header_list_bytes = {0} is outside what Tentacle allows: use {MIN_HEADER_LIST_BYTES} (1 KiB) to {MAX_HEADER_LIST_BYTES} (16 MiB)"
+    )]
+    HeaderListSize(u32),
     #[error("{0} must be longer than zero")]
     ZeroDuration(&'static str),
 }
@@ -125,6 +144,7 @@ impl Http2Settings {
             stream_window_bytes: Some(TUNNEL_STREAM_WINDOW_BYTES),
             connection_window_bytes: Some(TUNNEL_CONNECTION_WINDOW_BYTES),
             max_frame_bytes: Some(DEFAULT_MAX_FRAME_BYTES),
+            max_header_list_bytes: Some(DEFAULT_MAX_HEADER_LIST_BYTES),
         }
     }
 
@@ -152,6 +172,11 @@ impl Http2Settings {
         {
             return Err(Http2SettingsError::FrameSize(frame));
         }
+        if let Some(list) = self.max_header_list_bytes
+            && !(MIN_HEADER_LIST_BYTES..=MAX_HEADER_LIST_BYTES).contains(&list)
+        {
+            return Err(Http2SettingsError::HeaderListSize(list));
+        }
         Ok(())
     }
 
@@ -170,6 +195,9 @@ impl Http2Settings {
             max_frame_bytes: self
                 .max_frame_bytes
                 .map(|f| f.clamp(MIN_FRAME_BYTES, MAX_FRAME_BYTES)),
+            max_header_list_bytes: self
+                .max_header_list_bytes
+                .map(|l| l.clamp(MIN_HEADER_LIST_BYTES, MAX_HEADER_LIST_BYTES)),
         }
     }
 
@@ -182,6 +210,7 @@ impl Http2Settings {
             .initial_stream_window_size(s.stream_window_bytes)
             .initial_connection_window_size(s.connection_window_bytes)
             .max_frame_size(s.max_frame_bytes)
+            .http2_max_header_list_size(s.max_header_list_bytes)
     }
 
     /// Applies these settings (clamped) to a tonic client endpoint. Pings,
@@ -194,6 +223,10 @@ impl Http2Settings {
                 .http2_keep_alive_interval(interval)
                 .keep_alive_timeout(s.keepalive_timeout)
                 .keep_alive_while_idle(true),
+            None => endpoint,
+        };
+        let endpoint = match s.max_header_list_bytes {
+            Some(list) => endpoint.http2_max_header_list_size(list),
             None => endpoint,
         };
         endpoint
@@ -214,6 +247,7 @@ struct Unchecked {
     stream_window_bytes: Option<u32>,
     connection_window_bytes: Option<u32>,
     max_frame_bytes: Option<u32>,
+    max_header_list_bytes: Option<u32>,
 }
 
 impl Default for Unchecked {
@@ -225,6 +259,7 @@ impl Default for Unchecked {
             stream_window_bytes: d.stream_window_bytes,
             connection_window_bytes: d.connection_window_bytes,
             max_frame_bytes: d.max_frame_bytes,
+            max_header_list_bytes: d.max_header_list_bytes,
         }
     }
 }
@@ -239,6 +274,7 @@ impl TryFrom<Unchecked> for Http2Settings {
             stream_window_bytes: u.stream_window_bytes,
             connection_window_bytes: u.connection_window_bytes,
             max_frame_bytes: u.max_frame_bytes,
+            max_header_list_bytes: u.max_header_list_bytes,
         };
         settings.validate()?;
         Ok(settings)

@@ -78,6 +78,13 @@ impl Identity {
         })
     }
 
+    /// A certificate and key already in DER, as they are. Nothing checks
+    /// that they belong together: a handshake with a mismatched pair fails
+    /// at the peer, which verifies our signature against the certificate.
+    pub fn from_der(certificate: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> Self {
+        Self { certificate, key }
+    }
+
     /// Reads a PEM certificate and a PEM private key.
     pub fn load(certificate_path: &Path, key_path: &Path) -> Result<Self, IdentityError> {
         let certificate = CertificateDer::from_pem_file(certificate_path).map_err(|source| {

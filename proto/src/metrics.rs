@@ -22,7 +22,11 @@ pub struct Label {
     pub value: String,
 }
 
-/// Why a TLS handshake was refused.
+/// Why a TLS handshake was refused: `untrusted_certificate`,
+/// `invalid_certificate`, `no_certificate`, `incompatible`, `tls_error`
+/// (not TLS, or a broken handshake), `io_error`, `timeout`, `over_limit`
+/// (closed: `max_connections` open) or `evicted` (dropped unfinished to make
+/// room under `max_handshakes`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
     pub reason: String,

@@ -5,6 +5,10 @@
 //! Signatures are still verified, so a peer must hold the private key of the
 //! certificate it presents. TLS 1.2 and 1.3 only, ALPN `h2`, and the `ring`
 //! provider passed explicitly so no process-wide default is needed.
+//!
+//! Validity dates are ignored unless the trust store says to enforce them
+//! ([`crate::trust::CertificateValidity`]): pinning, not expiry, decides
+//! who is trusted.
 
 use std::sync::Arc;
 
@@ -16,6 +20,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+use crate::trust::CertificateValidity;
 use crate::{Identity, Thumbprint, TrustStore};
 
 /// The ALPN protocol every Tentacle endpoint speaks.
@@ -188,9 +193,26 @@ impl PinnedVerifier {
         }
     }
 
-    fn check(&self, end_entity: &CertificateDer<'_>, role: &str) -> Result<(), rustls::Error> {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        role: &str,
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
         let thumbprint = Thumbprint::of_der(end_entity);
         if self.trust.contains(&thumbprint) {
+            if self.trust.certificate_validity() == CertificateValidity::Enforced {
+                check_dates(end_entity, now).inspect_err(|error| {
+                    // The accepting side logs; a dialling side reports it.
+                    if role == "client" {
+                        tracing::warn!(
+                            %thumbprint,
+                            %error,
+                            "refused a TLS handshake: the client's trusted certificate is outside its validity dates (certificate_validity = \"enforced\"); issue it a new certificate"
+                        );
+                    }
+                })?;
+            }
             Ok(())
         } else if role == "client" && self.accept_unknown_clients {
             tracing::debug!(%thumbprint, "an unknown client connected; only registration is open to it");
@@ -247,6 +269,28 @@ impl PinnedVerifier {
     }
 }
 
+/// Whether `now` is within the certificate's `notBefore`..=`notAfter`. A
+/// certificate whose dates cannot be read is refused: under enforcement
+/// there is no date to trust.
+fn check_dates(certificate: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls::Error> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(certificate) else {
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        ));
+    };
+    let validity = parsed.validity();
+    let now_secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    if now_secs < validity.not_before.timestamp() {
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet,
+        ))
+    } else if now_secs > validity.not_after.timestamp() {
+        Err(rustls::Error::InvalidCertificate(CertificateError::Expired))
+    } else {
+        Ok(())
+    }
+}
+
 impl ClientCertVerifier for PinnedVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
@@ -256,9 +300,9 @@ impl ClientCertVerifier for PinnedVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity, "client")?;
+        self.check(end_entity, "client", now)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -292,9 +336,9 @@ impl ServerCertVerifier for PinnedVerifier {
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity, "server")?;
+        self.check(end_entity, "server", now)?;
         Ok(ServerCertVerified::assertion())
     }
 

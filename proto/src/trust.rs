@@ -4,20 +4,45 @@
 //! Architecture Invariant: a change to the set applies to the next handshake
 //! at once, and subscribers hear about it so they can drop connections whose
 //! peer is no longer trusted.
+//!
+//! The store also holds the one policy the verifiers apply besides the
+//! thumbprint: whether a pinned certificate's validity dates count
+//! ([`CertificateValidity`]; ignored by default, see SECURITY.md).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::{Deserialize, Serialize};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::Thumbprint;
 
+/// Whether a pinned certificate's `notBefore`/`notAfter` dates are checked.
+///
+/// Pinning trusts a certificate by its thumbprint, and withdrawing trust is
+/// removing the thumbprint, so dates add nothing to who is trusted; Octopus
+/// Tentacle certificates are issued for 100 years, and an agent whose
+/// certificate lapsed would silently fall off its hub. `Ignored` is
+/// therefore the default. `Enforced` refuses a certificate outside its
+/// dates (and one whose dates cannot be read), for operators whose policy
+/// requires expiring credentials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateValidity {
+    #[default]
+    Ignored,
+    Enforced,
+}
+
 /// Thumbprints that may complete a handshake with us.
 #[derive(Debug)]
 pub struct TrustStore {
     trusted: ArcSwap<BTreeSet<Thumbprint>>,
     generation: watch::Sender<u64>,
+    enforce_validity: AtomicBool,
 }
 
 impl TrustStore {
@@ -25,7 +50,23 @@ impl TrustStore {
         Arc::new(Self {
             trusted: ArcSwap::from_pointee(trusted.into_iter().collect()),
             generation: watch::Sender::new(0),
+            enforce_validity: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the verifiers check validity dates; applies to the next
+    /// handshake. Open connections are not re-checked.
+    pub fn set_certificate_validity(&self, validity: CertificateValidity) {
+        self.enforce_validity
+            .store(validity == CertificateValidity::Enforced, Ordering::Release);
+    }
+
+    pub fn certificate_validity(&self) -> CertificateValidity {
+        if self.enforce_validity.load(Ordering::Acquire) {
+            CertificateValidity::Enforced
+        } else {
+            CertificateValidity::Ignored
+        }
     }
 
     pub fn contains(&self, thumbprint: &Thumbprint) -> bool {

@@ -337,3 +337,6 @@ pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod hostile_tests;

@@ -120,6 +120,7 @@ impl AgentBuilder {
         };
         let identity = IdentityCell::new(identity)?;
         let trust = TrustStore::new(config.trust.thumbprints.iter().copied());
+        trust.set_certificate_validity(config.trust.certificate_validity);
         let executor = self
             .executor
             .unwrap_or_else(|| Arc::new(ProcessExecutor::new(config.process_settings())));

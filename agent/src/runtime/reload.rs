@@ -106,6 +106,7 @@ impl FileSource {
                 Ok(config) => {
                     let before = trust.snapshot();
                     trust.replace(config.trust.thumbprints.iter().copied());
+                    trust.set_certificate_validity(config.trust.certificate_validity);
                     let after = trust.snapshot();
                     if before != after {
                         tracing::info!(trusted = after.len(), "trust list changed");

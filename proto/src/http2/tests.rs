@@ -98,6 +98,7 @@ fn clamping_leaves_valid_settings_alone_and_fixes_the_rest() {
         stream_window_bytes: Some(0),
         connection_window_bytes: Some(u32::MAX),
         max_frame_bytes: Some(u32::MAX),
+        max_header_list_bytes: Some(u32::MAX),
     };
     assert!(wild.validate().is_err());
     let fixed = wild.clamped();
@@ -105,6 +106,7 @@ fn clamping_leaves_valid_settings_alone_and_fixes_the_rest() {
     assert_eq!(fixed.stream_window_bytes, Some(MIN_WINDOW_BYTES));
     assert_eq!(fixed.connection_window_bytes, Some(MAX_WINDOW_BYTES));
     assert_eq!(fixed.max_frame_bytes, Some(MAX_FRAME_BYTES));
+    assert_eq!(fixed.max_header_list_bytes, Some(MAX_HEADER_LIST_BYTES));
     let tiny = Http2Settings {
         max_frame_bytes: Some(1),
         ..valid
@@ -167,6 +169,7 @@ async fn out_of_range_settings_are_clamped_before_they_reach_h2() {
         stream_window_bytes: Some(u32::MAX),
         connection_window_bytes: Some(0),
         max_frame_bytes: Some(1),
+        max_header_list_bytes: Some(0),
     };
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let incoming = tokio_stream::StreamExt::chain(
@@ -200,4 +203,86 @@ async fn out_of_range_settings_are_clamped_before_they_reach_h2() {
     // The server answered over HTTP/2: the connection itself is fine.
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
     server.abort();
+}
+
+/// A call with `metadata_bytes` of metadata to a server with `server`'s
+/// settings (no services mounted: a call that gets through is
+/// UNIMPLEMENTED).
+async fn call_with_metadata(server: Http2Settings, metadata_bytes: usize) -> tonic::Status {
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let incoming = tokio_stream::StreamExt::chain(
+        tokio_stream::once(Ok::<_, std::io::Error>(server_io)),
+        tokio_stream::pending(),
+    );
+    let serving = tokio::spawn(
+        server
+            .apply_to_server(Server::builder())
+            .add_routes(tonic::service::Routes::default())
+            .serve_with_incoming(incoming),
+    );
+    let mut client_io = Some(client_io);
+    let channel = Http2Settings {
+        // The client accepts large answers; only the server's limit is tested.
+        max_header_list_bytes: Some(MAX_HEADER_LIST_BYTES),
+        ..Http2Settings::default()
+    }
+    .apply_to_endpoint(Endpoint::from_static("http://in-memory"))
+    .connect_with_connector(tower::service_fn(move |_: Uri| {
+        let io = client_io.take();
+        async move {
+            io.map(TokioIo::new)
+                .ok_or_else(|| std::io::Error::other("the pipe is already used"))
+        }
+    }))
+    .await
+    .expect("connect");
+    let mut request = tonic::Request::new(GetCapabilitiesRequest {});
+    let value = "x".repeat(metadata_bytes);
+    request.metadata_mut().insert(
+        "x-padding",
+        value.parse().expect("ASCII is a valid metadata value"),
+    );
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        CapabilitiesServiceClient::new(channel).get_capabilities(request),
+    )
+    .await
+    .expect("an answer")
+    .expect_err("no capabilities service is mounted");
+    serving.abort();
+    status
+}
+
+#[tokio::test]
+async fn metadata_beyond_the_header_list_limit_is_refused_and_the_limit_is_a_setting() {
+    let default = Http2Settings::default();
+    assert_eq!(default.max_header_list_bytes, Some(16 * 1024));
+    let within = call_with_metadata(default, 8 * 1024).await;
+    assert_eq!(within.code(), tonic::Code::Unimplemented, "{within:?}");
+    let huge = call_with_metadata(default, 1024 * 1024).await;
+    // Far beyond the limit: h2 closes the connection (GOAWAY
+    // ENHANCE_YOUR_CALM), which tonic reports as RESOURCE_EXHAUSTED.
+    assert_eq!(huge.code(), tonic::Code::ResourceExhausted, "{huge:?}");
+
+    let small = Http2Settings {
+        max_header_list_bytes: Some(4 * 1024),
+        ..default
+    };
+    let refused = call_with_metadata(small, 8 * 1024).await;
+    // Just beyond it: the stream is answered 431 Request Header Fields
+    // Too Large.
+    assert!(refused.message().contains("431"), "{refused:?}");
+    let large = Http2Settings {
+        max_header_list_bytes: Some(2 * 1024 * 1024),
+        ..default
+    };
+    let admitted = call_with_metadata(large, 1024 * 1024).await;
+    assert_eq!(admitted.code(), tonic::Code::Unimplemented, "{admitted:?}");
+    let error = Http2Settings {
+        max_header_list_bytes: Some(10),
+        ..default
+    }
+    .validate()
+    .expect_err("too small");
+    assert!(error.to_string().contains("1 KiB"), "{error}");
 }

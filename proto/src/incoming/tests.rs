@@ -288,3 +288,116 @@ async fn live_connections_revoke_only_tracked_peers_that_lost_trust() {
     drop(registration);
     assert!(live.is_empty());
 }
+
+#[tokio::test]
+async fn a_connection_beyond_the_handshake_limit_evicts_the_oldest_unfinished_handshake() {
+    let client = identity("client");
+    let settings = AcceptSettings {
+        // Long: nothing here may wait for it.
+        handshake_timeout: PATIENCE * 3,
+        max_handshakes: 4,
+        evict_handshakes_after: Duration::from_millis(200),
+        ..AcceptSettings::default()
+    };
+    let mut server = Server::start(&[&client], settings, false).await;
+    let evicted_before = failures("evicted");
+    // Four silent clients hold every handshake slot, longer than a real
+    // handshake takes.
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        holders.push(TcpStream::connect(server.address).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A real client still gets in, at once: it takes the oldest's slot.
+    let started = Instant::now();
+    let (local, _tls) = server.connect(&client).await;
+    assert_eq!(server.next().await.info().remote_addr, Some(local));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        started.elapsed()
+    );
+    let oldest = holders.remove(0);
+    assert!(closed_by_peer(oldest).await, "the oldest was kept");
+    assert!(failures("evicted") > evicted_before);
+    // Four more silent clients push out the rest, never more than four held.
+    let mut newer = Vec::new();
+    for _ in 0..4 {
+        newer.push(TcpStream::connect(server.address).await.expect("connect"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for holder in holders {
+        assert!(
+            closed_by_peer(holder).await,
+            "an old silent client was kept"
+        );
+    }
+    drop(newer);
+}
+
+#[tokio::test]
+async fn a_connection_beyond_the_handshake_limit_is_closed_while_every_handshake_is_young() {
+    let client = identity("client");
+    let settings = AcceptSettings {
+        handshake_timeout: Duration::from_millis(800),
+        max_handshakes: 4,
+        // Longer than the timeout: nothing is ever old enough to evict,
+        // as in a burst of real clients.
+        evict_handshakes_after: PATIENCE,
+        ..AcceptSettings::default()
+    };
+    let mut server = Server::start(&[&client], settings, false).await;
+    let refused_before = failures("over_limit");
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        holders.push(TcpStream::connect(server.address).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let fifth = TcpStream::connect(server.address).await.expect("connect");
+    assert!(closed_by_peer(fifth).await, "the fifth was kept");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "closed after {:?}: it waited for a slot",
+        started.elapsed()
+    );
+    assert!(failures("over_limit") > refused_before);
+    // The handshakes under way keep their slots until their timeout, then
+    // the slots free up for a real client.
+    for holder in holders {
+        assert!(closed_by_peer(holder).await, "a silent client was kept");
+    }
+    let (local, _tls) = server.connect(&client).await;
+    assert_eq!(server.next().await.info().remote_addr, Some(local));
+}
+
+#[tokio::test]
+async fn connections_beyond_the_connection_limit_are_closed_and_a_closed_one_frees_its_slot() {
+    let client = identity("client");
+    let settings = AcceptSettings {
+        max_connections: 2,
+        ..AcceptSettings::default()
+    };
+    let mut server = Server::start(&[&client], settings, false).await;
+    let (_, first_tls) = server.connect(&client).await;
+    let first = server.next().await;
+    let (_, _second_tls) = server.connect(&client).await;
+    let _second = server.next().await;
+    let third = TcpStream::connect(server.address).await.expect("connect");
+    assert!(closed_by_peer(third).await, "a third connection was kept");
+    drop((first, first_tls));
+    // The slot is freed when the server drops the connection.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let config = client_config(&client, TrustStore::new([server.identity.thumbprint()]))
+            .expect("client config");
+        let tcp = TcpStream::connect(server.address).await.expect("connect");
+        let name = ServerName::try_from("tentacle").expect("server name");
+        if TlsConnector::from(config).connect(name, tcp).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.next().await;
+}

@@ -278,3 +278,171 @@ async fn a_replaced_identity_is_presented_from_the_next_handshake() {
         Some(rotated.thumbprint())
     );
 }
+
+/// A self-signed identity valid only between the two dates.
+fn dated_identity(name: &str, not_before: (i32, u8, u8), not_after: (i32, u8, u8)) -> Identity {
+    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["tentacle".to_owned()]).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+    params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+    let certificate = params.self_signed(&key_pair).expect("certificate");
+    Identity::from_der(
+        certificate.der().clone(),
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key_pair.serialize_der().into()),
+    )
+}
+
+/// A pair whose client (and server) certificates are `client` / `server`.
+fn pair_of(server: Identity, client: Identity) -> Pair {
+    Pair {
+        server_trust: TrustStore::new([client.thumbprint()]),
+        client_trust: TrustStore::new([server.thumbprint()]),
+        server,
+        client,
+    }
+}
+
+#[tokio::test]
+async fn an_expired_pinned_certificate_is_accepted_unless_validity_is_enforced() {
+    let expired = dated_identity("expired client", (2001, 1, 1), (2002, 1, 1));
+    let pair = pair_of(identity("server"), expired);
+    assert_eq!(
+        pair.server_trust.certificate_validity(),
+        CertificateValidity::Ignored,
+        "ignored by default"
+    );
+    let outcome = handshake(pair.server_config(), pair.client_config()).await;
+    outcome.server.expect("pinning alone decides by default");
+
+    pair.server_trust
+        .set_certificate_validity(CertificateValidity::Enforced);
+    let outcome = handshake(pair.server_config(), pair.client_config()).await;
+    let error = outcome.server.expect_err("refused once enforced");
+    assert!(
+        matches!(
+            tls_error(&error),
+            Some(rustls::Error::InvalidCertificate(CertificateError::Expired))
+        ),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_enforcing_client_refuses_a_server_certificate_outside_its_dates() {
+    let future = dated_identity("future server", (2090, 1, 1), (2100, 1, 1));
+    let pair = pair_of(future, identity("client"));
+    pair.client_trust
+        .set_certificate_validity(CertificateValidity::Enforced);
+    let outcome = handshake(pair.server_config(), pair.client_config()).await;
+    let error = outcome.client.expect_err("not valid yet");
+    assert!(
+        matches!(
+            tls_error(&error),
+            Some(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidYet
+            ))
+        ),
+        "{error:?}"
+    );
+    // A current certificate passes the same enforcing client.
+    let current = pair_of(identity("server"), identity("client"));
+    current
+        .client_trust
+        .set_certificate_validity(CertificateValidity::Enforced);
+    current
+        .server_trust
+        .set_certificate_validity(CertificateValidity::Enforced);
+    let outcome = handshake(current.server_config(), current.client_config()).await;
+    outcome.client.expect("a current certificate is accepted");
+    outcome.server.expect("both ways");
+}
+
+/// Always presents one certificate with one key, matched or not.
+#[derive(Debug)]
+struct Presents(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presents {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A client that presents `certificate` but signs with `key`'s key: what
+/// someone who copied a trusted certificate (it is public) without its key
+/// can do. rustls refuses to build that from `with_client_auth_cert`, so
+/// the pair goes in through a resolver, unchecked.
+fn impostor_config(
+    certificate: rustls_pki_types::CertificateDer<'static>,
+    key: &Identity,
+    trust: Arc<TrustStore>,
+) -> Arc<rustls::ClientConfig> {
+    let provider = provider();
+    let signer = provider
+        .key_provider
+        .load_private_key(key.key().clone_key())
+        .expect("key");
+    let certified = Arc::new(CertifiedKey::new(vec![certificate], signer));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier::new(trust, provider)))
+        .with_client_cert_resolver(Arc::new(Presents(certified)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Arc::new(config)
+}
+
+#[tokio::test]
+async fn a_trusted_certificate_without_its_key_fails_the_handshake() {
+    let pair = Pair::new();
+    let thief = identity("thief");
+    let config = impostor_config(
+        pair.client.certificate().clone(),
+        &thief,
+        pair.client_trust.clone(),
+    );
+    let outcome = handshake(pair.server_config(), config).await;
+    // The thumbprint matches; the CertificateVerify signature, made with
+    // another key, does not verify against the certificate's public key.
+    let error = outcome.server.expect_err("refused");
+    assert!(
+        matches!(
+            tls_error(&error),
+            Some(rustls::Error::InvalidCertificate(
+                CertificateError::BadSignature
+            )) | Some(rustls::Error::PeerMisbehaved(_))
+        ),
+        "{error:?}"
+    );
+    let outcome = handshake(pair.server_config(), pair.client_config()).await;
+    outcome.server.expect("the real holder still gets in");
+}
+
+#[tokio::test]
+async fn garbage_bytes_as_a_certificate_are_refused() {
+    let pair = Pair::new();
+    let garbage = rustls_pki_types::CertificateDer::from(b"not a certificate at all".to_vec());
+    // Trusting the garbage's thumbprint must not make it a certificate.
+    pair.server_trust.insert(Thumbprint::of_der(&garbage));
+    let config = impostor_config(garbage, &pair.client, pair.client_trust.clone());
+    let outcome = handshake(pair.server_config(), config).await;
+    let error = outcome.server.expect_err("refused");
+    assert!(
+        matches!(
+            tls_error(&error),
+            Some(rustls::Error::InvalidCertificate(_))
+        ),
+        "{error:?}"
+    );
+}

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use tokio::sync::Notify;
 
-use super::CALL_WINDOW;
+use super::{CALL_WINDOW, MAX_CHUNK};
 
 /// The sender's view: bytes it may still send on one call.
 #[derive(Debug)]
@@ -52,9 +52,17 @@ impl SendWindow {
         }
     }
 
-    /// The receiver consumed `bytes`: that much more may be sent.
+    /// The receiver consumed `bytes`: that much more may be sent. Never
+    /// more than a whole window: an honest receiver only credits bytes it
+    /// was sent, so credit beyond that (a peer repeating `u32::MAX`) is
+    /// ignored rather than let the window grow, or wrap, without end.
     pub fn grant(&self, bytes: u32) {
-        self.available.fetch_add(i64::from(bytes), Ordering::AcqRel);
+        let window = i64::from(CALL_WINDOW);
+        let _ = self
+            .available
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |available| {
+                Some(available.saturating_add(i64::from(bytes)).min(window))
+            });
         self.opened.notify_one();
     }
 }
@@ -65,21 +73,28 @@ pub struct RecvWindow {
     outstanding: AtomicI64,
 }
 
-/// A peer sent more than its window allows.
+/// A peer sent more than the protocol allows on a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the peer sent more than the call's {CALL_WINDOW}-byte window without credit")]
-pub struct Overrun;
+pub enum Overrun {
+    #[error("the peer sent more than the call's {CALL_WINDOW}-byte window without credit")]
+    Window,
+    #[error("the peer sent a {0}-byte data frame; the most one frame carries is {MAX_CHUNK}")]
+    Chunk(usize),
+}
 
 impl RecvWindow {
-    /// Counts `bytes` that arrived.
+    /// Counts `bytes` that arrived in one `data` frame.
     pub fn received(&self, bytes: usize) -> Result<(), Overrun> {
+        if bytes > MAX_CHUNK {
+            return Err(Overrun::Chunk(bytes));
+        }
         let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
         let now = self
             .outstanding
             .fetch_add(bytes, Ordering::AcqRel)
             .saturating_add(bytes);
         if now > i64::from(CALL_WINDOW) {
-            Err(Overrun)
+            Err(Overrun::Window)
         } else {
             Ok(())
         }
@@ -134,10 +149,38 @@ mod tests {
     fn a_receiver_refuses_bytes_beyond_the_window() {
         let window = RecvWindow::default();
         let full = usize::try_from(CALL_WINDOW).expect("fits");
-        assert_eq!(window.received(full), Ok(()));
-        assert_eq!(window.received(1), Err(Overrun));
+        for _ in 0..full / MAX_CHUNK {
+            assert_eq!(window.received(MAX_CHUNK), Ok(()));
+        }
+        assert_eq!(window.received(1), Err(Overrun::Window));
         window.credited(CALL_WINDOW);
-        assert_eq!(window.received(full - 1), Ok(()));
+        assert_eq!(window.received(MAX_CHUNK - 1), Ok(()));
+    }
+
+    #[test]
+    fn a_receiver_refuses_a_frame_larger_than_a_chunk() {
+        let window = RecvWindow::default();
+        assert_eq!(
+            window.received(MAX_CHUNK + 1),
+            Err(Overrun::Chunk(MAX_CHUNK + 1))
+        );
+        assert_eq!(window.received(MAX_CHUNK), Ok(()), "nothing was counted");
+    }
+
+    #[tokio::test]
+    async fn repeated_huge_credit_never_grows_the_window_past_one_window() {
+        let window = SendWindow::default();
+        let full = usize::try_from(CALL_WINDOW).expect("fits");
+        for _ in 0..10_000 {
+            window.grant(u32::MAX);
+        }
+        assert_eq!(
+            window.reserve(usize::MAX).await,
+            full,
+            "one window, no more"
+        );
+        let after = tokio::time::timeout(Duration::from_millis(20), window.reserve(1)).await;
+        assert!(after.is_err(), "the window is spent: the sender waits");
     }
 
     #[test]

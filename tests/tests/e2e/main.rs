@@ -14,6 +14,7 @@ mod fault_matrix;
 mod files;
 mod fleet;
 mod health;
+mod hostile;
 mod hostile_files;
 mod hub_cli;
 mod isolation;
