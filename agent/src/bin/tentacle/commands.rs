@@ -268,7 +268,12 @@ pub fn run(
             crate::from_env::prepare(home, environment).await?;
         }
         let home = Home::new(home);
-        let agent = Agent::load(home)?;
+        // Scripts run detached under this very binary (`/proc/self/exe`
+        // still names it after an upgrade replaced the file), so they
+        // survive the agent's restart.
+        let agent = Agent::builder(home)
+            .script_host(std::path::PathBuf::from("/proc/self/exe"))
+            .build()?;
         let (listening, polling) = (agent.config().listen.enabled, agent.config().polling.enabled);
         if !listening && !polling {
             bail!("neither listening nor polling is enabled; use `tentacle configure --mode listening` or `--mode polling`");
