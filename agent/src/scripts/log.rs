@@ -332,4 +332,48 @@ mod tests {
         );
         assert_eq!(all[1].seq, 2);
     }
+
+    #[test]
+    fn a_follower_indexes_another_writers_lines_and_leaves_its_partial_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("output.log");
+        let writer = ScriptLog::open(&path).expect("writer");
+        writer
+            .append([(Stream::Stdout, "one".into())])
+            .expect("append");
+        // The writer is mid-line when the follower opens the file.
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"{\"seq\":2,\"str"))
+            .expect("partial");
+        let follower = ScriptLog::open_following(&path).expect("follow");
+        assert_eq!(follower.last_sequence(), 1);
+        let rx = follower.subscribe();
+        // Not cut: its writer finishes it.
+        let partial = br#"eam":"stdout","time_ms":5,"text":"two"}"#;
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(partial)?;
+                f.write_all(b"\n")
+            })
+            .expect("finish the line");
+        assert!(!rx.has_changed().expect("alive"), "nothing published yet");
+        assert_eq!(follower.catch_up().expect("catch up"), 2);
+        assert!(rx.has_changed().expect("alive"));
+        assert_eq!(follower.catch_up().expect("again"), 2, "idempotent");
+        // Once the other writer is gone, the follower appends after it.
+        follower
+            .append([(Stream::Agent, "three".into())])
+            .expect("append");
+        let all = follower.read_after(0, ALL).expect("read");
+        assert_eq!(
+            all.iter()
+                .map(|r| (r.seq, r.text.as_str()))
+                .collect::<Vec<_>>(),
+            [(1, "one"), (2, "two"), (3, "three")]
+        );
+    }
 }

@@ -213,3 +213,4 @@ async fn unknown_tickets_report_the_reserved_code() {
 }
 
 mod completed;
+mod reattached;
