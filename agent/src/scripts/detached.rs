@@ -290,3 +290,57 @@ pub fn cancel_all_in(work_root: &Path, wait: Duration) -> usize {
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_uninstall_cancels_live_hosts_only() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let workspace = |name: &str| {
+            let dir = root.path().join(name);
+            std::fs::create_dir(&dir).expect("workspace");
+            Workspace::open(dir)
+        };
+        // A stand-in host: SIGUSR1 ends `sleep`, as it makes a host cancel.
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
+        let live_record = HostRecord::of(live.id() as i32).expect("record");
+        host::write_record(&workspace("live").host_record(), &live_record).expect("write");
+        // Ended: its record names a process that must not be signalled.
+        let mut ended = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
+        let ended_ws = workspace("ended");
+        let ended_record = HostRecord::of(ended.id() as i32).expect("record");
+        host::write_record(&ended_ws.host_record(), &ended_record).expect("write");
+        host::write_record(
+            &ended_ws.exit_record(),
+            &ExitRecord {
+                outcome: Outcome::Exited(0),
+                ended_ms: 1,
+            },
+        )
+        .expect("write");
+        // A reused pid: another start time.
+        let reused = HostRecord {
+            start_ticks: ended_record.start_ticks + 1,
+            ..ended_record.clone()
+        };
+        host::write_record(&workspace("reused").host_record(), &reused).expect("write");
+
+        assert_eq!(cancel_all_in(root.path(), Duration::from_secs(5)), 1);
+        let status = live.wait().expect("reap");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(Signal::SIGUSR1 as i32)
+        );
+        assert!(ended_record.is_running(), "left alone");
+        let _ = ended.kill();
+        let _ = ended.wait();
+    }
+}
