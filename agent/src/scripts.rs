@@ -5,6 +5,12 @@
 //! the execution timeout and cancellation, records the result in the state
 //! file, and serves the log back by sequence.
 //!
+//! With an executor that detaches ([`Executor::detaches`], the real agent's
+//! [`process::ProcessExecutor`] with a script host), a running script
+//! outlives the agent process: a stopping agent leaves it running, and
+//! [`Scripts::recover`] re-attaches to it, mutex and deadline included,
+//! before the next agent serves a call.
+//!
 //! Architecture Invariant: a ticket runs at most once per agent home. The
 //! table entry is made under one lock before anything runs, and after a
 //! restart every workspace on disk is loaded back before the first call is

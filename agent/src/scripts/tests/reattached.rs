@@ -253,3 +253,25 @@ async fn cancelling_a_reattached_script_stops_it_and_a_shutdown_leaves_it_runnin
         report.lines
     );
 }
+
+#[tokio::test]
+async fn the_execution_timeout_still_applies_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ws = left_running(dir.path(), "slow", "deploy");
+    let mut state = ws.read_state().expect("state");
+    state.deadline_ms = Some(log::now_ms() + 100);
+    ws.write_state(&state).expect("state");
+    let (_end, exit) = oneshot::channel();
+    let scripts = reattaching(dir.path(), vec![("slow", Left::Running(exit))]);
+    scripts.recover().expect("recover");
+    let report = wait_complete(&scripts, "slow").await;
+    assert_eq!(report.exit_code, exit_code::TIMED_OUT);
+    assert!(
+        report
+            .lines
+            .last()
+            .is_some_and(|l| l.text.starts_with("Timed out")),
+        "{:?}",
+        report.lines
+    );
+}
