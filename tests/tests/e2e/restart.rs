@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use tentacle_proto::v1 as pb;
-use tentacle_tests::{AgentProcess, Fixture, Mode, bash, client_identity, in_both_modes};
+use tentacle_tests::{
+    AgentProcess, Fixture, Mode, bash, client_identity, in_both_modes, process_alive,
+};
 
 async fn a_script_interrupted_by_a_crash_reports_agent_restarted(mode: Mode) {
     let mut fixture = Fixture::start(mode, "").await;
@@ -54,6 +56,12 @@ async fn a_script_interrupted_by_a_crash_reports_agent_restarted(mode: Mode) {
         nix::unistd::Pid::from_raw(pgid),
         nix::sys::signal::Signal::SIGKILL,
     );
+    // SIGKILL is delivered, not finished, when kill returns.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while process_alive(host) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!process_alive(host), "the host {host} survived SIGKILL");
     fixture.agent.spawn();
 
     let client = fixture.reconnect().await;

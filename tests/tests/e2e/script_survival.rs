@@ -98,7 +98,7 @@ async fn a_script_keeps_running_through_an_agent_crash(mode: Mode) {
 
     fixture.agent.kill();
     // Lines keep coming while no agent runs.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     fixture.agent.spawn();
 
     let client = fixture.reconnect().await;
@@ -136,7 +136,7 @@ async fn a_script_keeps_running_through_an_agent_crash(mode: Mode) {
     let spread =
         |a: (i64, i32), b: (i64, i32)| (b.0 - a.0) * 1000 + i64::from(b.1 - a.1) / 1_000_000;
     assert!(
-        stamps.windows(2).take(29).all(|w| spread(w[0], w[1]) < 900),
+        stamps.windows(2).take(29).all(|w| spread(w[0], w[1]) < 1000),
         "no gap of the agent's downtime between lines: {stamps:?}"
     );
 
