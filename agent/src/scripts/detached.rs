@@ -233,6 +233,11 @@ async fn follow(
                 reap(&mut host).await;
                 return ended;
             }
+            if cancel_deadline.is_some() {
+                // Cancelled before it could catch the signal: nothing of
+                // the script is left to stop.
+                return Outcome::Stopped;
+            }
             return Outcome::Lost(match host {
                 Host::Child(..) => "The process that supervised this script was killed before it recorded how the script ended; its result is unknown.",
                 Host::Adopted(_) => LOST_ADOPTED,
