@@ -1,5 +1,6 @@
 //! The directory a script runs in: the script file, its extra files, the
-//! output log and the state file.
+//! output log, the state file, and for a detached script the records of its
+//! host and of how it ended.
 
 use std::fs;
 use std::io;
