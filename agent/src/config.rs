@@ -164,6 +164,7 @@ impl AgentConfig {
             kill_grace: self.scripts.kill_grace,
             output_drain_timeout: self.scripts.output_drain_timeout,
             max_line_bytes: self.scripts.max_line_bytes,
+            host_program: None,
         }
     }
 

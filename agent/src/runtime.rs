@@ -278,18 +278,19 @@ impl Agent {
         }
     }
 
-    /// Stops scripts that are still running so none outlives the agent
-    /// unobserved; they complete as "agent restarted".
+    /// Stops scripts that would not outlive the agent (pending ones, and
+    /// running ones the executor does not detach; they complete as
+    /// canceled) and waits for them. Detached running scripts keep running;
+    /// the next agent process re-attaches to them.
     async fn stop_scripts(&self) {
-        let active = self.scripts.active();
-        if active == 0 {
+        let stopped = self.scripts.stop_for_shutdown();
+        if stopped == 0 {
             return;
         }
-        tracing::warn!(active, "stopping scripts that are still running");
-        self.scripts.stop_all();
+        tracing::warn!(stopped, "stopping scripts that are still running");
         let deadline = self.config.scripts.kill_grace + Duration::from_secs(5);
         let _ = tokio::time::timeout(deadline, async {
-            while self.scripts.active() > 0 {
+            while self.scripts.active_attached() > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })

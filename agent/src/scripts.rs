@@ -5,6 +5,12 @@
 //! the execution timeout and cancellation, records the result in the state
 //! file, and serves the log back by sequence.
 //!
+//! With an executor that detaches ([`Executor::detaches`], the real agent's
+//! [`process::ProcessExecutor`] with a script host), a running script
+//! outlives the agent process: a stopping agent leaves it running, and
+//! [`Scripts::recover`] re-attaches to it, mutex and deadline included,
+//! before the next agent serves a call.
+//!
 //! Architecture Invariant: a ticket runs at most once per agent home. The
 //! table entry is made under one lock before anything runs, and after a
 //! restart every workspace on disk is loaded back before the first call is
@@ -13,7 +19,9 @@
 //! tickets first, so the ticket is still refused; that record is bounded by
 //! count and age (see [`ScriptSettings::completed_tickets_max`]).
 
+pub mod detached;
 pub mod executor;
+pub mod host;
 pub mod isolation;
 pub mod log;
 pub mod masking;
@@ -28,6 +36,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +45,7 @@ pub use executor::{Executor, Job, Outcome, OutputSink};
 pub use isolation::IsolationLevel;
 pub use log::{LogRecord, ReadLimit, Stream};
 pub use ticket::{InvalidTicket, Ticket};
-use workspace::{Phase, StateFile, Workspace};
+use workspace::{HeldMutex, Phase, StateFile, Workspace};
 
 use isolation::IsolationMutexes;
 use masking::Masker;
@@ -206,6 +216,22 @@ struct Run {
     stop_reason: OnceLock<i32>,
     created_ms: i64,
     completed_ms: Mutex<Option<i64>>,
+    /// What a running script holds that must survive a restart.
+    held: Mutex<Held>,
+}
+
+/// The mutex and deadline of a running script, kept in its state file.
+#[derive(Debug, Clone, Default)]
+struct Held {
+    mutex: Option<HeldMutex>,
+    deadline_ms: Option<i64>,
+}
+
+/// A script an earlier agent process started that is being followed again.
+struct Resumed {
+    execution: BoxFuture<'static, Outcome>,
+    guard: Option<isolation::IsolationGuard>,
+    deadline_ms: Option<i64>,
 }
 
 impl Run {
@@ -215,6 +241,11 @@ impl Run {
 
     fn persist(&self) {
         let progress = self.progress();
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let state = StateFile {
             ticket: self.ticket.to_string(),
             phase: progress.phase,
@@ -224,6 +255,8 @@ impl Run {
                 .completed_ms
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
+            mutex: held.mutex,
+            deadline_ms: held.deadline_ms,
         };
         if let Err(error) = self.workspace.write_state(&state) {
             tracing::error!(ticket = %self.ticket, %error, "could not write the script state file");
@@ -372,6 +405,7 @@ impl Scripts {
                 stop_reason: OnceLock::new(),
                 created_ms: log::now_ms(),
                 completed_ms: Mutex::new(None),
+                held: Mutex::new(Held::default()),
             });
             run.persist();
             runs.insert(request.ticket.clone(), run.clone());
@@ -469,6 +503,15 @@ impl Scripts {
             return *run.stop_reason.get().unwrap_or(&exit_code::CANCELED);
         }
 
+        *run.held.lock().unwrap_or_else(PoisonError::into_inner) = Held {
+            mutex: Some(HeldMutex {
+                name: mutex_name.to_owned(),
+                exclusive: request.isolation == IsolationLevel::Full,
+            }),
+            deadline_ms: request
+                .execution_timeout
+                .map(|limit| log::now_ms().saturating_add(millis(limit))),
+        };
         run.set_phase(Phase::Running);
         let masker = Masker::new(
             request
@@ -504,8 +547,28 @@ impl Scripts {
             environment,
         };
         let output = OutputSink::new(run.log.clone(), masker);
-        let mut execution = self.executor.execute(job, output, run.stop.clone());
-        let outcome = match request.execution_timeout {
+        let execution = self.executor.execute(job, output, run.stop.clone());
+        self.conclude(
+            run,
+            execution,
+            request.execution_timeout,
+            request.execution_timeout,
+        )
+        .await
+    }
+
+    /// Waits for `execution`, stopping it once `remaining` has passed, and
+    /// turns its outcome into the exit code, with a line saying why for
+    /// the codes the agent chose. `timeout` is the whole limit, for that
+    /// line, when it is known.
+    async fn conclude(
+        &self,
+        run: &Run,
+        mut execution: BoxFuture<'static, Outcome>,
+        remaining: Option<Duration>,
+        timeout: Option<Duration>,
+    ) -> i32 {
+        let outcome = match remaining {
             None => execution.await,
             Some(limit) => tokio::select! {
                 outcome = &mut execution => outcome,
@@ -516,25 +579,27 @@ impl Scripts {
                 }
             },
         };
-        match outcome {
-            Outcome::Exited(code) => code,
-            Outcome::Stopped => {
-                let code = *run.stop_reason.get().unwrap_or(&exit_code::CANCELED);
-                if code == exit_code::TIMED_OUT {
-                    run.agent_line(format!(
-                        "Timed out after {}; the script and its child processes were killed.",
-                        humantime::format_duration(request.execution_timeout.unwrap_or_default())
-                    ));
-                } else {
-                    run.agent_line("Canceled; the script and its child processes were killed.");
-                }
-                code
+        ended(run, outcome, timeout)
+    }
+
+    /// Follows a script an earlier agent process started until it ends.
+    async fn resume(self: Arc<Self>, run: Arc<Run>, resumed: Resumed) {
+        let metrics = &tentacle_proto::metrics::METRICS;
+        metrics.scripts_running.inc();
+        let _guard = resumed.guard;
+        let remaining = resumed.deadline_ms.map(|deadline| {
+            Duration::from_millis(u64::try_from(deadline - log::now_ms()).unwrap_or(0))
+        });
+        let exit_code = tokio::select! {
+            exit_code = self.conclude(&run, resumed.execution, remaining, None) => exit_code,
+            () = self.halted.cancelled() => {
+                metrics.scripts_running.dec();
+                return;
             }
-            Outcome::FailedToStart(message) => {
-                run.agent_line(message);
-                exit_code::FATAL
-            }
-        }
+        };
+        metrics.scripts_running.dec();
+        run.finish(exit_code);
+        tracing::info!(ticket = %run.ticket, exit_code, "re-attached script complete");
     }
 
     /// Status and the log lines after `after`.
@@ -737,15 +802,18 @@ impl Scripts {
     }
 
     /// Loads the record of completed tickets and every workspace left on
-    /// disk. Scripts that were pending or running when the previous agent
-    /// process stopped are completed with [`exit_code::AGENT_RESTARTED`]. A
-    /// workspace whose ticket is already in the record was being deleted
-    /// when the agent stopped; its deletion is finished. Returns how many
-    /// workspaces were loaded.
+    /// disk. A running script whose executor can follow it again (a
+    /// detached script whose host still runs or recorded its end) is
+    /// re-attached: it takes its isolation mutex again here, before the
+    /// agent serves a call, and is followed to its real exit code. Scripts
+    /// that were pending, or running and cannot be followed, are completed
+    /// with [`exit_code::AGENT_RESTARTED`]. A workspace whose ticket is
+    /// already in the record was being deleted when the agent stopped; its
+    /// deletion is finished. Returns how many workspaces were loaded.
     ///
     /// A record that cannot be read does not stop the agent: the failure is
     /// logged, lines that do not parse are skipped, and what parses is kept.
-    pub fn recover(&self) -> io::Result<usize> {
+    pub fn recover(self: &Arc<Self>) -> io::Result<usize> {
         let root = &self.settings.work_root;
         std::fs::create_dir_all(root)?;
         let now = log::now_ms();
@@ -780,12 +848,17 @@ impl Scripts {
                 }
                 continue;
             }
-            match recover_run(entry.path(), &ticket) {
-                Ok(run) => {
+            match self.recover_run(entry.path(), &ticket) {
+                Ok((run, resumed)) => {
+                    let run = Arc::new(run);
                     self.runs
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .insert(ticket, Arc::new(run));
+                        .insert(ticket, run.clone());
+                    if let Some(resumed) = resumed {
+                        tracing::info!(ticket = %run.ticket, "re-attached to a script started before the restart");
+                        tokio::spawn(self.clone().resume(run, resumed));
+                    }
                     loaded += 1;
                 }
                 Err(error) => {
@@ -839,6 +912,44 @@ impl Scripts {
         }
     }
 
+    /// Stops what would not outlive the agent, for an agent that is going
+    /// away: pending scripts, and running ones unless the executor detaches
+    /// them (those keep running, and the next agent process re-attaches to
+    /// them). Returns how many were stopped.
+    pub fn stop_for_shutdown(&self) -> usize {
+        let detaches = self.executor.detaches();
+        let mut stopped = 0;
+        for run in self
+            .runs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            let phase = run.progress().phase;
+            let survives = detaches && phase == Phase::Running;
+            if phase != Phase::Complete && !survives {
+                run.stop.cancel();
+                stopped += 1;
+            }
+        }
+        stopped
+    }
+
+    /// Pending or running scripts that end with the agent (not detached
+    /// running ones).
+    pub fn active_attached(&self) -> usize {
+        let detaches = self.executor.detaches();
+        self.runs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|r| {
+                let phase = r.progress().phase;
+                phase != Phase::Complete && !(detaches && phase == Phase::Running)
+            })
+            .count()
+    }
+
     /// Stops every pending or running script, for an agent that is going away.
     pub fn stop_all(&self) {
         for run in self
@@ -852,32 +963,123 @@ impl Scripts {
     }
 }
 
-fn recover_run(dir: PathBuf, ticket: &Ticket) -> io::Result<Run> {
-    let workspace = Workspace::open(dir);
-    let log = log::ScriptLog::open(&workspace.output_log())?;
-    let state = workspace.read_state().ok();
-    let created_ms = state.as_ref().map_or_else(log::now_ms, |s| s.created_ms);
-    let run = Run {
-        ticket: ticket.clone(),
-        workspace,
-        log,
-        progress: watch::Sender::new(Progress {
-            phase: state.as_ref().map_or(Phase::Pending, |s| s.phase),
-            exit_code: state.as_ref().map_or(0, |s| s.exit_code),
-        }),
-        stop: CancellationToken::new(),
-        stop_reason: OnceLock::new(),
-        created_ms,
-        completed_ms: Mutex::new(state.as_ref().and_then(|s| s.completed_ms)),
-    };
-    if run.progress().phase != Phase::Complete {
+impl Scripts {
+    /// A workspace left by an earlier agent process, and what follows its
+    /// script if it is still being run.
+    fn recover_run(&self, dir: PathBuf, ticket: &Ticket) -> io::Result<(Run, Option<Resumed>)> {
+        let workspace = Workspace::open(dir);
+        let state = workspace.read_state().ok();
+        let phase = state.as_ref().map_or(Phase::Pending, |s| s.phase);
+        let followed = phase == Phase::Running && self.executor.detaches();
+        let log = if followed {
+            // Its host may be writing this very moment.
+            log::ScriptLog::open_following(&workspace.output_log())?
+        } else {
+            log::ScriptLog::open(&workspace.output_log())?
+        };
+        let created_ms = state.as_ref().map_or_else(log::now_ms, |s| s.created_ms);
+        let held = Held {
+            mutex: state.as_ref().and_then(|s| s.mutex.clone()),
+            deadline_ms: state.as_ref().and_then(|s| s.deadline_ms),
+        };
+        let run = Run {
+            ticket: ticket.clone(),
+            workspace,
+            log,
+            progress: watch::Sender::new(Progress {
+                phase,
+                exit_code: state.as_ref().map_or(0, |s| s.exit_code),
+            }),
+            stop: CancellationToken::new(),
+            stop_reason: OnceLock::new(),
+            created_ms,
+            completed_ms: Mutex::new(state.as_ref().and_then(|s| s.completed_ms)),
+            held: Mutex::new(held.clone()),
+        };
+        if phase == Phase::Complete {
+            return Ok((run, None));
+        }
+        if followed {
+            // Masking is the host's: it alone has the values. The agent's
+            // own lines about this run hold none.
+            let output = OutputSink::new(run.log.clone(), Masker::default());
+            if let Some(mut execution) =
+                self.executor
+                    .reattach(run.workspace.dir(), output, run.stop.clone())
+            {
+                // Ended while no agent ran (or its host is gone): complete
+                // before the first call is served.
+                if let Some(outcome) = (&mut execution).now_or_never() {
+                    let code = ended(&run, outcome, None);
+                    run.finish(code);
+                    tracing::info!(%ticket, exit_code = code, "a script ended while the agent was down");
+                    return Ok((run, None));
+                }
+                let guard = held.mutex.as_ref().and_then(|mutex| {
+                    let level = if mutex.exclusive {
+                        IsolationLevel::Full
+                    } else {
+                        IsolationLevel::None
+                    };
+                    let guard = self.mutexes.try_acquire(&mutex.name, level);
+                    if guard.is_none() {
+                        tracing::warn!(%ticket, mutex = %mutex.name, "a re-attached script's isolation mutex is held by another re-attached script");
+                    }
+                    guard
+                });
+                return Ok((
+                    run,
+                    Some(Resumed {
+                        execution,
+                        guard,
+                        deadline_ms: held.deadline_ms,
+                    }),
+                ));
+            }
+        }
         run.agent_line(
             "The agent restarted while this script was pending or running; its result is unknown.",
         );
         run.finish(exit_code::AGENT_RESTARTED);
         tracing::warn!(%ticket, "a script was interrupted by an agent restart");
+        Ok((run, None))
     }
-    Ok(run)
+}
+
+/// The exit code for `outcome`, with a line saying why for the codes the
+/// agent chose. `timeout` is the whole limit, for that line, when known.
+fn ended(run: &Run, outcome: Outcome, timeout: Option<Duration>) -> i32 {
+    match outcome {
+        Outcome::Exited(code) => code,
+        Outcome::Stopped => {
+            let code = *run.stop_reason.get().unwrap_or(&exit_code::CANCELED);
+            if code == exit_code::TIMED_OUT {
+                run.agent_line(match timeout {
+                    Some(limit) => format!(
+                        "Timed out after {}; the script and its child processes were killed.",
+                        humantime::format_duration(limit)
+                    ),
+                    None => "Timed out; the script and its child processes were killed.".to_owned(),
+                });
+            } else {
+                run.agent_line("Canceled; the script and its child processes were killed.");
+            }
+            code
+        }
+        Outcome::FailedToStart(message) => {
+            run.agent_line(message);
+            exit_code::FATAL
+        }
+        Outcome::Lost(message) => {
+            run.agent_line(message);
+            exit_code::AGENT_RESTARTED
+        }
+    }
+}
+
+/// Whole milliseconds, saturating.
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A ticket whose workspace is gone: complete, with its exit code and no

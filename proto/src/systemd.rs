@@ -391,6 +391,10 @@ pub struct UnitSpec {
     pub stop_timeout: Duration,
     pub restart_delay: Duration,
     pub limit_nofile: Option<u64>,
+    /// `KillMode=process`: a stop ends the main process only and leaves
+    /// the unit's other processes running (the agent's detached scripts,
+    /// which the next start re-attaches to). Otherwise `KillMode=mixed`.
+    pub keep_other_processes_on_stop: bool,
 }
 
 impl UnitSpec {
@@ -501,6 +505,9 @@ pub fn agent_unit(
         stop_timeout: shutdown_grace + kill_grace + Duration::from_secs(10),
         restart_delay: Duration::from_secs(5),
         limit_nofile: None,
+        // Deployment scripts outlive a stop or restart of the agent (an
+        // upgrade of the agent by a script, say); uninstalling stops them.
+        keep_other_processes_on_stop: true,
     };
     spec.validate()?;
     Ok(spec)
@@ -538,6 +545,7 @@ pub fn hub_unit(
         stop_timeout: drain_grace + Duration::from_secs(15),
         restart_delay: Duration::from_secs(5),
         limit_nofile: Some(HUB_LIMIT_NOFILE),
+        keep_other_processes_on_stop: false,
     };
     spec.validate()?;
     Ok(spec)
@@ -666,9 +674,11 @@ fn seconds(duration: Duration) -> String {
 /// (scripts look for other users' processes, runtimes read /proc/meminfo),
 /// and `CapabilityBoundingSet` (a `--user root` service is root on purpose).
 ///
-/// `KillMode=mixed`: a stop sends SIGTERM to the main process only, which
-/// lets running scripts finish within its grace period; whatever is left
-/// after `TimeoutStopSec` gets SIGKILL.
+/// `KillMode=mixed` (the hub): a stop sends SIGTERM to the main process
+/// only, and whatever is left after `TimeoutStopSec` gets SIGKILL.
+/// `KillMode=process` (the agent): only the main process is signalled, so
+/// the deployment scripts it runs detached keep running through a stop or
+/// restart and the next agent re-attaches to them.
 pub fn render(spec: &UnitSpec) -> String {
     let mut unit = String::new();
     let mut line = |text: &str| {
@@ -699,9 +709,16 @@ pub fn render(spec: &UnitSpec) -> String {
     line(&format!("ExecStart={}", exec.join(" ")));
     line("Restart=on-failure");
     line(&format!("RestartSec={}", seconds(spec.restart_delay)));
-    line("# SIGTERM goes to the main process alone, which gives running scripts its");
-    line("# grace period; what is left after TimeoutStopSec gets SIGKILL.");
-    line("KillMode=mixed");
+    if spec.keep_other_processes_on_stop {
+        line("# A stop or restart signals the agent alone: running deployment scripts");
+        line("# keep going and the next start re-attaches to them. `service --uninstall`");
+        line("# stops them.");
+        line("KillMode=process");
+    } else {
+        line("# SIGTERM goes to the main process alone, which gives running scripts its");
+        line("# grace period; what is left after TimeoutStopSec gets SIGKILL.");
+        line("KillMode=mixed");
+    }
     line(&format!("TimeoutStopSec={}", seconds(spec.stop_timeout)));
     if let Some(limit) = spec.limit_nofile {
         line(&format!("LimitNOFILE={limit}"));

@@ -8,6 +8,7 @@
 //! script table and its cleaner, files, packages, routes, serve settings,
 //! health, shutdown, polling) is the agent's own code in [`Agent::serve`].
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tentacle_proto::tls::IdentityCell;
@@ -49,6 +50,7 @@ pub struct AgentBuilder {
     dialer: Option<Arc<dyn Dialer>>,
     stream_layer: StreamLayer,
     free_space: Option<Arc<dyn FreeSpace>>,
+    script_host: Option<PathBuf>,
 }
 
 impl AgentBuilder {
@@ -61,6 +63,7 @@ impl AgentBuilder {
             dialer: None,
             stream_layer: StreamLayer::identity(),
             free_space: None,
+            script_host: None,
         }
     }
 
@@ -96,6 +99,15 @@ impl AgentBuilder {
         self
     }
 
+    /// Runs the default executor's scripts detached, under `program
+    /// script-host` (the `tentacle` binary itself), so they outlive the
+    /// agent process and the next one re-attaches to them. Without it they
+    /// are the agent's children and end with it.
+    pub fn script_host(mut self, program: PathBuf) -> Self {
+        self.script_host = Some(program);
+        self
+    }
+
     /// Answers the free-space checks of file and package uploads; by
     /// default the file system.
     pub fn free_space(mut self, probe: Arc<dyn FreeSpace>) -> Self {
@@ -121,9 +133,11 @@ impl AgentBuilder {
         let identity = IdentityCell::new(identity)?;
         let trust = TrustStore::new(config.trust.thumbprints.iter().copied());
         trust.set_certificate_validity(config.trust.certificate_validity);
-        let executor = self
-            .executor
-            .unwrap_or_else(|| Arc::new(ProcessExecutor::new(config.process_settings())));
+        let executor = self.executor.unwrap_or_else(|| {
+            let mut settings = config.process_settings();
+            settings.host_program = self.script_host;
+            Arc::new(ProcessExecutor::new(settings))
+        });
 
         let script_settings = config.script_settings(&home);
         let work_root = script_settings.work_root.clone();

@@ -2,17 +2,21 @@
 //! script. The agent runs real processes ([`super::process`]); the simulator
 //! plugs in a model that only pretends to.
 
-use std::fmt::Debug;
-use std::path::PathBuf;
+use std::fmt::{self, Debug};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::log::{ScriptLog, Stream};
 use super::masking::Masker;
 
-/// Everything needed to run one script.
-#[derive(Debug, Clone)]
+/// Everything needed to run one script. It travels to a detached script's
+/// host through a pipe, never through a file: the environment may hold
+/// sensitive values.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub ticket: String,
     pub workspace: PathBuf,
@@ -28,7 +32,8 @@ pub struct Job {
 }
 
 /// How an execution ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The script exited by itself with this code.
     Exited(i32),
@@ -36,18 +41,42 @@ pub enum Outcome {
     Stopped,
     /// The script never started.
     FailedToStart(String),
+    /// The script was started by an earlier agent process, and what
+    /// supervised it is gone without recording how it ended.
+    Lost(String),
 }
 
 /// Where a running script's output goes: masked, then appended to its log.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OutputSink {
     log: ScriptLog,
     masker: Masker,
+    /// Called after every append (a detached script's host pokes the agent
+    /// with it).
+    appended: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl Debug for OutputSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutputSink")
+            .field("log", &self.log.path())
+            .finish_non_exhaustive()
+    }
 }
 
 impl OutputSink {
     pub fn new(log: ScriptLog, masker: Masker) -> Self {
-        Self { log, masker }
+        Self {
+            log,
+            masker,
+            appended: None,
+        }
+    }
+
+    /// Calls `appended` after every batch written.
+    pub fn on_append(mut self, appended: impl Fn() + Send + Sync + 'static) -> Self {
+        self.appended = Some(Arc::new(appended));
+        self
     }
 
     pub fn write(&self, lines: impl IntoIterator<Item = (Stream, String)>) {
@@ -58,6 +87,27 @@ impl OutputSink {
             // Nothing better to do than say so: the script keeps running.
             tracing::error!(%error, path = %self.log.path().display(), "could not append script output");
         }
+        if let Some(appended) = &self.appended {
+            appended();
+        }
+    }
+
+    /// Indexes and publishes lines another process (a detached script's
+    /// host) appended to the log file.
+    pub fn catch_up(&self) {
+        if let Err(error) = self.log.catch_up() {
+            tracing::warn!(%error, path = %self.log.path().display(), "could not read new script output");
+        }
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        self.log.path()
+    }
+
+    /// The masker, for a host process that masks on the agent's behalf.
+    pub(crate) fn masker(&self) -> &Masker {
+        &self.masker
     }
 }
 
@@ -70,4 +120,23 @@ pub trait Executor: Send + Sync + Debug + 'static {
         output: OutputSink,
         stop: CancellationToken,
     ) -> BoxFuture<'static, Outcome>;
+
+    /// Whether scripts outlive the agent process: then an agent that stops
+    /// leaves them running, and the next one re-attaches to them.
+    fn detaches(&self) -> bool {
+        false
+    }
+
+    /// Follows a script an earlier agent process started in `workspace`,
+    /// as [`Executor::execute`] would have. `None` when nothing of it can be
+    /// followed; the script is then reported as interrupted by the restart.
+    fn reattach(
+        &self,
+        workspace: &Path,
+        output: OutputSink,
+        stop: CancellationToken,
+    ) -> Option<BoxFuture<'static, Outcome>> {
+        let _ = (workspace, output, stop);
+        None
+    }
 }

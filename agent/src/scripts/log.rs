@@ -51,6 +51,33 @@ struct Index {
     end: u64,
 }
 
+impl Index {
+    /// Indexes complete lines past `end`. With `cut_torn_tail`, a partial
+    /// last line is cut off (its writer is gone and this one appends next).
+    fn catch_up(&mut self, cut_torn_tail: bool) -> io::Result<()> {
+        let len = self.file.metadata()?.len();
+        if len > self.end {
+            let mut reader = BufReader::new(&self.file);
+            reader.seek(SeekFrom::Start(self.end))?;
+            let mut reader = reader.take(len - self.end);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                let n = reader.read_until(b'\n', &mut line)?;
+                if n == 0 || line.last() != Some(&b'\n') {
+                    break;
+                }
+                self.offsets.push(self.end);
+                self.end += n as u64;
+            }
+        }
+        if cut_torn_tail && len != self.end {
+            self.file.set_len(self.end)?;
+        }
+        Ok(())
+    }
+}
+
 /// The output of one script.
 #[derive(Debug, Clone)]
 pub struct ScriptLog {
@@ -61,38 +88,53 @@ pub struct ScriptLog {
 
 impl ScriptLog {
     /// Creates the file, or opens an existing one and indexes it. A torn last
-    /// line (the agent died mid-write) is cut off.
+    /// line (the agent died mid-write) is cut off: the caller is the file's
+    /// only writer from now on.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let mut file = OpenOptions::new()
+        Self::open_with(path, true)
+    }
+
+    /// Opens a log that another process (a detached script's host) is
+    /// still writing: complete lines are indexed, a partial last line is
+    /// left for its writer to finish, and [`ScriptLog::catch_up`] indexes
+    /// what it appends later.
+    pub fn open_following(path: &Path) -> io::Result<Self> {
+        Self::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, cut_torn_tail: bool) -> io::Result<Self> {
+        let file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(path)?;
-        let mut offsets = Vec::new();
-        let mut end = 0u64;
-        {
-            file.seek(SeekFrom::Start(0))?;
-            let mut reader = BufReader::new(&mut file);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                let n = reader.read_until(b'\n', &mut line)?;
-                if n == 0 || line.last() != Some(&b'\n') {
-                    break;
-                }
-                offsets.push(end);
-                end += n as u64;
-            }
-        }
-        if file.metadata()?.len() != end {
-            file.set_len(end)?;
-        }
-        let last = offsets.len() as u64;
+        let mut index = Index {
+            file,
+            offsets: Vec::new(),
+            end: 0,
+        };
+        index.catch_up(cut_torn_tail)?;
+        let last = index.offsets.len() as u64;
         Ok(Self {
             path: path.to_owned(),
-            index: Arc::new(Mutex::new(Index { file, offsets, end })),
+            index: Arc::new(Mutex::new(index)),
             last_seq: watch::Sender::new(last),
         })
+    }
+
+    /// Indexes and publishes the complete lines another process appended
+    /// since the last look; returns the newest sequence.
+    pub fn catch_up(&self) -> io::Result<u64> {
+        let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        index.catch_up(false)?;
+        let last = index.offsets.len() as u64;
+        drop(index);
+        self.last_seq.send_if_modified(|seq| {
+            let changed = *seq != last;
+            *seq = last;
+            changed
+        });
+        Ok(last)
     }
 
     pub fn path(&self) -> &Path {
@@ -112,6 +154,10 @@ impl ScriptLog {
     /// Appends lines in order and publishes their sequences.
     pub fn append(&self, lines: impl IntoIterator<Item = (Stream, String)>) -> io::Result<u64> {
         let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        // A detached script's host may have written since this handle last
+        // looked; it is gone whenever the agent itself appends, so what it
+        // left half written is cut.
+        index.catch_up(true)?;
         let time_ms = now_ms();
         let mut buf = Vec::new();
         let mut offsets = Vec::new();
@@ -285,5 +331,49 @@ mod tests {
             ["kept", "after"]
         );
         assert_eq!(all[1].seq, 2);
+    }
+
+    #[test]
+    fn a_follower_indexes_another_writers_lines_and_leaves_its_partial_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("output.log");
+        let writer = ScriptLog::open(&path).expect("writer");
+        writer
+            .append([(Stream::Stdout, "one".into())])
+            .expect("append");
+        // The writer is mid-line when the follower opens the file.
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"{\"seq\":2,\"str"))
+            .expect("partial");
+        let follower = ScriptLog::open_following(&path).expect("follow");
+        assert_eq!(follower.last_sequence(), 1);
+        let rx = follower.subscribe();
+        // Not cut: its writer finishes it.
+        let partial = br#"eam":"stdout","time_ms":5,"text":"two"}"#;
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(partial)?;
+                f.write_all(b"\n")
+            })
+            .expect("finish the line");
+        assert!(!rx.has_changed().expect("alive"), "nothing published yet");
+        assert_eq!(follower.catch_up().expect("catch up"), 2);
+        assert!(rx.has_changed().expect("alive"));
+        assert_eq!(follower.catch_up().expect("again"), 2, "idempotent");
+        // Once the other writer is gone, the follower appends after it.
+        follower
+            .append([(Stream::Agent, "three".into())])
+            .expect("append");
+        let all = follower.read_after(0, ALL).expect("read");
+        assert_eq!(
+            all.iter()
+                .map(|r| (r.seq, r.text.as_str()))
+                .collect::<Vec<_>>(),
+            [(1, "one"), (2, "two"), (3, "three")]
+        );
     }
 }

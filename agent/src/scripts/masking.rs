@@ -6,9 +6,20 @@ use aho_corasick::AhoCorasick;
 pub const MASK: &str = "********";
 
 /// Replaces every occurrence of the sensitive values with [`MASK`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Masker {
     matcher: Option<AhoCorasick>,
+    /// Kept to hand to a detached script's host, through its stdin only.
+    values: Vec<String>,
+}
+
+/// Never shows the values.
+impl std::fmt::Debug for Masker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Masker")
+            .field("values", &self.values.len())
+            .finish()
+    }
 }
 
 impl Masker {
@@ -35,7 +46,12 @@ impl Masker {
                 .build(&values)
                 .ok()
         };
-        Self { matcher }
+        Self { matcher, values }
+    }
+
+    /// The values masked, longest first.
+    pub(crate) fn values(&self) -> &[String] {
+        &self.values
     }
 
     pub fn mask(&self, text: String) -> String {

@@ -1,11 +1,18 @@
 //! Runs a script as a real child process in its own process group.
 //!
+//! With a host program configured ([`ProcessSettings::host_program`], the
+//! real agent's own binary) the script runs detached under a script host
+//! ([`super::host`], [`super::detached`]) and outlives the agent; without
+//! one (tests, the in-process demo) the agent supervises it itself and it
+//! ends with the agent. Both run [`supervise`].
+//!
 //! Cancelling kills the whole group (TERM, then KILL after a grace period),
 //! which takes background children with it. After the script's main process
 //! exits, output is drained for a bounded time only: a detached grandchild
 //! that keeps stdout open must not keep the script from completing.
 
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -31,6 +38,10 @@ pub struct ProcessSettings {
     pub output_drain_timeout: Duration,
     /// Longer lines are split.
     pub max_line_bytes: usize,
+    /// The program that hosts detached scripts (started as
+    /// `PROGRAM script-host`); `None` runs scripts as the agent's own
+    /// children, which end with it.
+    pub host_program: Option<PathBuf>,
 }
 
 impl Default for ProcessSettings {
@@ -39,6 +50,7 @@ impl Default for ProcessSettings {
             kill_grace: Duration::from_secs(5),
             output_drain_timeout: Duration::from_secs(2),
             max_line_bytes: 64 * 1024,
+            host_program: None,
         }
     }
 }
@@ -62,11 +74,32 @@ impl Executor for ProcessExecutor {
         output: OutputSink,
         stop: CancellationToken,
     ) -> BoxFuture<'static, Outcome> {
-        run(job, output, stop, self.settings.clone()).boxed()
+        match &self.settings.host_program {
+            Some(program) => {
+                super::detached::start(program.clone(), job, output, stop, self.settings.clone())
+                    .boxed()
+            }
+            None => supervise(job, output, stop, self.settings.clone()).boxed(),
+        }
+    }
+
+    fn detaches(&self) -> bool {
+        self.settings.host_program.is_some()
+    }
+
+    fn reattach(
+        &self,
+        workspace: &Path,
+        output: OutputSink,
+        stop: CancellationToken,
+    ) -> Option<BoxFuture<'static, Outcome>> {
+        super::detached::reattach(workspace, output, stop, self.settings.clone())
     }
 }
 
-async fn run(
+/// Runs `job` as a child in its own process group until it exits or `stop`
+/// fires, its output masked into `output`.
+pub(crate) async fn supervise(
     job: Job,
     output: OutputSink,
     stop: CancellationToken,

@@ -164,6 +164,8 @@ async fn recovery_completes_interrupted_scripts_and_the_cleaner_expires_old_ones
             exit_code: 0,
             created_ms: 1,
             completed_ms: None,
+            mutex: None,
+            deadline_ms: None,
         })
         .expect("state");
         log::ScriptLog::open(&ws.output_log())
@@ -211,3 +213,4 @@ async fn unknown_tickets_report_the_reserved_code() {
 }
 
 mod completed;
+mod reattached;

@@ -1,5 +1,6 @@
 //! The directory a script runs in: the script file, its extra files, the
-//! output log and the state file.
+//! output log, the state file, and for a detached script the records of its
+//! host and of how it ended.
 
 use std::fs;
 use std::io;
@@ -13,6 +14,10 @@ use super::Ticket;
 pub const RESERVED_PREFIX: &str = "tentacle-";
 const STATE_FILE: &str = "tentacle-state.json";
 const OUTPUT_LOG: &str = "tentacle-output.log";
+/// Which process hosts a detached script ([`super::host::HostRecord`]).
+const HOST_RECORD: &str = "tentacle-host.json";
+/// How a detached script ended ([`super::host::ExitRecord`]).
+const EXIT_RECORD: &str = "tentacle-exit.json";
 
 /// Where a script is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +36,21 @@ pub struct StateFile {
     pub exit_code: i32,
     pub created_ms: i64,
     pub completed_ms: Option<i64>,
+    /// The isolation mutex a running script holds, so an agent that
+    /// re-attaches to it takes the mutex again before serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutex: Option<HeldMutex>,
+    /// When a running script's execution timeout expires, so it still
+    /// applies after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
+}
+
+/// An isolation mutex a script holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldMutex {
+    pub name: String,
+    pub exclusive: bool,
 }
 
 /// One ticket's directory under the agent's work root.
@@ -58,6 +78,14 @@ impl Workspace {
 
     pub fn output_log(&self) -> PathBuf {
         self.dir.join(OUTPUT_LOG)
+    }
+
+    pub fn host_record(&self) -> PathBuf {
+        self.dir.join(HOST_RECORD)
+    }
+
+    pub fn exit_record(&self) -> PathBuf {
+        self.dir.join(EXIT_RECORD)
     }
 
     pub fn script_path(&self, extension: &str) -> PathBuf {
@@ -134,6 +162,8 @@ mod tests {
             exit_code: 0,
             created_ms: 1,
             completed_ms: None,
+            mutex: None,
+            deadline_ms: None,
         };
         ws.write_state(&state).expect("write");
         assert_eq!(ws.read_state().expect("read"), state);

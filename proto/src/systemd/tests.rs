@@ -114,6 +114,14 @@ fn exec_line(unit: &str) -> &str {
 }
 
 #[test]
+fn a_stop_leaves_the_agents_scripts_running_and_ends_the_whole_hub() {
+    let agent = render(&agent_default());
+    assert!(agent.contains("\nKillMode=process\n"), "{agent}");
+    let hub = render(&hub_default());
+    assert!(hub.contains("\nKillMode=mixed\n"), "{hub}");
+}
+
+#[test]
 fn the_unit_is_hardened() {
     for spec in [agent_default(), hub_default()] {
         let unit = render(&spec);
@@ -126,7 +134,6 @@ fn the_unit_is_hardened() {
             "UMask=0077",
             "Restart=on-failure",
             "RestartSec=5s",
-            "KillMode=mixed",
             "TimeoutStopSec=45s",
             "ProtectKernelTunables=yes",
             "ProtectKernelModules=yes",

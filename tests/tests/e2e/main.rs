@@ -27,6 +27,7 @@ mod restart;
 mod rotation;
 mod scenario_run;
 mod script_output;
+mod script_survival;
 mod stock_grpc_tools;
 mod systemd;
 mod traces;

@@ -1,18 +1,24 @@
-//! A script left running by an agent that died is reported complete with
-//! the "agent restarted" code once the agent is back.
+//! A script whose agent died and whose host (the process that supervises a
+//! detached script and records its end) was killed too is reported complete
+//! with the "agent restarted" code once the agent is back. A script whose
+//! host survives keeps running and reports its own code: see
+//! `script_survival.rs`.
 
 use std::time::Duration;
 
 use tentacle_proto::v1 as pb;
-use tentacle_tests::{AgentProcess, Fixture, Mode, bash, client_identity, in_both_modes};
+use tentacle_tests::{
+    AgentProcess, Fixture, Mode, bash, client_identity, in_both_modes, process_alive,
+};
 
 async fn a_script_interrupted_by_a_crash_reports_agent_restarted(mode: Mode) {
     let mut fixture = Fixture::start(mode, "").await;
-    let request = bash("echo \"pgid $$\"; echo before; sleep 60");
+    let request = bash("echo \"pgid $$\"; echo \"host $PPID\"; echo before; sleep 60");
     let ticket = request.ticket.clone();
     let client = fixture.reconnect().await;
     client.scripts().start_script(request).await.expect("start");
     let mut pgid = None;
+    let mut host = None;
     for _ in 0..100 {
         let status = client
             .scripts()
@@ -27,20 +33,35 @@ async fn a_script_interrupted_by_a_crash_reports_agent_restarted(mode: Mode) {
             .logs
             .iter()
             .find_map(|l| l.text.strip_prefix("pgid ")?.parse::<i32>().ok());
-        if status.logs.len() >= 2 {
+        host = status
+            .logs
+            .iter()
+            .find_map(|l| l.text.strip_prefix("host ")?.parse::<i32>().ok());
+        if status.logs.len() >= 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pgid = pgid.expect("script started");
+    let host = host.expect("script started");
     drop(client);
 
     fixture.agent.kill();
-    // The orphaned script is not this test's concern beyond cleaning it up.
+    // The host first, so it cannot record the script's end.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     let _ = nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(pgid),
         nix::sys::signal::Signal::SIGKILL,
     );
+    // SIGKILL is delivered, not finished, when kill returns.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while process_alive(host) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!process_alive(host), "the host {host} survived SIGKILL");
     fixture.agent.spawn();
 
     let client = fixture.reconnect().await;
@@ -59,7 +80,14 @@ async fn a_script_interrupted_by_a_crash_reports_agent_restarted(mode: Mode) {
         pb::ReservedExitCode::ExitCodeAgentRestarted as i32
     );
     let texts: Vec<&str> = status.logs.iter().map(|l| l.text.as_str()).collect();
-    assert_eq!(texts[..2], [format!("pgid {pgid}").as_str(), "before"]);
+    assert_eq!(
+        texts[..3],
+        [
+            format!("pgid {pgid}").as_str(),
+            format!("host {host}").as_str(),
+            "before"
+        ]
+    );
     assert!(
         texts.last().is_some_and(|t| t.contains("restarted")),
         "{texts:?}"

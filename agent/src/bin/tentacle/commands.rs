@@ -268,7 +268,12 @@ pub fn run(
             crate::from_env::prepare(home, environment).await?;
         }
         let home = Home::new(home);
-        let agent = Agent::load(home)?;
+        // Scripts run detached under this very binary (`/proc/self/exe`
+        // still names it after an upgrade replaced the file), so they
+        // survive the agent's restart.
+        let agent = Agent::builder(home)
+            .script_host(std::path::PathBuf::from("/proc/self/exe"))
+            .build()?;
         let (listening, polling) = (agent.config().listen.enabled, agent.config().polling.enabled);
         if !listening && !polling {
             bail!("neither listening nor polling is enabled; use `tentacle configure --mode listening` or `--mode polling`");
@@ -325,6 +330,22 @@ pub fn probe(args: tentacle_proto::probe::ProbeArgs) -> anyhow::Result<()> {
 
 /// `tentacle service`: the unit runs `tentacle --home HOME run`, with the
 /// stop timeouts taken from the home's tentacle.toml when there is one.
+/// Scripts keep running through a stop of the service (`KillMode=process`)
+/// so that a restart re-attaches to them; an uninstalled agent will not
+/// come back for them, so they are cancelled (TERM, then KILL after the
+/// kill grace) once the service is gone.
+fn stop_detached_scripts(home: &Home) {
+    let Ok(config) = home.load() else {
+        return;
+    };
+    let work_root = config.script_settings(home).work_root;
+    let wait = config.scripts.kill_grace + std::time::Duration::from_secs(5);
+    let stopped = tentacle_agent::scripts::detached::cancel_all_in(&work_root, wait);
+    if stopped > 0 {
+        println!("stopped {stopped} script(s) that were still running");
+    }
+}
+
 pub fn service(home: &Path, args: &tentacle_proto::systemd::ServiceArgs) -> std::process::ExitCode {
     use tentacle_proto::systemd::{self, Action, Program};
     let config = Home::new(home);
@@ -348,6 +369,12 @@ pub fn service(home: &Path, args: &tentacle_proto::systemd::ServiceArgs) -> std:
         }
     };
     match systemd::run(&program, args, home) {
+        Ok(code)
+            if args.action() == Action::Uninstall && code == std::process::ExitCode::SUCCESS =>
+        {
+            stop_detached_scripts(&config);
+            code
+        }
         Ok(code) => code,
         Err(error) => {
             eprintln!("tentacle: error: {error}");

@@ -94,6 +94,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The host of a detached script (see `tentacle_agent::scripts::host`):
+    // not a verb for people, so it is kept out of the parser and the help.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(
+            tentacle_agent::scripts::host::SUBCOMMAND,
+        ))
+    {
+        return tentacle_agent::scripts::host::main();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CreateInstance => commands::create_instance(&cli.home),

@@ -299,6 +299,8 @@ async fn a_deletion_cut_short_by_a_crash_is_finished_at_startup() {
         exit_code: 8,
         created_ms: now - 10,
         completed_ms: Some(now - 5),
+        mutex: None,
+        deadline_ms: None,
     })
     .expect("state");
     std::fs::write(
