@@ -24,6 +24,7 @@ pub mod executor;
 pub mod host;
 pub mod isolation;
 pub mod log;
+mod log_space;
 pub mod masking;
 pub mod process;
 mod ticket;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::log::{ScriptLog, Stream};
+use super::log_space::LogSpace;
 use super::masking::Masker;
 
 /// Everything needed to run one script. It travels to a detached script's
@@ -54,6 +55,8 @@ pub struct OutputSink {
     /// Called after every append (a detached script's host pokes the agent
     /// with it).
     appended: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Whether the log can still be written (a full disk).
+    space: Arc<LogSpace>,
 }
 
 impl Debug for OutputSink {
@@ -70,6 +73,7 @@ impl OutputSink {
             log,
             masker,
             appended: None,
+            space: Arc::default(),
         }
     }
 
@@ -80,12 +84,44 @@ impl OutputSink {
     }
 
     pub fn write(&self, lines: impl IntoIterator<Item = (Stream, String)>) {
-        let masked = lines
+        if self.space.is_failed() {
+            self.space.drop_lines(lines.into_iter().count() as u64);
+            return;
+        }
+        let masked: Vec<_> = lines
             .into_iter()
-            .map(|(stream, text)| (stream, self.masker.mask(text)));
+            .map(|(stream, text)| (stream, self.masker.mask(text)))
+            .collect();
+        let count = masked.len() as u64;
         if let Err(error) = self.log.append(masked) {
-            // Nothing better to do than say so: the script keeps running.
+            // The script keeps running; the caller is told in the log, in
+            // the room the reserve kept.
             tracing::error!(%error, path = %self.log.path().display(), "could not append script output");
+            if let Some(notice) = self.space.fail(&error, count) {
+                self.append_notice(notice);
+            }
+        }
+        if let Some(appended) = &self.appended {
+            appended();
+        }
+    }
+
+    /// Keeps room in `workspace` for the notices a full disk calls for.
+    pub fn reserve_space(&self, workspace: &Path) {
+        self.space.reserve_in(workspace);
+    }
+
+    /// Says how much output was lost, if any, and frees the reserve; called
+    /// once the script's output has ended.
+    pub fn finish(&self) {
+        if let Some(notice) = self.space.finish() {
+            self.append_notice(notice);
+        }
+    }
+
+    fn append_notice(&self, notice: String) {
+        if let Err(error) = self.log.append([(Stream::Agent, notice)]) {
+            tracing::error!(%error, path = %self.log.path().display(), "could not write a notice to the script's log");
         }
         if let Some(appended) = &self.appended {
             appended();

@@ -105,6 +105,7 @@ pub(crate) async fn supervise(
     stop: CancellationToken,
     settings: ProcessSettings,
 ) -> Outcome {
+    output.reserve_space(&job.workspace);
     let mut command = Command::new(&job.program);
     command
         .args(&job.program_args)
@@ -182,6 +183,8 @@ pub(crate) async fn supervise(
             ),
         )]);
     }
+
+    output.finish();
 
     match (stopped, status) {
         (true, _) => Outcome::Stopped,

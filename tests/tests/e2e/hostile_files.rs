@@ -6,12 +6,15 @@
 //! its roots, and keeps serving.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tentacle_hub::client::AgentClient;
 use tentacle_proto::v1 as pb;
-use tentacle_tests::{Fixture, Mode, bash, in_both_modes, run_to_end};
+use tentacle_tests::{
+    AgentProcess, Fixture, Mode, bash, client_identity, in_both_modes, run_to_end,
+};
 use tonic::Code;
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -399,3 +402,115 @@ in_both_modes!(
     odd_bytes_and_shell_metacharacters_pass_through_literally,
     super::odd_bytes_and_shell_metacharacters_pass_through_literally
 );
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (e.g. "16m"), or says why it cannot.
+    fn mount(size: &str) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("running mount: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed (root is needed): {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_whose_log_fills_the_disk_ends_cleanly_and_the_agent_keeps_serving() {
+    let disk = match SmallDisk::mount("16m") {
+        Ok(disk) => disk,
+        Err(why) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("skipped: a_script_whose_log_fills_the_disk: {why}");
+            return;
+        }
+        Err(why) => panic!("{why}"),
+    };
+    let me = client_identity();
+    let work = disk.path().join("work");
+    let agent = AgentProcess::start(
+        &[me.thumbprint()],
+        &format!("[scripts]\nwork_dir = {:?}\n", work.display().to_string()),
+    );
+    let client = agent.client(&me).await;
+
+    // About 64 MB of output into a 16 MB disk.
+    let flood = bash("echo first; yes 'a line that fills the disk' | head -n 2500000; echo last");
+    let ticket = flood.ticket.clone();
+    let run = tokio::time::timeout(Duration::from_secs(120), run_to_end(&client, flood))
+        .await
+        .expect("the flooding script ends within two minutes");
+    let (lines, code) = run;
+    assert_eq!(lines.first().map(|l| l.text.as_str()), Some("first"));
+    let sequences: Vec<u64> = lines.iter().map(|l| l.sequence).collect();
+    assert!(
+        sequences.windows(2).all(|w| w[1] == w[0] + 1),
+        "the lines that were kept have no gaps or repeats"
+    );
+    let agent_lines: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.stream == pb::LogStream::Agent as i32)
+        .map(|l| l.text.as_str())
+        .collect();
+    assert!(
+        agent_lines
+            .iter()
+            .any(|t| t.contains("disk") || t.contains("space")),
+        "the caller is told the log filled the disk: {agent_lines:?} (exit code {code})"
+    );
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.stream == pb::LogStream::Agent as i32
+                && l.text
+                    .contains("line(s) of the script's output were not kept")),
+        "the log ends saying how much was lost: {:?}",
+        lines.last()
+    );
+    assert_eq!(code, 0, "the script's own exit code is kept");
+
+    // The agent serves a status for it, and serves other calls.
+    let status = client
+        .scripts()
+        .get_status(pb::GetStatusRequest {
+            ticket: ticket.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("status of the flooding script")
+        .into_inner();
+    assert_eq!(status.state, pb::ScriptState::Complete as i32);
+    assert_eq!(status.exit_code, code);
+    client
+        .capabilities()
+        .await
+        .expect("capabilities while full");
+
+    // Completing it frees the disk, and scripts run again.
+    client.complete_script(&ticket).await.expect("complete");
+    assert_serving(&client).await;
+    assert!(tentacle_tests::process_alive(agent.pid() as i32));
+}
