@@ -16,6 +16,7 @@ use tentacle_proto::dial::{DialSettings, ListeningAddress};
 use tentacle_proto::{Identity, Thumbprint};
 
 pub mod containers;
+pub mod registering;
 
 /// The path of a workspace binary next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
