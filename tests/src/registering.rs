@@ -32,7 +32,10 @@ pub async fn channel_from(
     let connector = tower::service_fn(move |_: Uri| {
         let tls = tls.clone();
         async move {
-            let socket = tokio::net::TcpSocket::new_v4()?;
+            let socket = match source {
+                IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
             socket.bind(SocketAddr::new(source, 0))?;
             let tcp = socket.connect(hub).await?;
             tcp.set_nodelay(true)?;
