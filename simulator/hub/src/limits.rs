@@ -108,6 +108,17 @@ struct Source {
 }
 
 impl Source {
+    /// Counts a refusal; returns how many to report when a log line is due
+    /// (the first refusal, then at most once per [`LOG_WINDOW`]).
+    fn refused_at(&mut self, now: Instant) -> Option<u64> {
+        self.refused += 1;
+        if self.logged_at.is_some_and(|at| now < at + LOG_WINDOW) {
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.refused))
+    }
+
     fn forgettable(&self, now: Instant) -> bool {
         self.repaid_at <= now && self.logged_at.is_none_or(|at| now >= at + LOG_WINDOW)
     }
@@ -182,19 +193,16 @@ impl FailureLimiter {
         else {
             return Ok(());
         };
-        source.refused += 1;
         tentacle_proto::metrics::METRICS
             .hub_registrations_throttled
             .inc();
-        if source.logged_at.is_none_or(|at| now >= at + LOG_WINDOW) {
+        if let Some(refused) = source.refused_at(now) {
             tracing::warn!(
                 source = %describe(key),
-                refused = source.refused,
+                refused,
                 retry_after = ?retry_after,
                 "refusing registrations from a source that spent its budget of failures"
             );
-            source.logged_at = Some(now);
-            source.refused = 0;
         }
         Err(Throttled {
             address: describe(key),

@@ -124,3 +124,27 @@ fn out_of_range_settings_still_limit() {
     let refused = limiter.check_at(ip(1), now).expect_err("one at a time");
     assert_eq!(refused.retry_after, Duration::from_secs(60));
 }
+
+#[test]
+fn a_refused_source_is_logged_once_per_window_with_the_count_since() {
+    let start = Instant::now();
+    let mut source = Source {
+        repaid_at: start,
+        refused: 0,
+        logged_at: None,
+    };
+    assert_eq!(
+        source.refused_at(start),
+        Some(1),
+        "the first refusal is logged"
+    );
+    let logged: Vec<_> = (1..=100)
+        .filter_map(|i| source.refused_at(start + Duration::from_millis(i * 100)))
+        .collect();
+    assert!(logged.is_empty(), "no flood within the window: {logged:?}");
+    assert_eq!(
+        source.refused_at(start + LOG_WINDOW),
+        Some(101),
+        "the next window's line counts what was not logged"
+    );
+}
