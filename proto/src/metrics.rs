@@ -50,6 +50,8 @@ pub struct Metrics {
     pub hub_tunnels_open: Gauge,
     pub hub_queued_calls: Gauge,
     pub hub_pickup_latency: Histogram,
+    pub hub_registration_failures: Counter,
+    pub hub_registrations_throttled: Counter,
 }
 
 impl Metrics {
@@ -103,6 +105,18 @@ impl Metrics {
             "Time from a call to a polling agent until a tunnel picks it up",
             hub_pickup_latency.clone(),
         );
+        let hub_registration_failures = Counter::default();
+        registry.register(
+            "tentacle_hub_registration_failures",
+            "Registrations refused for a bad, used or missing token or API key",
+            hub_registration_failures.clone(),
+        );
+        let hub_registrations_throttled = Counter::default();
+        registry.register(
+            "tentacle_hub_registrations_throttled",
+            "Registrations refused unchecked: their source address had spent its budget of failures",
+            hub_registrations_throttled.clone(),
+        );
         Self {
             registry,
             scripts_running,
@@ -113,6 +127,8 @@ impl Metrics {
             hub_tunnels_open,
             hub_queued_calls,
             hub_pickup_latency,
+            hub_registration_failures,
+            hub_registrations_throttled,
         }
     }
 

@@ -17,6 +17,7 @@ use tentacle_proto::{Identity, Thumbprint};
 
 pub mod containers;
 pub mod fault_proxy;
+pub mod registering;
 
 /// The path of a workspace binary next to the test executable.
 pub fn bin(name: &str) -> PathBuf {

@@ -1,6 +1,8 @@
 //! Command-line arguments that every program reaching a hub shares, so each
 //! flag is declared and documented once: `tentacle-hub`'s operator verbs
-//! and `tentacle-sim fleet` flatten these into their own arguments.
+//! and `tentacle-sim fleet` flatten these into their own arguments. Also the
+//! hub server's own limits that a library user may want on a command line
+//! too ([`RegistrationLimitArgs`]).
 
 use std::time::Duration;
 
@@ -8,6 +10,7 @@ use tentacle_proto::dial::ListeningAddress;
 use tentacle_proto::{Identity, Thumbprint};
 
 use crate::hub::DEFAULT_HUB_PORT;
+use crate::limits::RegistrationLimits;
 
 /// Where the hub is and which certificate it must present.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,6 +44,32 @@ pub struct HubArgs {
     pub pickup_timeout: Option<Duration>,
 }
 
+/// How many failed registrations (bad or missing token or API key) one
+/// source address may make; successful registrations never count.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistrationLimitArgs {
+    /// How fast an address's budget of failed registrations refills.
+    #[arg(long, env = "TENTACLE_HUB_REGISTRATION_FAILURES_PER_MINUTE", default_value_t = RegistrationLimits::default().failures_per_minute, value_parser = clap::value_parser!(u32).range(1..))]
+    pub registration_failures_per_minute: u32,
+    /// How many failed registrations an address may make at once before it
+    /// is refused (RESOURCE_EXHAUSTED) until its budget refills.
+    #[arg(long, env = "TENTACLE_HUB_REGISTRATION_FAILURE_BURST", default_value_t = RegistrationLimits::default().failure_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    pub registration_failure_burst: u32,
+    /// How many addresses with failures outstanding are tracked at most.
+    #[arg(long, env = "TENTACLE_HUB_REGISTRATION_FAILURE_SOURCES", default_value_t = RegistrationLimits::default().max_sources)]
+    pub registration_failure_sources: usize,
+}
+
+impl RegistrationLimitArgs {
+    pub fn limits(&self) -> RegistrationLimits {
+        RegistrationLimits {
+            failures_per_minute: self.registration_failures_per_minute,
+            failure_burst: self.registration_failure_burst,
+            max_sources: self.registration_failure_sources,
+        }
+    }
+}
+
 /// `https://127.0.0.1:10943`: a hub on this machine.
 pub fn default_hub() -> ListeningAddress {
     ListeningAddress::new("127.0.0.1", DEFAULT_HUB_PORT)
@@ -56,6 +85,42 @@ mod tests {
     struct Verb {
         #[command(flatten)]
         hub: HubArgs,
+    }
+
+    #[derive(Debug, Parser)]
+    struct Server {
+        #[command(flatten)]
+        limits: RegistrationLimitArgs,
+    }
+
+    #[test]
+    fn registration_limits_default_to_the_hubs_and_refuse_zero() {
+        let server = Server::try_parse_from(["server"]).expect("parse");
+        assert_eq!(server.limits.limits(), RegistrationLimits::default());
+        let server = Server::try_parse_from([
+            "server",
+            "--registration-failures-per-minute",
+            "30",
+            "--registration-failure-burst",
+            "5",
+            "--registration-failure-sources",
+            "100",
+        ])
+        .expect("parse");
+        assert_eq!(
+            server.limits.limits(),
+            RegistrationLimits {
+                failures_per_minute: 30,
+                failure_burst: 5,
+                max_sources: 100,
+            }
+        );
+        let zero = Server::try_parse_from(["server", "--registration-failure-burst", "0"])
+            .expect_err("zero");
+        assert!(
+            zero.to_string().contains("--registration-failure-burst"),
+            "{zero}"
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::store_file::{self, StoreLock, StoreLockGuard};
+
 /// What a credential allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -59,11 +61,15 @@ pub enum ChosenSecretError {
     Store(#[from] CredentialError),
 }
 
-/// `credentials.toml`. A lock keeps this process's read-modify-write cycles
-/// apart.
+/// `credentials.toml`. Every read-modify-write happens under this
+/// process's mutex and the file's [`StoreLock`], which `tentacle-hub server
+/// token create` in another process takes too, and reads the file again
+/// under them, so no writer loses another's credential or brings back a used
+/// token.
 #[derive(Debug)]
 pub struct CredentialStore {
     path: PathBuf,
+    file_lock: StoreLock,
     lock: Mutex<()>,
 }
 
@@ -79,11 +85,35 @@ fn digest(secret: &str) -> String {
 }
 
 impl CredentialStore {
+    /// The store at `path`, locked for writes with the default timeout.
     pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
         Self {
-            path: path.into(),
+            file_lock: StoreLock::beside(&path, store_file::DEFAULT_LOCK_TIMEOUT),
+            path,
             lock: Mutex::new(()),
         }
+    }
+
+    /// This store with writers waiting up to `timeout` for the lock.
+    pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.file_lock = StoreLock::beside(&self.path, timeout);
+        self
+    }
+
+    /// The lock every writer of this file takes.
+    pub fn file_lock(&self) -> &StoreLock {
+        &self.file_lock
+    }
+
+    /// This process's mutex, then the lock between processes.
+    fn locked(&self) -> Result<(std::sync::MutexGuard<'_, ()>, StoreLockGuard), CredentialError> {
+        let threads = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let processes = self.file_lock.acquire().map_err(|e| self.store_error(e))?;
+        Ok((threads, processes))
     }
 
     pub fn path(&self) -> &Path {
@@ -105,16 +135,11 @@ impl CredentialStore {
         }
     }
 
+    /// Replaces the file; call with the lock held. Owner-only: the hashes
+    /// are no secret, but nobody else has a use for them.
     fn save(&self, file: &CredentialFile) -> Result<(), CredentialError> {
         let text = toml::to_string_pretty(file).map_err(|e| self.store_error(e))?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| self.store_error(e))?;
-        }
-        let temp = self
-            .path
-            .with_extension(format!("tmp-{}", std::process::id()));
-        std::fs::write(&temp, text).map_err(|e| self.store_error(e))?;
-        std::fs::rename(&temp, &self.path).map_err(|e| self.store_error(e))
+        store_file::replace(&self.path, text.as_bytes(), 0o600).map_err(|e| self.store_error(e))
     }
 
     /// Makes a new secret of `kind` and returns it; only its hash is kept.
@@ -130,10 +155,7 @@ impl CredentialStore {
             CredentialKind::ApiKey => "tk",
         };
         let secret = format!("{prefix}_{}", hex::encode(bytes));
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _guard = self.locked()?;
         let mut file = self.load()?;
         let now = now_unix();
         // Expired tokens are dropped whenever the file is written.
@@ -163,10 +185,7 @@ impl CredentialStore {
         if chars < MIN_CHOSEN_SECRET_CHARS {
             return Err(ChosenSecretError::TooShort { chars });
         }
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _guard = self.locked()?;
         let mut file = self.load()?;
         let wanted = digest(secret);
         let now = now_unix();
@@ -191,12 +210,14 @@ impl CredentialStore {
     /// Checks a secret; a token is used up by a successful check, under
     /// the lock, so two uses of one token never both succeed. Give the
     /// result to [`Self::restore`] if what the token was for is then
-    /// refused.
+    /// refused. An API key is only read, without the lock between
+    /// processes (every writer renames a whole file into place), so a
+    /// fleet registering by key never waits for another process's write.
     pub fn redeem(&self, secret: &str, kind: CredentialKind) -> Result<Redeemed, CredentialError> {
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _guard = match kind {
+            CredentialKind::Token => Some(self.locked()?),
+            CredentialKind::ApiKey => None,
+        };
         let mut file = self.load()?;
         let wanted = digest(secret);
         let now = now_unix();
@@ -222,10 +243,7 @@ impl CredentialStore {
         let Some(token) = redeemed.used_up else {
             return Ok(());
         };
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _guard = self.locked()?;
         let mut file = self.load()?;
         if !file.credentials.contains(&token) {
             file.credentials.push(token);

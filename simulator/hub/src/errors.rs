@@ -13,6 +13,8 @@
 //! - `UNAVAILABLE`: the agent is not connected, the connection broke, or
 //!   the hub is going away: worth a retry.
 //! - `DEADLINE_EXCEEDED`: the caller's own deadline ran out.
+//! - `RESOURCE_EXHAUSTED`: the caller's address made too many failed
+//!   registrations; retry after the time the message gives.
 //! - `INTERNAL`: the hub's TLS configuration or store failed. Never
 //!   `UNAVAILABLE`, which callers retry: a retry would fail the same way.
 //!
@@ -102,6 +104,7 @@ impl From<RegistrationError> for Status {
             RegistrationError::NotRegistered(_) => Status::not_found(message),
             RegistrationError::Rotate(error) => error.into(),
             RegistrationError::NotOperator(_) => Status::permission_denied(message),
+            RegistrationError::Throttled(_) => Status::resource_exhausted(message),
         }
     }
 }

@@ -1,8 +1,10 @@
 //! The control plane's home: its certificate and key, kept in the home or,
 //! when [`HubHome::with_identity_files`] names them, elsewhere (a Kubernetes
-//! Secret mounted read-only).
+//! Secret mounted read-only), and its store ([`HubHome::store`]: the
+//! registry and credentials, with how long their writers wait for a lock).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tentacle_proto::Identity;
 use tentacle_proto::identity::IdentityError;
@@ -13,6 +15,8 @@ pub struct HubHome {
     dir: PathBuf,
     /// The certificate and key when they are not the home's own files.
     identity_files: Option<(PathBuf, PathBuf)>,
+    /// How long a writer of the store waits for another process's write.
+    lock_timeout: Duration,
 }
 
 /// The variable that names the hub's home.
@@ -58,7 +62,20 @@ impl HubHome {
         Self {
             dir: dir.into(),
             identity_files: None,
+            lock_timeout: crate::store_file::DEFAULT_LOCK_TIMEOUT,
         }
+    }
+
+    /// This home with writers of its store waiting up to `timeout` for
+    /// the lock another process holds.
+    pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// The registry and credentials kept in this home.
+    pub fn store(&self) -> crate::hub::HubStore {
+        crate::hub::HubStore::in_dir(&self.dir).with_lock_timeout(self.lock_timeout)
     }
 
     /// This home with its identity read from (and made at) `certificate`

@@ -54,6 +54,8 @@ pub struct HubSettings {
     /// How often the registry file is checked for edits by other processes
     /// (a `stat`, unless it changed) and rotations are retired.
     pub registry_reload_interval: Duration,
+    /// How many failed registrations a source address may make.
+    pub registration_limits: crate::limits::RegistrationLimits,
 }
 
 impl Default for HubSettings {
@@ -69,6 +71,7 @@ impl Default for HubSettings {
             max_rotation_overlap: Duration::from_secs(7 * 24 * 60 * 60),
             max_pickup_timeout: Duration::from_secs(60 * 60),
             registry_reload_interval: Duration::from_secs(1),
+            registration_limits: crate::limits::RegistrationLimits::default(),
         }
     }
 }
@@ -141,6 +144,15 @@ impl HubStore {
         Self {
             agents: trust::AgentTrustFile::new(dir.join("agents.toml")),
             credentials: credentials::CredentialStore::new(dir.join("credentials.toml")),
+        }
+    }
+
+    /// This store with writers waiting up to `timeout` for another
+    /// process's write (`tentacle-hub --lock-timeout`).
+    pub fn with_lock_timeout(self, timeout: Duration) -> Self {
+        Self {
+            agents: self.agents.with_lock_timeout(timeout),
+            credentials: self.credentials.with_lock_timeout(timeout),
         }
     }
 }

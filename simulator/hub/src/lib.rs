@@ -3,6 +3,9 @@
 //!
 //! Modules depend only on the ones listed above them:
 //! - [`target`]: `https://host:port` and `poll://agent-id`.
+//! - [`store_file`]: the lock between processes and the fsynced rename
+//!   every writer of the hub's files uses; [`limits`]: the budget of
+//!   failed registrations per source address.
 //! - [`trust`] and [`credentials`]: the registry file (`agents.toml`) and
 //!   the hashed one-time tokens and API keys (`credentials.toml`).
 //! - [`registry`]: tunnels open now, by agent id, and calls waiting for one.
@@ -30,10 +33,12 @@ pub mod errors;
 pub mod grouped;
 pub mod home;
 pub mod hub;
+pub mod limits;
 pub mod proxy;
 pub mod registration;
 pub mod registry;
 pub mod serve;
+pub mod store_file;
 pub mod target;
 #[cfg(test)]
 mod testing;

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::credentials::{CredentialError, CredentialKind};
 use crate::errors::NoClientCertificate;
 use crate::hub::{Hub, RegisterError, RotateError};
+use crate::limits::{FailureLimiter, Throttled};
 use crate::target::AgentId;
 use crate::trust::{AgentMode, TrustedAgent};
 
@@ -21,11 +22,14 @@ use crate::trust::{AgentMode, TrustedAgent};
 #[derive(Debug, Clone)]
 pub struct RegistrationApi {
     hub: Arc<Hub>,
+    /// Failed registrations by source address (`HubSettings::registration_limits`).
+    failures: Arc<FailureLimiter>,
 }
 
 impl RegistrationApi {
     pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+        let failures = Arc::new(FailureLimiter::new(hub.settings().registration_limits));
+        Self { hub, failures }
     }
 }
 
@@ -68,6 +72,16 @@ pub enum RegistrationError {
         "only operators may list the fleet, and thumbprint {0} is not one; use the hub's own identity or one it trusts as an operator"
     )]
     NotOperator(Thumbprint),
+    #[error(transparent)]
+    Throttled(#[from] Throttled),
+}
+
+impl RegistrationError {
+    /// Whether this refusal counts against the caller's budget of failed
+    /// registrations: the credential was missing or wrong.
+    fn is_failed_credential(&self) -> bool {
+        matches!(self, Self::NoCredential | Self::BadCredential(_))
+    }
 }
 
 impl From<CredentialError> for RegistrationError {
@@ -286,9 +300,22 @@ impl RegistrationService for RegistrationApi {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let peer = caller(&request)?;
-        Ok(Response::new(
-            self.register_agent(peer, request.into_inner()).await?,
-        ))
+        // A source that spent its budget of failures is refused before its
+        // credential is looked at (crate::limits); successes never count.
+        let source = peer.remote_addr.map(|a| a.ip());
+        self.failures
+            .check(source)
+            .map_err(RegistrationError::from)?;
+        let registered = self.register_agent(peer, request.into_inner()).await;
+        if let Err(error) = &registered
+            && error.is_failed_credential()
+        {
+            tentacle_proto::metrics::METRICS
+                .hub_registration_failures
+                .inc();
+            self.failures.record_failure(source);
+        }
+        Ok(Response::new(registered?))
     }
 
     async fn deregister(

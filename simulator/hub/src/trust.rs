@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tentacle_proto::Thumbprint;
 
+use crate::store_file::{self, LockError, StoreLock, StoreLockGuard};
+
 /// How the hub reaches an agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -79,6 +81,8 @@ pub enum TrustFileError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Lock(#[from] LockError),
 }
 
 /// Adds `agent` to `agents`, replacing any entry with its thumbprint or
@@ -118,12 +122,18 @@ pub fn register_into(agents: &mut Vec<TrustedAgent>, agent: TrustedAgent) -> Res
     Ok(())
 }
 
-/// `agents.toml`. A lock keeps this process's read-modify-write cycles
-/// apart, so concurrent registrations neither collide nor lose updates.
+/// `agents.toml`. Every read-modify-write happens under this handle's
+/// mutex (threads of this process) and the file's [`StoreLock`] (other
+/// processes: the hub and `tentacle-hub server trust` from another shell),
+/// and reads the file again under them, so concurrent writers neither
+/// collide nor lose each other's updates.
 ///
 /// The parsed file is cached under its inode, size and modification time: the
-/// file grows with the fleet, and a hub rereads it every second and before
-/// every registration, so it is parsed again only when it changed.
+/// file grows with the fleet, and a hub rereads it every second, so it is
+/// parsed again only when it changed. Under the lock the file's bytes are
+/// compared instead: a freed inode can be reused by the next write within
+/// one tick of the file system's clock, so the stamp alone could hide an
+/// edit from the one reader that must never miss it.
 ///
 /// Each entry's TOML is kept too: a registration rewrites the whole file,
 /// and rendering 10,000 entries for every batch of registrations made the
@@ -132,6 +142,7 @@ pub fn register_into(agents: &mut Vec<TrustedAgent>, agent: TrustedAgent) -> Res
 #[derive(Debug, Clone)]
 pub struct AgentTrustFile {
     path: PathBuf,
+    file_lock: StoreLock,
     lock: std::sync::Arc<std::sync::Mutex<()>>,
     cache: std::sync::Arc<std::sync::Mutex<Cached>>,
     rendered: std::sync::Arc<std::sync::Mutex<Rendered>>,
@@ -141,7 +152,14 @@ pub struct AgentTrustFile {
 type Rendered = std::collections::HashMap<Thumbprint, (TrustedAgent, String)>;
 
 /// The last version of the file this handle read or wrote.
-type Cached = Option<(FileStamp, Vec<TrustedAgent>)>;
+type Cached = Option<CachedFile>;
+
+#[derive(Debug)]
+struct CachedFile {
+    stamp: Option<FileStamp>,
+    text: String,
+    agents: Vec<TrustedAgent>,
+}
 
 /// What identifies one version of the file on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,9 +184,12 @@ impl FileStamp {
 }
 
 impl AgentTrustFile {
+    /// The file at `path`, locked for writes with the default timeout.
     pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
         Self {
-            path: path.into(),
+            file_lock: StoreLock::beside(&path, store_file::DEFAULT_LOCK_TIMEOUT),
+            path,
             lock: std::sync::Arc::default(),
             cache: std::sync::Arc::default(),
             rendered: std::sync::Arc::default(),
@@ -181,24 +202,52 @@ impl AgentTrustFile {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn locked(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.lock
+    /// This file with writers waiting up to `timeout` for the lock.
+    pub fn with_lock_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.file_lock = StoreLock::beside(&self.path, timeout);
+        self
+    }
+
+    /// The lock every writer of this file takes.
+    pub fn file_lock(&self) -> &StoreLock {
+        &self.file_lock
+    }
+
+    /// This process's mutex, then the lock between processes.
+    fn locked(&self) -> Result<(std::sync::MutexGuard<'_, ()>, StoreLockGuard), TrustFileError> {
+        let threads = self
+            .lock
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let processes = self.file_lock.acquire()?;
+        Ok((threads, processes))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Every trusted agent; a missing file means none.
+    /// Every trusted agent; a missing file means none. Without the lock:
+    /// every writer replaces the file through a rename, so a reader sees
+    /// one whole version or the next.
     pub fn load(&self) -> Result<Vec<TrustedAgent>, TrustFileError> {
         let stamp = FileStamp::of(&self.path).ok();
-        if let (Some(stamp), Some((cached, agents))) = (stamp, self.cache().as_ref())
-            && *cached == stamp
+        if let (Some(stamp), Some(cached)) = (stamp, self.cache().as_ref())
+            && cached.stamp == Some(stamp)
         {
-            return Ok(agents.clone());
+            return Ok(cached.agents.clone());
         }
+        self.read(stamp)
+    }
+
+    /// [`Self::load`] for a writer holding the lock: the file is read
+    /// whatever its stamp, and parsed only if its bytes changed.
+    fn load_locked(&self) -> Result<Vec<TrustedAgent>, TrustFileError> {
+        let stamp = FileStamp::of(&self.path).ok();
+        self.read(stamp)
+    }
+
+    fn read(&self, stamp: Option<FileStamp>) -> Result<Vec<TrustedAgent>, TrustFileError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -209,23 +258,33 @@ impl AgentTrustFile {
                 });
             }
         };
+        if let Some(cached) = self.cache().as_mut()
+            && cached.text == text
+        {
+            cached.stamp = stamp;
+            return Ok(cached.agents.clone());
+        }
         let file: TrustFile = toml::from_str(&text).map_err(|e| TrustFileError::Parse {
             path: self.path.clone(),
             message: e.message().to_owned(),
         })?;
         // The stamp taken before reading: a write racing this read changes
         // the file's stamp afterwards, so the next load parses again.
-        *self.cache() = stamp.map(|stamp| (stamp, file.agents.clone()));
+        *self.cache() = Some(CachedFile {
+            stamp,
+            text,
+            agents: file.agents.clone(),
+        });
         Ok(file.agents)
     }
 
-    /// Replaces the file through a rename.
+    /// Replaces the file through a rename, under the lock.
     pub fn save(&self, agents: &[TrustedAgent]) -> Result<(), TrustFileError> {
-        let _guard = self.locked();
-        self.save_unlocked(agents)
+        let _guard = self.locked()?;
+        self.save_locked(agents)
     }
 
-    fn save_unlocked(&self, agents: &[TrustedAgent]) -> Result<(), TrustFileError> {
+    fn save_locked(&self, agents: &[TrustedAgent]) -> Result<(), TrustFileError> {
         let err = |source| TrustFileError::Write {
             path: self.path.clone(),
             source,
@@ -233,17 +292,12 @@ impl AgentTrustFile {
         let text = self
             .render(agents)
             .map_err(|e| err(std::io::Error::other(e)))?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let temp = self
-            .path
-            .with_extension(format!("tmp-{}", std::process::id()));
-        std::fs::write(&temp, text).map_err(err)?;
-        std::fs::rename(&temp, &self.path).map_err(err)?;
-        *self.cache() = FileStamp::of(&self.path)
-            .ok()
-            .map(|stamp| (stamp, agents.to_vec()));
+        store_file::replace(&self.path, text.as_bytes(), 0o644).map_err(err)?;
+        *self.cache() = Some(CachedFile {
+            stamp: FileStamp::of(&self.path).ok(),
+            text,
+            agents: agents.to_vec(),
+        });
         Ok(())
     }
 
@@ -279,39 +333,39 @@ impl AgentTrustFile {
 
     /// [`Self::upsert`] for several entries in order, with one write.
     pub fn upsert_all(&self, batch: Vec<TrustedAgent>) -> Result<(), TrustFileError> {
-        let _guard = self.locked();
-        let mut agents = self.load()?;
-        for agent in batch {
-            upsert_into(&mut agents, agent);
-        }
-        self.save_unlocked(&agents)
+        self.update(|agents| {
+            for agent in batch {
+                upsert_into(agents, agent);
+            }
+        })
+        .map(|_| ())
     }
 
-    /// Applies `change` to the stored entries under this handle's lock,
+    /// Applies `change` to the stored entries, read again under the lock,
     /// writing the file only if they changed. Returns what `change`
     /// returned and the entries as stored now.
     pub fn update<T>(
         &self,
         change: impl FnOnce(&mut Vec<TrustedAgent>) -> T,
     ) -> Result<(T, Vec<TrustedAgent>), TrustFileError> {
-        let _guard = self.locked();
-        let mut agents = self.load()?;
+        let _guard = self.locked()?;
+        let mut agents = self.load_locked()?;
         let before = agents.clone();
         let outcome = change(&mut agents);
         if agents != before {
-            self.save_unlocked(&agents)?;
+            self.save_locked(&agents)?;
         }
         Ok((outcome, agents))
     }
 
     /// Removes an entry; returns whether it was there.
     pub fn remove(&self, thumbprint: &Thumbprint) -> Result<bool, TrustFileError> {
-        let _guard = self.locked();
-        let mut agents = self.load()?;
-        let before = agents.len();
-        agents.retain(|a| !a.has_thumbprint(thumbprint));
-        self.save_unlocked(&agents)?;
-        Ok(agents.len() != before)
+        let (removed, _) = self.update(|agents| {
+            let before = agents.len();
+            agents.retain(|a| !a.has_thumbprint(thumbprint));
+            agents.len() != before
+        })?;
+        Ok(removed)
     }
 }
 

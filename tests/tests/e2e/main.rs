@@ -23,6 +23,8 @@ mod metrics;
 mod polling;
 mod proxy;
 mod registration;
+mod registration_limits;
+mod registry_locks;
 mod restart;
 mod rotation;
 mod scenario_run;

@@ -114,15 +114,19 @@ pub enum RegisterError {
 
 impl RegisterError {
     /// Whether trying again later may succeed: the hub was not there, or
-    /// said it was unavailable (starting or stopping). A refusal of the
-    /// credential or the name is final.
+    /// said it was unavailable (starting or stopping), or refused this
+    /// address for a while because of failed registrations from it (another
+    /// agent behind the same NAT, say). A refusal of the credential or the
+    /// name is final.
     pub fn is_worth_retrying(&self) -> bool {
         match self {
             Self::Unreachable { .. } => true,
             Self::Refused { code, .. } => {
                 matches!(
                     code,
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::ResourceExhausted
                 )
             }
             Self::Handshake { .. } | Self::Local(_) => false,

@@ -150,3 +150,86 @@ fn a_short_chosen_key_is_refused_without_echoing_it() {
             .expect("16 is enough")
     );
 }
+
+/// Stores that share no mutex (the hub, and `token create` in another
+/// process) are kept apart by the lock file: every created credential
+/// works afterwards, every token is used exactly once, and no write brings
+/// back a used one.
+#[test]
+fn stores_with_their_own_handles_lose_no_credential_and_revive_no_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("credentials.toml");
+    let used: Vec<String> = {
+        let store = CredentialStore::new(&path);
+        (0..20)
+            .map(|_| {
+                store
+                    .create(CredentialKind::Token, Some(Duration::from_secs(3600)))
+                    .expect("token")
+            })
+            .collect()
+    };
+    let creators: Vec<_> = (0..4)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let store = CredentialStore::new(&path);
+                (0..10)
+                    .map(|i| {
+                        let kind = if i % 2 == 0 {
+                            CredentialKind::Token
+                        } else {
+                            CredentialKind::ApiKey
+                        };
+                        (kind, store.create(kind, None).expect("create"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let redeemer = {
+        let (path, used) = (path.clone(), used.clone());
+        std::thread::spawn(move || {
+            let store = CredentialStore::new(&path);
+            for token in &used {
+                store.redeem(token, CredentialKind::Token).expect("redeem");
+            }
+        })
+    };
+    let created: Vec<_> = creators
+        .into_iter()
+        .flat_map(|c| c.join().expect("creator"))
+        .collect();
+    redeemer.join().expect("redeemer");
+    let store = CredentialStore::new(&path);
+    for token in &used {
+        assert!(
+            store.redeem(token, CredentialKind::Token).is_err(),
+            "a used token stays used"
+        );
+    }
+    assert_eq!(created.len(), 40);
+    for (kind, secret) in &created {
+        store
+            .redeem(secret, *kind)
+            .expect("every created credential is stored");
+    }
+}
+
+#[test]
+fn a_held_lock_fails_a_write_in_one_line_naming_the_lock_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = CredentialStore::new(dir.path().join("credentials.toml"))
+        .with_lock_timeout(Duration::from_millis(100));
+    let held = store.file_lock().acquire().expect("hold");
+    let error = store
+        .create(CredentialKind::ApiKey, None)
+        .expect_err("locked");
+    let line = error.to_string();
+    assert!(
+        line.contains("credentials.toml.lock") && !line.contains('\n'),
+        "{line}"
+    );
+    drop(held);
+    assert!(!store.path().exists(), "nothing was written");
+}

@@ -111,6 +111,14 @@ fn each_error_has_the_status_its_caller_can_act_on() {
             RegistrationError::NotOperator(who).into(),
             Code::PermissionDenied,
         ),
+        (
+            RegistrationError::Throttled(crate::limits::Throttled {
+                address: "127.0.0.1".into(),
+                retry_after: std::time::Duration::from_secs(6),
+            })
+            .into(),
+            Code::ResourceExhausted,
+        ),
         (TunnelError::Closing.into(), Code::Unavailable),
         (TunnelError::NoHello.into(), Code::DeadlineExceeded),
         (TunnelError::NotHello.into(), Code::InvalidArgument),
@@ -175,6 +183,13 @@ fn broken_configuration_is_never_unavailable() {
         RegisterError::Store(Arc::new(write_failed())).into(),
         RegistrationError::from(credential_store_failed()).into(),
         RotateError::Store(write_failed()).into(),
+        RotateError::Store(TrustFileError::Lock(
+            crate::store_file::LockError::Timeout {
+                path: "/hub/agents.toml.lock".into(),
+                timeout: std::time::Duration::from_secs(10),
+            },
+        ))
+        .into(),
     ];
     for status in statuses {
         assert_ne!(status.code(), Code::Unavailable, "{status:?}");

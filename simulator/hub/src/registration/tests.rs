@@ -239,7 +239,15 @@ async fn a_listening_agent_is_dialled_where_it_registered_from() {
 /// refused, whichever name each asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_uses_of_one_token_register_one_agent() {
-    let (hub, _dir) = stored_hub(HubSettings::default());
+    // 50 refused tokens from one address: more than a source's default
+    // budget of failures, which is not what this test is about.
+    let (hub, _dir) = stored_hub(HubSettings {
+        registration_limits: crate::limits::RegistrationLimits {
+            failure_burst: 1000,
+            ..Default::default()
+        },
+        ..HubSettings::default()
+    });
     let api = RegistrationApi::new(hub.clone());
     for i in 0..50 {
         let token = new_token(&hub);
@@ -509,4 +517,92 @@ async fn only_operators_list_the_fleet() {
         .into_inner();
     assert_eq!(listed.agents.len(), 1);
     assert_eq!(listed.agents[0].name, "web-01");
+}
+
+/// `message` from `thumbprint` at `address`, as the accept loop tags it.
+fn request_from<T>(message: T, thumbprint: Thumbprint, address: [u8; 4]) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .extensions_mut()
+        .insert(tentacle_proto::incoming::PeerInfo {
+            thumbprint,
+            remote_addr: Some((address, 40000).into()),
+        });
+    request
+}
+
+/// Failed registrations are counted per source address; past the budget
+/// a source is refused with `RESOURCE_EXHAUSTED` before its credential is
+/// checked (a good token sent then is not used up), other sources are not
+/// affected, and successes never count.
+#[tokio::test]
+async fn a_source_that_spent_its_failures_is_refused_unchecked_and_successes_never_count() {
+    let (hub, _dir) = stored_hub(HubSettings {
+        registration_limits: crate::limits::RegistrationLimits {
+            failures_per_minute: 1,
+            failure_burst: 3,
+            max_sources: 100,
+        },
+        ..HubSettings::default()
+    });
+    let api = RegistrationApi::new(hub.clone());
+    let key = new_api_key(&hub);
+    let attacker = [10, 0, 0, 66];
+    // Many successes from one address spend nothing.
+    for i in 0..30 {
+        let name = format!("ok-{i}");
+        api.register(request_from(
+            registration(&name, key.clone()),
+            thumbprint(&name),
+            attacker,
+        ))
+        .await
+        .expect("a good key always registers");
+    }
+    let throttled_before = tentacle_proto::metrics::METRICS
+        .hub_registrations_throttled
+        .get();
+    let mut no_credential = registration("bad", key.clone());
+    no_credential.credential = None;
+    let failures = [
+        registration("bad", Credential::Token("tt_guess-1".into())),
+        registration("bad", Credential::ApiKey("tk_guess-2".into())),
+        no_credential,
+    ];
+    for failure in failures {
+        let refused = api
+            .register(request_from(failure, thumbprint("bad"), attacker))
+            .await
+            .expect_err("bad credential");
+        assert_ne!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    }
+    let token = new_token(&hub);
+    let refused = api
+        .register(request_from(
+            registration("late", token.clone()),
+            thumbprint("late"),
+            attacker,
+        ))
+        .await
+        .expect_err("budget spent");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("10.0.0.66") && refused.message().contains("try again in 60s"),
+        "{refused:?}"
+    );
+    assert!(
+        tentacle_proto::metrics::METRICS
+            .hub_registrations_throttled
+            .get()
+            > throttled_before
+    );
+    // Another address is not affected, and the refused token was not used.
+    api.register(request_from(
+        registration("late", token),
+        thumbprint("late"),
+        [10, 0, 0, 67],
+    ))
+    .await
+    .expect("another source, the same token");
+    assert_eq!(hub.agents().len(), 31);
 }

@@ -140,3 +140,62 @@ fn a_changed_entry_is_written_again_and_a_fresh_reader_sees_every_change() {
     let text = std::fs::read_to_string(&path).expect("read");
     assert_eq!(text.matches("[[agent]]").count(), 2, "{text}");
 }
+
+/// Handles that share no mutex (as the hub and `server trust add` in
+/// another process do) are kept apart by the lock file alone: every
+/// writer's entries survive, however the writes interleave.
+#[test]
+fn writers_with_their_own_handles_lose_no_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agents.toml");
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let file = AgentTrustFile::new(&path);
+                for i in 0..25 {
+                    file.upsert(agent(&format!("w{w}-{i}"))).expect("upsert");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().expect("writer");
+    }
+    let stored = AgentTrustFile::new(&path).load().expect("load");
+    assert_eq!(stored.len(), 8 * 25);
+}
+
+/// A writer that cannot take the lock in time says which file is locked,
+/// and changes nothing.
+#[test]
+fn a_held_lock_fails_a_write_in_one_line_naming_the_lock_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agents.toml");
+    let file = AgentTrustFile::new(&path).with_lock_timeout(std::time::Duration::from_millis(100));
+    file.upsert(agent("web-01")).expect("first");
+    let held = file.file_lock().acquire().expect("hold");
+    let error = file.upsert(agent("web-02")).expect_err("locked");
+    let line = error.to_string();
+    assert!(
+        line.contains("agents.toml.lock") && !line.contains('\n'),
+        "{line}"
+    );
+    drop(held);
+    assert_eq!(file.load().expect("load"), [agent("web-01")]);
+}
+
+/// The writes are durable: the data file is whole and no temporary file
+/// is left beside it.
+#[test]
+fn a_write_leaves_only_the_file_and_its_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = AgentTrustFile::new(dir.path().join("agents.toml"));
+    file.upsert(agent("web-01")).expect("write");
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["agents.toml", "agents.toml.lock"]);
+}

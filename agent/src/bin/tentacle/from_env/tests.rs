@@ -327,3 +327,18 @@ fn secrets_appear_in_no_error_and_no_debug_output() {
         .expect("pending");
     assert!(!format!("{registration:?}").contains(SECRET));
 }
+
+/// A first start keeps trying while the hub is away or has this address
+/// refused for a while, and stops at once when the credential or name is
+/// refused.
+#[test]
+fn a_throttled_address_is_retried_and_a_bad_credential_is_not() {
+    let refused = |code| RegisterError::Refused {
+        code,
+        reason: "refused".into(),
+    };
+    assert!(refused(tonic::Code::ResourceExhausted).is_worth_retrying());
+    assert!(refused(tonic::Code::Unavailable).is_worth_retrying());
+    assert!(!refused(tonic::Code::PermissionDenied).is_worth_retrying());
+    assert!(!refused(tonic::Code::AlreadyExists).is_worth_retrying());
+}

@@ -41,6 +41,11 @@ struct Cli {
         requires = "certificate"
     )]
     key: Option<PathBuf>,
+    /// How long a change to the registry or credentials waits for another
+    /// process's change (the running hub, another `server trust` or `token
+    /// create`) before giving up.
+    #[arg(long, global = true, env = "TENTACLE_HUB_LOCK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    lock_timeout: std::time::Duration,
     /// Logs on stderr as `text` or `json` lines.
     #[arg(long, global = true, default_value = "text")]
     log_format: tentacle_proto::telemetry::LogFormat,
@@ -116,7 +121,7 @@ fn main() -> ExitCode {
         Command::Server(_) => "info,h2=warn,hyper=warn,tower=warn",
         _ => "warn",
     };
-    let mut home = tentacle_hub::home::HubHome::new(&cli.home);
+    let mut home = tentacle_hub::home::HubHome::new(&cli.home).with_lock_timeout(cli.lock_timeout);
     if let (Some(certificate), Some(key)) = (cli.certificate, cli.key) {
         home = home.with_identity_files(certificate, key);
     }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use tentacle_hub::credentials::CredentialKind;
 use tentacle_hub::home::HubHome;
 use tentacle_hub::trust::AgentTrustFile;
-use tentacle_hub::{AgentMode, Hub, HubSettings, HubStore, TrustedAgent};
+use tentacle_hub::{AgentMode, Hub, HubSettings, TrustedAgent};
 use tentacle_proto::Thumbprint;
 
 #[derive(Debug, clap::Args)]
@@ -41,6 +41,8 @@ pub struct ServerArgs {
     /// A tunnel that is silent for this long is closed.
     #[arg(long, env = "TENTACLE_HUB_HEARTBEAT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
+    #[command(flatten)]
+    registration_limits: tentacle_hub::args::RegistrationLimitArgs,
 }
 
 impl ServerArgs {
@@ -108,14 +110,14 @@ enum TrustCommand {
 }
 
 fn trust_file(home: &HubHome) -> AgentTrustFile {
-    AgentTrustFile::new(home.dir().join("agents.toml"))
+    home.store().agents
 }
 
 pub async fn run(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         Some(ServerCommand::Trust(command)) => trust(home, command),
         Some(ServerCommand::Token(CredentialCommand::Create { ttl })) => {
-            let store = HubStore::in_dir(home.dir());
+            let store = home.store();
             let ttl = ttl.unwrap_or(Duration::from_secs(3600));
             println!(
                 "{}",
@@ -124,7 +126,7 @@ pub async fn run(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(ServerCommand::ApiKey(CredentialCommand::Create { ttl })) => {
-            let store = HubStore::in_dir(home.dir());
+            let store = home.store();
             println!("{}", store.credentials.create(CredentialKind::ApiKey, ttl)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -212,7 +214,7 @@ fn prepare_from_env(home: &HubHome) -> anyhow::Result<()> {
     }
     match std::env::var(API_KEY_VARIABLE) {
         Ok(key) if !key.trim().is_empty() => {
-            let store = HubStore::in_dir(home.dir());
+            let store = home.store();
             let stored = store
                 .credentials
                 .add(CredentialKind::ApiKey, &key, None)
@@ -244,6 +246,7 @@ async fn serve(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
             interval: args.heartbeat_interval,
             timeout: args.heartbeat_timeout,
         },
+        registration_limits: args.registration_limits.limits(),
         ..HubSettings::default()
     };
     if let Some(address) = args.metrics_listen {
@@ -251,7 +254,7 @@ async fn serve(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("could not serve metrics on {address}"))?;
     }
-    let hub = Hub::with_store(identity, settings, HubStore::in_dir(home.dir()))?;
+    let hub = Hub::with_store(identity, settings, home.store())?;
     let file = trust_file(home);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
