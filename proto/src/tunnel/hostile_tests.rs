@@ -578,3 +578,174 @@ async fn a_stream_error_ends_the_session_with_its_reason() {
     };
     assert!(reason.contains("too large"), "{reason}");
 }
+
+/// Random frames, seeded so a failure can be replayed: each sequence is
+/// what a broken or hostile peer might send, any kind of frame for any of a
+/// few call ids, with odd paths, headers, sizes and credits.
+mod random {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::v1::TunnelDrain;
+
+    /// Sequences per side; every one on a fresh session.
+    const SEQUENCES: u64 = 300;
+    const MAX_FRAMES: usize = 40;
+    /// The call ids random frames aim at.
+    const IDS: u64 = 6;
+
+    fn text(rng: &mut StdRng) -> String {
+        const PIECES: [&str; 9] = [
+            "/echo/Ping",
+            "/big",
+            "",
+            "grpc-status",
+            "Bad Name",
+            "x\n",
+            "\u{0}",
+            "ünï",
+            "-bin",
+        ];
+        (0..rng.random_range(0..3))
+            .map(|_| PIECES[rng.random_range(0..PIECES.len())])
+            .collect()
+    }
+
+    fn headers(rng: &mut StdRng) -> Vec<CallHeader> {
+        (0..rng.random_range(0..4))
+            .map(|_| CallHeader {
+                name: text(rng),
+                value: (0..rng.random_range(0..20)).map(|_| rng.random()).collect(),
+            })
+            .collect()
+    }
+
+    fn bytes(rng: &mut StdRng) -> Vec<u8> {
+        let len = match rng.random_range(0..10) {
+            0 => MAX_CHUNK + rng.random_range(1..64),
+            1 => MAX_CHUNK,
+            _ => rng.random_range(0..64),
+        };
+        vec![rng.random(); len]
+    }
+
+    fn frame(rng: &mut StdRng) -> Kind {
+        let call = rng.random_range(1..=IDS);
+        match rng.random_range(0..13) {
+            0 => Kind::Hello(TunnelHello {
+                agent_id: text(rng),
+                protocol: rng.random_range(0..4),
+                max_concurrent_calls: rng.random(),
+                ..TunnelHello::default()
+            }),
+            1 => Kind::Welcome(TunnelWelcome {
+                hub_version: text(rng),
+                protocol: rng.random_range(0..4),
+            }),
+            2 => Kind::Ping(rng.random()),
+            3 => Kind::Pong(rng.random()),
+            4 => Kind::Drain(TunnelDrain { reason: text(rng) }),
+            5 | 6 => Kind::Start(CallStart {
+                call,
+                path: text(rng),
+                headers: headers(rng),
+            }),
+            7 => Kind::Response(CallResponse {
+                call,
+                headers: headers(rng),
+            }),
+            8 | 9 => Kind::Data(CallData {
+                call,
+                data: Bytes::from(bytes(rng)),
+                end: rng.random(),
+            }),
+            10 => Kind::Trailers(CallTrailers {
+                call,
+                trailers: headers(rng),
+            }),
+            11 => Kind::Cancel(CallCancel {
+                call,
+                reason: text(rng),
+            }),
+            _ => Kind::Credit(CallCredit {
+                call,
+                bytes: if rng.random() { u32::MAX } else { rng.random() },
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn random_frames_never_break_the_agent() {
+        for seed in 0..SEQUENCES {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let (mut hub, server) = agent();
+            for _ in 0..rng.random_range(1..=MAX_FRAMES) {
+                hub.send(frame(&mut rng));
+            }
+            // Whatever ran is cancelled; the session serves the next call.
+            for call in 1..=IDS {
+                hub.send(Kind::Cancel(CallCancel {
+                    call,
+                    reason: "end of the sequence".into(),
+                }));
+            }
+            tokio::time::timeout(WAIT, async {
+                while server.calls() > 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("seed {seed}: calls still running after their cancel"));
+            assert!(!hub.session.is_finished(), "seed {seed}: the session ended");
+            agent_echoes(&mut hub, 1000).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn random_frames_never_break_the_hub() {
+        for seed in 0..SEQUENCES {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let (mut agent, caller) = hub();
+            // A real call for the random frames to hit, besides made-up ids.
+            let (call, task) = begin(&mut agent, &caller).await;
+            for _ in 0..rng.random_range(1..=MAX_FRAMES) {
+                let mut kind = frame(&mut rng);
+                if rng.random_range(0..3) == 0 {
+                    retarget(&mut kind, call);
+                }
+                agent.send(kind);
+            }
+            agent.send(Kind::Cancel(CallCancel {
+                call,
+                reason: "end of the sequence".into(),
+            }));
+            // The caller's call ends one way or another, without hanging.
+            let ended = tokio::time::timeout(WAIT, async {
+                match task.await.expect("no panic") {
+                    Ok(response) => drop(response.into_body().collect().await),
+                    Err(_closed) => {}
+                }
+            })
+            .await;
+            assert!(ended.is_ok(), "seed {seed}: the call never ended");
+            assert!(
+                !agent.session.is_finished(),
+                "seed {seed}: the session ended"
+            );
+            hub_calls(&mut agent, &caller).await;
+        }
+    }
+
+    fn retarget(kind: &mut Kind, to: u64) {
+        match kind {
+            Kind::Start(f) => f.call = to,
+            Kind::Response(f) => f.call = to,
+            Kind::Data(f) => f.call = to,
+            Kind::Trailers(f) => f.call = to,
+            Kind::Cancel(f) => f.call = to,
+            Kind::Credit(f) => f.call = to,
+            _ => {}
+        }
+    }
+}
