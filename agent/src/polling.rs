@@ -321,7 +321,7 @@ async fn open_and_serve(
         outbound.clone(),
         Arc::new(server.clone()),
         settings.heartbeat.clone(),
-        signals,
+        signals.clone(),
         session_stop.clone(),
     ));
     let end = tokio::select! {
@@ -336,20 +336,29 @@ async fn open_and_serve(
         }
         _ = identity_changes.changed() => {
             // Rotated certificate: tell the hub to stop picking this tunnel,
-            // give calls it already picked a moment to arrive, then let
-            // running ones finish and close, all in the background.
+            // serve until it confirms that every call it picked for it has
+            // arrived (or the shutdown grace passes), then let running ones
+            // finish and close, all in the background.
             let grace = settings.shutdown_grace;
             tokio::spawn(async move {
-                let drain = Kind::Drain(tentacle_proto::v1::TunnelDrain {
-                    reason: "the agent switched to a new certificate".into(),
-                });
-                outbound.ordered(drain).await;
-                tokio::time::sleep(DRAIN_SETTLE).await;
-                server.stop_accepting();
-                server.wait_idle(grace).await;
-                session_stop.cancel();
-                let end = session.await.unwrap_or(SessionEnd::Stopped);
+                let drained = tunnel::drain_replaced(
+                    &server,
+                    &outbound,
+                    &signals,
+                    "the agent switched to a new certificate",
+                    grace,
+                    grace,
+                );
+                let end = tokio::select! {
+                    drained = drained => {
+                        tracing::debug!(tunnel = index, ?drained, "the tunnel with the old certificate is drained");
+                        session_stop.cancel();
+                        session.await
+                    }
+                    end = &mut session => end,
+                };
                 server.close();
+                let end = end.unwrap_or(SessionEnd::Stopped);
                 tracing::info!(tunnel = index, ?end, "the tunnel with the old certificate is closed");
             });
             return Ok(SessionEnd::Replaced);
@@ -382,7 +391,3 @@ impl Drop for TunnelGauge {
 /// the stragglers of a doubled one. After this the usual doubling resumes,
 /// for a hub that went away for good.
 const RESTART_RETRY_PERIOD: Duration = Duration::from_secs(120);
-
-/// How long a draining tunnel keeps accepting calls the hub picked just
-/// before it heard of the drain.
-const DRAIN_SETTLE: Duration = Duration::from_millis(500);

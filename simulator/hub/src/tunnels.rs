@@ -225,15 +225,21 @@ async fn run_tunnel(
     ));
     hub.registry().add(tunnel.clone());
     // An agent that drains this tunnel (it is replacing it) gets no new calls
-    // on it; the calls already running finish.
+    // on it; the calls already picked for it start, the agent hears that no
+    // more will (`drain_ack`), and the calls running finish.
     tokio::spawn({
         let tunnel = tunnel.clone();
         let drained = signals.drained.clone();
+        let bound = hub.settings().drain_grace;
         async move {
             tokio::select! {
                 () = drained.cancelled() => {
                     tracing::info!(agent = %tunnel.agent_id, "the agent is draining a tunnel");
                     tunnel.start_draining();
+                    tokio::select! {
+                        _ = tunnel.caller.acknowledge_drain(bound) => {}
+                        () = tunnel.stop.cancelled() => {}
+                    }
                 }
                 () = tunnel.stop.cancelled() => {}
             }
