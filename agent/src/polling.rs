@@ -305,6 +305,7 @@ async fn open_and_serve(
     let peer = PeerInfo {
         thumbprint: hub.thumbprint,
         remote_addr,
+        channel_binding: None,
     };
     let server = TunnelServer::new(
         routes,

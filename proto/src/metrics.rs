@@ -34,6 +34,12 @@ pub struct DirectionLabels {
     pub direction: String,
 }
 
+/// What became of a certificate rotation.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 /// Every measurement a Tentacle process keeps.
 #[derive(Debug)]
 pub struct Metrics {
@@ -46,6 +52,7 @@ pub struct Metrics {
     pub hub_tunnels_open: Gauge,
     pub hub_queued_calls: Gauge,
     pub hub_pickup_latency: Histogram,
+    pub hub_certificate_rotations: Family<OutcomeLabels, Counter>,
 }
 
 impl Metrics {
@@ -99,6 +106,12 @@ impl Metrics {
             "Time from a call to a polling agent until a tunnel picks it up",
             hub_pickup_latency.clone(),
         );
+        let hub_certificate_rotations = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "tentacle_hub_certificate_rotations",
+            "Agent certificate rotations, by outcome (announced, pending, approved, refused, retired)",
+            hub_certificate_rotations.clone(),
+        );
         Self {
             registry,
             scripts_running,
@@ -109,6 +122,7 @@ impl Metrics {
             hub_tunnels_open,
             hub_queued_calls,
             hub_pickup_latency,
+            hub_certificate_rotations,
         }
     }
 
@@ -125,6 +139,15 @@ impl Metrics {
                 direction: direction.to_owned(),
             })
             .inc_by(bytes);
+    }
+
+    /// Counts one certificate rotation event.
+    pub fn certificate_rotation(&self, outcome: &str) {
+        self.hub_certificate_rotations
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     pub fn handshake_failed(&self, reason: &str) {

@@ -22,9 +22,11 @@ use tonic::transport::Channel;
 use crate::channel::{AgentChannel, DEFAULT_PICKUP_TIMEOUT, PollingChannel};
 use crate::client::AgentClient;
 use crate::registry::Registry;
+pub use crate::rotation::RotationApproval;
+use crate::rotation::{PendingRotation, PendingRotationFile, RotationOutcome, audit};
 use crate::target::{AgentId, Target};
 pub use crate::trust::{AgentMode, TrustedAgent};
-use crate::{credentials, grouped, trust};
+use crate::{credentials, grouped, rotation, trust};
 
 /// The port a hub listens on unless told otherwise.
 pub const DEFAULT_HUB_PORT: u16 = 10943;
@@ -52,8 +54,12 @@ pub struct HubSettings {
     /// waiter in the registry for ever. `pickup_timeout` is always allowed.
     pub max_pickup_timeout: Duration,
     /// How often the registry file is checked for edits by other processes
-    /// (a `stat`, unless it changed) and rotations are retired.
+    /// (a `stat`, unless it changed), rotations are retired and approved
+    /// ones applied.
     pub registry_reload_interval: Duration,
+    /// What a certificate rotation needs besides the current certificate
+    /// and the proof of possession of the new key.
+    pub rotation_approval: RotationApproval,
 }
 
 impl Default for HubSettings {
@@ -69,6 +75,7 @@ impl Default for HubSettings {
             max_rotation_overlap: Duration::from_secs(7 * 24 * 60 * 60),
             max_pickup_timeout: Duration::from_secs(60 * 60),
             registry_reload_interval: Duration::from_secs(1),
+            rotation_approval: RotationApproval::default(),
         }
     }
 }
@@ -96,6 +103,22 @@ pub enum RotateError {
     ThumbprintInUse(Thumbprint),
     #[error("could not store the rotation: {0}")]
     Store(trust::TrustFileError),
+    #[error("could not record the rotation for approval: {0}")]
+    Pending(#[from] rotation::PendingError),
+    #[error(
+        "this hub approves rotations by operator but has no home to keep them in; run `tentacle-hub server` to serve one that does"
+    )]
+    NoPendingStore,
+}
+
+/// Where a rotation stands once the hub accepted its announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotated {
+    /// Both certificates are trusted; the old one retires then (Unix
+    /// seconds).
+    Trusted { retire_old_at: u64 },
+    /// Recorded; waits for `tentacle-hub server rotations approve`.
+    Pending,
 }
 
 /// Why a registration was not stored.
@@ -133,14 +156,17 @@ pub enum HubError {
 pub struct HubStore {
     pub agents: trust::AgentTrustFile,
     pub credentials: credentials::CredentialStore,
+    /// Rotations waiting for an operator.
+    pub rotations: PendingRotationFile,
 }
 
 impl HubStore {
-    /// `agents.toml` and `credentials.toml` in `dir`.
+    /// `agents.toml`, `credentials.toml` and `rotations.toml` in `dir`.
     pub fn in_dir(dir: &std::path::Path) -> Self {
         Self {
             agents: trust::AgentTrustFile::new(dir.join("agents.toml")),
             credentials: credentials::CredentialStore::new(dir.join("credentials.toml")),
+            rotations: PendingRotationFile::new(dir.join("rotations.toml")),
         }
     }
 }
@@ -485,6 +511,103 @@ impl Hub {
             Ok(retire_at)
         })
         .map_err(RotateError::Store)?
+    }
+
+    /// The name of the agent with `thumbprint`, current or being retired,
+    /// for logs; empty if none has it.
+    pub fn agent_name(&self, thumbprint: &Thumbprint) -> String {
+        self.agents
+            .load()
+            .iter()
+            .find(|a| a.has_thumbprint(thumbprint))
+            .map(|a| a.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// An announced rotation, under the hub's approval policy: trusted at
+    /// once ([`Self::rotate`]), or, when operators approve rotations,
+    /// recorded as pending unless it was already approved and applied.
+    pub fn request_rotation(
+        &self,
+        current: &Thumbprint,
+        new: Thumbprint,
+        overlap: Duration,
+    ) -> Result<Rotated, RotateError> {
+        if self.settings.rotation_approval != RotationApproval::Operator {
+            let retire_old_at = self.rotate(current, new, overlap)?;
+            return Ok(Rotated::Trusted { retire_old_at });
+        }
+        let store = self.store.as_ref().ok_or(RotateError::NoPendingStore)?;
+        let agents = self.agents.load();
+        if agents
+            .iter()
+            .any(|a| a.has_thumbprint(&new) && !a.has_thumbprint(current))
+        {
+            return Err(RotateError::ThumbprintInUse(new));
+        }
+        let agent = agents
+            .iter()
+            .find(|a| a.has_thumbprint(current))
+            .ok_or(RotateError::NotRegistered(*current))?;
+        if agent.thumbprint == new {
+            // Approved and applied: the agent asks again to learn the
+            // retirement time.
+            return Ok(Rotated::Trusted {
+                retire_old_at: agent.retire_previous_at.unwrap_or_else(unix_now),
+            });
+        }
+        if agent.thumbprint != *current {
+            return Err(RotateError::AlreadyRotating(*current));
+        }
+        store.rotations.request(PendingRotation {
+            agent: agent.name.clone(),
+            current: *current,
+            new,
+            overlap_seconds: overlap.as_secs(),
+            requested_unix: unix_now(),
+            approved: false,
+        })?;
+        Ok(Rotated::Pending)
+    }
+
+    /// Applies the rotations operators approved since the last call; each
+    /// is an audit event (approved, or refused if the registry changed
+    /// under it). Returns how many were applied.
+    pub fn apply_approved_rotations(&self) -> usize {
+        let Some(store) = &self.store else {
+            return 0;
+        };
+        let approved = match store.rotations.take_approved() {
+            Ok(approved) => approved,
+            Err(error) => {
+                tracing::warn!(%error, "could not read the approved rotations");
+                return 0;
+            }
+        };
+        let mut applied = 0;
+        for rotation in approved {
+            let overlap = Duration::from_secs(rotation.overlap_seconds);
+            match self.rotate(&rotation.current, rotation.new, overlap) {
+                Ok(_) => {
+                    applied += 1;
+                    audit(
+                        RotationOutcome::Approved,
+                        &rotation.agent,
+                        &rotation.current,
+                        &rotation.new,
+                        "approved by an operator",
+                    );
+                }
+                Err(error) => audit(
+                    RotationOutcome::Refused,
+                    &rotation.agent,
+                    &rotation.current,
+                    &rotation.new,
+                    &format!("approved, but could not be applied: {error}"),
+                ),
+            }
+        }
+        applied
     }
 
     /// Refuses new tunnels, tells every open one the hub is going away,

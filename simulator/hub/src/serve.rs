@@ -122,6 +122,7 @@ impl Hub {
             if let Err(error) = self.reload_agents() {
                 tracing::warn!(%error, "could not reload the agent registry file");
             }
+            self.apply_approved_rotations();
             self.retire_rotated_certificates();
         }
     }
@@ -138,15 +139,20 @@ impl Hub {
             .cloned()
             .collect();
         for mut agent in due {
-            tracing::info!(
-                name = %agent.name,
-                retired = ?agent.previous_thumbprint,
-                "retired an agent's previous certificate"
-            );
-            agent.previous_thumbprint = None;
+            let Some(retired) = agent.previous_thumbprint.take() else {
+                continue;
+            };
             agent.retire_previous_at = None;
-            if let Err(error) = self.register(agent) {
-                tracing::error!(%error, "could not store a retired certificate");
+            let (name, current) = (agent.name.clone(), agent.thumbprint);
+            match self.register(agent) {
+                Ok(()) => crate::rotation::audit(
+                    crate::rotation::RotationOutcome::Retired,
+                    &name,
+                    &retired,
+                    &current,
+                    "the overlap ended",
+                ),
+                Err(error) => tracing::error!(%error, "could not store a retired certificate"),
             }
         }
     }

@@ -77,11 +77,15 @@ pub fn stored_hub(settings: HubSettings) -> (Arc<Hub>, tempfile::TempDir) {
     (hub, dir)
 }
 
+/// The channel binding [`peer`] gives every in-memory connection.
+pub const CHANNEL_BINDING: tentacle_proto::rotation::ChannelBinding = [42; 32];
+
 /// What the accept loop attaches to a connection from `thumbprint`.
 pub fn peer(thumbprint: Thumbprint) -> PeerInfo {
     PeerInfo {
         thumbprint,
         remote_addr: Some(([10, 0, 0, 7], 40000).into()),
+        channel_binding: Some(CHANNEL_BINDING),
     }
 }
 

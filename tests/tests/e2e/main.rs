@@ -22,6 +22,7 @@ mod proxy;
 mod registration;
 mod restart;
 mod rotation;
+mod rotation_approval;
 mod scenario_run;
 mod script_output;
 mod stock_grpc_tools;
