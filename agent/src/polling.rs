@@ -265,20 +265,33 @@ async fn open_and_serve(
             .open(frames)
             .await?
             .into_inner();
-        match incoming.message().await? {
-            Some(TunnelFrame {
-                kind: Some(Kind::Welcome(welcome)),
-            }) if welcome.protocol == tunnel::PROTOCOL => Ok(incoming),
-            Some(TunnelFrame {
-                kind: Some(Kind::Welcome(welcome)),
-            }) => Err(tonic::Status::failed_precondition(format!(
-                "the hub speaks tunnel protocol {}, this agent speaks {}; upgrade the hub or the agent so that both match",
-                welcome.protocol,
-                tunnel::PROTOCOL
-            ))),
-            _ => Err(tonic::Status::unavailable(
-                "the hub did not welcome the tunnel",
-            )),
+        loop {
+            return match incoming.message().await? {
+                // The hub's first heartbeat travels ahead of its ordered
+                // frames and may overtake the welcome.
+                Some(TunnelFrame {
+                    kind: Some(Kind::Ping(nonce)),
+                }) => {
+                    outbound.urgent(Kind::Pong(nonce));
+                    continue;
+                }
+                Some(TunnelFrame {
+                    kind: Some(Kind::Pong(_)),
+                }) => continue,
+                Some(TunnelFrame {
+                    kind: Some(Kind::Welcome(welcome)),
+                }) if welcome.protocol == tunnel::PROTOCOL => Ok(incoming),
+                Some(TunnelFrame {
+                    kind: Some(Kind::Welcome(welcome)),
+                }) => Err(tonic::Status::failed_precondition(format!(
+                    "the hub speaks tunnel protocol {}, this agent speaks {}; upgrade the hub or the agent so that both match",
+                    welcome.protocol,
+                    tunnel::PROTOCOL
+                ))),
+                _ => Err(tonic::Status::unavailable(
+                    "the hub did not welcome the tunnel",
+                )),
+            };
         }
     };
     let incoming = tokio::select! {
@@ -353,8 +366,22 @@ async fn open_and_serve(
                 let end = tokio::select! {
                     drained = drained => {
                         tracing::debug!(tunnel = index, ?drained, "the tunnel with the old certificate is drained");
-                        session_stop.cancel();
-                        session.await
+                        // A hub that acknowledged closes the tunnel once it
+                        // has read every answer; closing it from here could
+                        // cut the last ones off in flight.
+                        let by_hub = match drained {
+                            tunnel::ReplacedDrain::Acknowledged => {
+                                tokio::time::timeout(grace, &mut session).await.ok()
+                            }
+                            _ => None,
+                        };
+                        match by_hub {
+                            Some(end) => end,
+                            None => {
+                                session_stop.cancel();
+                                session.await
+                            }
+                        }
                     }
                     end = &mut session => end,
                 };
