@@ -100,7 +100,9 @@ impl From<RegistrationError> for Status {
             | RegistrationError::NoProof
             | RegistrationError::NoChannelBinding
             | RegistrationError::RotationNeedsApiKey => Status::unauthenticated(message),
-            RegistrationError::BadProof(_) => Status::permission_denied(message),
+            RegistrationError::BadProof(_) | RegistrationError::BadRotationApiKey => {
+                Status::permission_denied(message)
+            }
             RegistrationError::BadCredential(_) => Status::permission_denied(message),
             RegistrationError::CredentialStore(_) => Status::internal(message),
             RegistrationError::Register(error) => error.into(),

@@ -77,6 +77,10 @@ pub enum RegistrationError {
         "this hub asks for an API key to rotate a certificate; pass one with `tentacle rotate-certificate --api-key` (or TENTACLE_API_KEY), created with `tentacle-hub server api-key create`"
     )]
     RotationNeedsApiKey,
+    #[error(
+        "the API key for this rotation is not valid (unknown or expired); create one with `tentacle-hub server api-key create`"
+    )]
+    BadRotationApiKey,
     #[error(transparent)]
     Rotate(#[from] RotateError),
     #[error(
@@ -323,7 +327,13 @@ impl RegistrationApi {
                 return Err(RegistrationError::RotationNeedsApiKey);
             }
             let store = self.hub.store().ok_or(RegistrationError::NoHome)?;
-            store.credentials.redeem(key, CredentialKind::ApiKey)?;
+            store
+                .credentials
+                .redeem(key, CredentialKind::ApiKey)
+                .map_err(|error| match error {
+                    CredentialError::Invalid => RegistrationError::BadRotationApiKey,
+                    CredentialError::Store { .. } => RegistrationError::CredentialStore(error),
+                })?;
         }
         let overlap = match request.overlap_seconds {
             0 => settings.rotation_overlap,

@@ -711,6 +711,7 @@ async fn a_hub_that_asks_for_an_api_key_rotates_only_with_a_valid_one() {
         .await
         .expect_err("wrong key");
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("api-key create"), "{refused:?}");
     assert!(!hub.allows_tunnel(&next.thumbprint(), "web-01"));
     api.rotate_certificate(request(with_key(&key), current))
         .await
