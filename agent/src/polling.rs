@@ -268,20 +268,33 @@ async fn open_and_serve(
             .open(frames)
             .await?
             .into_inner();
-        match incoming.message().await? {
-            Some(TunnelFrame {
-                kind: Some(Kind::Welcome(welcome)),
-            }) if welcome.protocol == tunnel::PROTOCOL => Ok(incoming),
-            Some(TunnelFrame {
-                kind: Some(Kind::Welcome(welcome)),
-            }) => Err(tonic::Status::failed_precondition(format!(
-                "the hub speaks tunnel protocol {}, this agent speaks {}; upgrade the hub or the agent so that both match",
-                welcome.protocol,
-                tunnel::PROTOCOL
-            ))),
-            _ => Err(tonic::Status::unavailable(
-                "the hub did not welcome the tunnel",
-            )),
+        loop {
+            return match incoming.message().await? {
+                // The hub's first heartbeat travels ahead of its ordered
+                // frames and may overtake the welcome.
+                Some(TunnelFrame {
+                    kind: Some(Kind::Ping(nonce)),
+                }) => {
+                    outbound.urgent(Kind::Pong(nonce));
+                    continue;
+                }
+                Some(TunnelFrame {
+                    kind: Some(Kind::Pong(_)),
+                }) => continue,
+                Some(TunnelFrame {
+                    kind: Some(Kind::Welcome(welcome)),
+                }) if welcome.protocol == tunnel::PROTOCOL => Ok(incoming),
+                Some(TunnelFrame {
+                    kind: Some(Kind::Welcome(welcome)),
+                }) => Err(tonic::Status::failed_precondition(format!(
+                    "the hub speaks tunnel protocol {}, this agent speaks {}; upgrade the hub or the agent so that both match",
+                    welcome.protocol,
+                    tunnel::PROTOCOL
+                ))),
+                _ => Err(tonic::Status::unavailable(
+                    "the hub did not welcome the tunnel",
+                )),
+            };
         }
     };
     let incoming = tokio::select! {
@@ -308,6 +321,7 @@ async fn open_and_serve(
     let peer = PeerInfo {
         thumbprint: hub.thumbprint,
         remote_addr,
+        channel_binding: None,
     };
     let server = TunnelServer::new(
         routes,
@@ -324,7 +338,7 @@ async fn open_and_serve(
         outbound.clone(),
         Arc::new(server.clone()),
         settings.heartbeat.clone(),
-        signals,
+        signals.clone(),
         session_stop.clone(),
     ));
     let end = tokio::select! {
@@ -339,20 +353,43 @@ async fn open_and_serve(
         }
         _ = identity_changes.changed() => {
             // Rotated certificate: tell the hub to stop picking this tunnel,
-            // give calls it already picked a moment to arrive, then let
-            // running ones finish and close, all in the background.
+            // serve until it confirms that every call it picked for it has
+            // arrived (or the shutdown grace passes), then let running ones
+            // finish and close, all in the background.
             let grace = settings.shutdown_grace;
             tokio::spawn(async move {
-                let drain = Kind::Drain(tentacle_proto::v1::TunnelDrain {
-                    reason: "the agent switched to a new certificate".into(),
-                });
-                outbound.ordered(drain).await;
-                tokio::time::sleep(DRAIN_SETTLE).await;
-                server.stop_accepting();
-                server.wait_idle(grace).await;
-                session_stop.cancel();
-                let end = session.await.unwrap_or(SessionEnd::Stopped);
+                let drained = tunnel::drain_replaced(
+                    &server,
+                    &outbound,
+                    &signals,
+                    "the agent switched to a new certificate",
+                    grace,
+                    grace,
+                );
+                let end = tokio::select! {
+                    drained = drained => {
+                        tracing::debug!(tunnel = index, ?drained, "the tunnel with the old certificate is drained");
+                        // A hub that acknowledged closes the tunnel once it
+                        // has read every answer; closing it from here could
+                        // cut the last ones off in flight.
+                        let by_hub = match drained {
+                            tunnel::ReplacedDrain::Acknowledged => {
+                                tokio::time::timeout(grace, &mut session).await.ok()
+                            }
+                            _ => None,
+                        };
+                        match by_hub {
+                            Some(end) => end,
+                            None => {
+                                session_stop.cancel();
+                                session.await
+                            }
+                        }
+                    }
+                    end = &mut session => end,
+                };
                 server.close();
+                let end = end.unwrap_or(SessionEnd::Stopped);
                 tracing::info!(tunnel = index, ?end, "the tunnel with the old certificate is closed");
             });
             return Ok(SessionEnd::Replaced);
@@ -385,7 +422,3 @@ impl Drop for TunnelGauge {
 /// the stragglers of a doubled one. After this the usual doubling resumes,
 /// for a hub that went away for good.
 const RESTART_RETRY_PERIOD: Duration = Duration::from_secs(120);
-
-/// How long a draining tunnel keeps accepting calls the hub picked just
-/// before it heard of the drain.
-const DRAIN_SETTLE: Duration = Duration::from_millis(500);

@@ -101,6 +101,10 @@ impl Default for AcceptSettings {
 pub struct PeerInfo {
     pub thumbprint: Thumbprint,
     pub remote_addr: Option<SocketAddr>,
+    /// TLS exported keying material of this connection, which a
+    /// certificate rotation's proof signs ([`crate::rotation`]); `None`
+    /// where there is no TLS of our own (a tunnel's calls, tests).
+    pub channel_binding: Option<crate::rotation::ChannelBinding>,
 }
 
 /// The stream of authenticated connections for `serve_with_incoming`.
@@ -207,6 +211,7 @@ pub fn accept_tls(
                 let info = PeerInfo {
                     thumbprint,
                     remote_addr: Some(remote_addr),
+                    channel_binding: crate::rotation::channel_binding(&**tls.get_ref().1),
                 };
                 // Track first, then check: a revocation that runs in between
                 // then either sees this connection or is seen here.

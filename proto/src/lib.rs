@@ -25,6 +25,7 @@ pub mod identity;
 pub mod incoming;
 pub mod metrics;
 pub mod probe;
+pub mod rotation;
 pub mod systemd;
 pub mod telemetry;
 pub mod thumbprint;

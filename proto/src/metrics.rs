@@ -38,6 +38,12 @@ pub struct DirectionLabels {
     pub direction: String,
 }
 
+/// What became of a certificate rotation.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 /// Every measurement a Tentacle process keeps.
 #[derive(Debug)]
 pub struct Metrics {
@@ -52,6 +58,7 @@ pub struct Metrics {
     pub hub_pickup_latency: Histogram,
     pub hub_registration_failures: Counter,
     pub hub_registrations_throttled: Counter,
+    pub hub_certificate_rotations: Family<OutcomeLabels, Counter>,
 }
 
 impl Metrics {
@@ -117,6 +124,12 @@ impl Metrics {
             "Registrations refused unchecked: their source address had spent its budget of failures",
             hub_registrations_throttled.clone(),
         );
+        let hub_certificate_rotations = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "tentacle_hub_certificate_rotations",
+            "Agent certificate rotations, by outcome (announced, pending, approved, refused, retired)",
+            hub_certificate_rotations.clone(),
+        );
         Self {
             registry,
             scripts_running,
@@ -129,6 +142,7 @@ impl Metrics {
             hub_pickup_latency,
             hub_registration_failures,
             hub_registrations_throttled,
+            hub_certificate_rotations,
         }
     }
 
@@ -145,6 +159,15 @@ impl Metrics {
                 direction: direction.to_owned(),
             })
             .inc_by(bytes);
+    }
+
+    /// Counts one certificate rotation event.
+    pub fn certificate_rotation(&self, outcome: &str) {
+        self.hub_certificate_rotations
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     pub fn handshake_failed(&self, reason: &str) {

@@ -40,7 +40,7 @@ pub mod memory;
 mod server;
 mod window;
 
-pub use caller::{CallerClosed, TunnelCaller};
+pub use caller::{CallerClosed, StartReservation, TunnelCaller};
 pub use server::{CallService, ServerSettings, TunnelServer};
 
 /// The most bytes one `data` frame carries.
@@ -210,6 +210,8 @@ pub enum SessionEnd {
 pub struct SessionSignals {
     /// Fires when the peer sends `drain`.
     pub drained: CancellationToken,
+    /// Fires when the hub sends `drain_ack`: no call start follows.
+    pub drain_acknowledged: CancellationToken,
 }
 
 /// When the peer was last heard from, shared by a session's tasks.
@@ -302,6 +304,7 @@ where
                 tracing::info!(reason = %drain.reason, "the peer is draining this tunnel");
                 signals.drained.cancel();
             }
+            Some(Kind::DrainAck(_)) => signals.drain_acknowledged.cancel(),
             Some(
                 kind @ (Kind::Start(_)
                 | Kind::Response(_)
@@ -313,6 +316,52 @@ where
             Some(Kind::Pong(_) | Kind::Hello(_) | Kind::Welcome(_)) | None => {}
         }
     }
+}
+
+/// How the agent's drain of a replaced tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplacedDrain {
+    /// The hub acknowledged: every call it picked this tunnel for had
+    /// arrived.
+    Acknowledged,
+    /// No acknowledgment within the bound (a hub that predates it, or one
+    /// still waiting for a call to start); calls it picked later fail.
+    Unacknowledged,
+    /// The tunnel closed first.
+    Closed,
+}
+
+/// The agent's side of replacing a tunnel: sends `drain`, keeps serving
+/// until the hub's `drain_ack` (at most `bound`), then stops accepting and
+/// waits up to `grace` for running calls. The caller closes the session.
+pub async fn drain_replaced<S: CallService>(
+    server: &TunnelServer<S>,
+    outbound: &Outbound,
+    signals: &SessionSignals,
+    reason: &str,
+    bound: Duration,
+    grace: Duration,
+) -> ReplacedDrain {
+    let drain = Kind::Drain(crate::v1::TunnelDrain {
+        reason: reason.to_owned(),
+    });
+    let ended = if !outbound.ordered(drain).await {
+        ReplacedDrain::Closed
+    } else if tokio::time::timeout(bound, signals.drain_acknowledged.cancelled())
+        .await
+        .is_ok()
+    {
+        ReplacedDrain::Acknowledged
+    } else {
+        tracing::warn!(
+            ?bound,
+            "the hub did not acknowledge the tunnel's drain in time (an older hub, or a call it picked has not started); closing it once running calls end"
+        );
+        ReplacedDrain::Unacknowledged
+    };
+    server.stop_accepting();
+    server.wait_idle(grace).await;
+    ended
 }
 
 /// Parses a `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m,

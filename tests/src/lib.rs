@@ -681,12 +681,21 @@ impl HubFixture {
     /// A hub that keeps its registry in `home` and takes registrations;
     /// returns it with an API key for `register-with`.
     pub async fn start_registering(identity: Identity, home: &Path) -> (Self, String) {
+        Self::start_registering_with(identity, home, Default::default()).await
+    }
+
+    /// [`Self::start_registering`] with `settings`.
+    pub async fn start_registering_with(
+        identity: Identity,
+        home: &Path,
+        settings: tentacle_hub::HubSettings,
+    ) -> (Self, String) {
         let store = tentacle_hub::HubStore::in_dir(home);
         let key = store
             .credentials
             .create(tentacle_hub::credentials::CredentialKind::ApiKey, None)
             .expect("api key");
-        let hub = tentacle_hub::Hub::with_store(identity, Default::default(), store).expect("hub");
+        let hub = tentacle_hub::Hub::with_store(identity, settings, store).expect("hub");
         (Self::serve(hub, "127.0.0.1:0").await, key)
     }
 

@@ -178,6 +178,7 @@ mod tests {
         let peer = PeerInfo {
             thumbprint: Thumbprint::of_der(b"peer"),
             remote_addr: Some(SocketAddr::from(([127, 0, 0, 1], 4242))),
+            channel_binding: None,
         };
         let (near, mut far) = tokio::io::duplex(64);
         let mut accepted = layer.wrap(Peer(near, peer.clone()));

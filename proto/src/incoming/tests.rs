@@ -243,6 +243,7 @@ fn info(thumbprint: Thumbprint) -> PeerInfo {
     PeerInfo {
         thumbprint,
         remote_addr: None,
+        channel_binding: None,
     }
 }
 

@@ -1,12 +1,19 @@
 //! The hub's end of a tunnel: [`TunnelCaller`] sends each call as frames
 //! with an id of its own and turns the agent's answer back into an HTTP
 //! response, so tonic's generated clients work over it unchanged.
+//!
+//! It also keeps the hub's half of the agent's drain handshake: a call is
+//! reserved ([`TunnelCaller::reserve`]) when the hub picks the tunnel for
+//! it and the reservation ends once its `start` frame is queued;
+//! [`TunnelCaller::acknowledge_drain`] refuses new reservations, waits for
+//! the ones made, and queues `drain_ack` behind their starts.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 
@@ -15,7 +22,7 @@ use super::headers::{from_wire, to_wire};
 use super::window::{RecvWindow, SendWindow};
 use super::{CallFrames, Outbound};
 use crate::v1::tunnel_frame::Kind;
-use crate::v1::{CallCancel, CallStart};
+use crate::v1::{CallCancel, CallStart, TunnelDrainAck};
 
 /// The tunnel closed before the call could be answered.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -37,6 +44,34 @@ struct Shared {
     /// The agent's announced limit of concurrent calls; callers beyond it
     /// wait for a turn here rather than being refused there.
     turns: Option<Arc<Semaphore>>,
+    starts: Mutex<Starts>,
+    /// Notified when the last reservation ends.
+    started: Notify,
+}
+
+/// Calls picked for this tunnel whose `start` is not queued yet.
+#[derive(Debug, Default)]
+struct Starts {
+    /// The agent drained the tunnel: no new reservation.
+    draining: bool,
+    reserved: usize,
+}
+
+/// A call the hub picked this tunnel for, until its `start` frame is
+/// queued: a drain acknowledgment waits for it.
+#[derive(Debug)]
+pub struct StartReservation {
+    shared: Arc<Shared>,
+}
+
+impl Drop for StartReservation {
+    fn drop(&mut self) {
+        let mut starts = self.shared.starts();
+        starts.reserved = starts.reserved.saturating_sub(1);
+        if starts.reserved == 0 {
+            self.shared.started.notify_waiters();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -63,6 +98,8 @@ impl TunnelCaller {
                 calls: Mutex::default(),
                 closed: AtomicBool::new(false),
                 turns,
+                starts: Mutex::default(),
+                started: Notify::new(),
             }),
         }
     }
@@ -84,11 +121,69 @@ impl TunnelCaller {
         }
     }
 
+    /// Reserves a call's place on this tunnel, unless the agent drained it
+    /// or it closed.
+    pub fn reserve(&self) -> Option<StartReservation> {
+        let mut starts = self.shared.starts();
+        if starts.draining || self.shared.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        starts.reserved += 1;
+        Some(StartReservation {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Whether the agent drained this tunnel ([`Self::acknowledge_drain`]).
+    pub fn is_draining(&self) -> bool {
+        self.shared.starts().draining
+    }
+
+    /// The hub's answer to the agent's `drain`: reserves nothing more,
+    /// waits up to `bound` for the starts of calls already reserved to be
+    /// queued, then queues `drain_ack` behind them. Returns whether it was
+    /// sent: after `bound` it is not, since a start could still follow it,
+    /// and the agent falls back on its own bound.
+    pub async fn acknowledge_drain(&self, bound: Duration) -> bool {
+        self.shared.starts().draining = true;
+        let queued = async {
+            loop {
+                let started = self.shared.started.notified();
+                if self.shared.starts().reserved == 0 {
+                    return;
+                }
+                started.await;
+            }
+        };
+        if tokio::time::timeout(bound, queued).await.is_err() {
+            tracing::warn!(
+                ?bound,
+                "calls picked for a draining tunnel did not start in time; not acknowledging the drain"
+            );
+            return false;
+        }
+        self.shared
+            .outbound
+            .ordered(Kind::DrainAck(TunnelDrainAck {}))
+            .await
+    }
+
     /// Sends `request` to the agent and waits for its response headers;
-    /// the body streams after. A tunnel that closes first is an error;
-    /// everything the agent answers (failures included) is a response.
+    /// the body streams after. A tunnel that closes (or that the agent
+    /// drained) first is an error; everything the agent answers (failures
+    /// included) is a response.
     pub async fn call(
         &self,
+        request: http::Request<Body>,
+    ) -> Result<http::Response<Body>, CallerClosed> {
+        let reservation = self.reserve().ok_or(CallerClosed)?;
+        self.call_reserved(reservation, request).await
+    }
+
+    /// [`Self::call`] for a call [`Self::reserve`] made room for.
+    pub async fn call_reserved(
+        &self,
+        reservation: StartReservation,
         request: http::Request<Body>,
     ) -> Result<http::Response<Body>, CallerClosed> {
         let turn = match &self.shared.turns {
@@ -138,6 +233,8 @@ impl TunnelCaller {
         if !self.shared.outbound.ordered(start).await {
             return Err(CallerClosed);
         }
+        // Queued: a drain acknowledgment may follow it now.
+        drop(reservation);
         // A unary request is sent here, in one go with its start; only a
         // body still streaming gets a task of its own.
         let outbound = &self.shared.outbound;
@@ -189,6 +286,12 @@ impl TunnelCaller {
 }
 
 impl Shared {
+    fn starts(&self) -> MutexGuard<'_, Starts> {
+        self.starts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn calls(&self) -> MutexGuard<'_, HashMap<u64, Slot>> {
         // A panic elsewhere never leaves the map half-changed: every change
         // is one insert or remove.
@@ -285,7 +388,8 @@ impl CallFrames for TunnelCaller {
             | Kind::Welcome(_)
             | Kind::Ping(_)
             | Kind::Pong(_)
-            | Kind::Drain(_) => {}
+            | Kind::Drain(_)
+            | Kind::DrainAck(_) => {}
         }
     }
 }

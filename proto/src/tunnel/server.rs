@@ -382,7 +382,8 @@ impl<S: CallService> CallFrames for TunnelServer<S> {
             | Kind::Welcome(_)
             | Kind::Ping(_)
             | Kind::Pong(_)
-            | Kind::Drain(_) => {}
+            | Kind::Drain(_)
+            | Kind::DrainAck(_) => {}
         }
     }
 }

@@ -480,3 +480,123 @@ async fn a_unary_request_is_queued_whole_with_its_start() {
         "no answer: the tunnel closed"
     );
 }
+
+/// An in-memory tunnel whose hub answers the agent's drain the way the
+/// hub's tunnel service does: no new reservations, then `drain_ack` once
+/// every reserved call's start is queued.
+fn acknowledging_pair() -> memory::Pair<Handler> {
+    let pair = memory::pair(
+        echo(),
+        ServerSettings {
+            max_concurrent_calls: 16,
+            side: "agent",
+        },
+    );
+    let (caller, drained) = (pair.caller.clone(), pair.hub_signals.drained.clone());
+    tokio::spawn(async move {
+        drained.cancelled().await;
+        caller.acknowledge_drain(Duration::from_secs(60)).await;
+    });
+    pair
+}
+
+/// The agent's replacement drain of `pair`, in a task; its bound for the
+/// ack and its grace for running calls are both `bound`.
+fn start_replacement_drain(
+    pair: &memory::Pair<Handler>,
+    bound: Duration,
+) -> tokio::task::JoinHandle<ReplacedDrain> {
+    let server = pair.server.clone();
+    let outbound = pair.agent_outbound.clone();
+    let signals = pair.agent_signals.clone();
+    tokio::spawn(async move {
+        drain_replaced(&server, &outbound, &signals, "replaced", bound, bound).await
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_picked_before_the_drain_is_served_however_late_it_starts() {
+    let pair = acknowledging_pair();
+    // The hub picked this tunnel for a call just before the agent drained it.
+    let reservation = pair.caller.reserve().expect("picked");
+    let drain = start_replacement_drain(&pair, Duration::from_secs(30));
+    pair.hub_signals.drained.cancelled().await;
+    assert!(
+        pair.caller.reserve().is_none(),
+        "a drained tunnel is picked for no new call"
+    );
+    // Longer than the fixed settle time the agent used to allow.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !pair.agent_signals.drain_acknowledged.is_cancelled() && !drain.is_finished(),
+        "no ack while a picked call has not started, and the agent keeps serving"
+    );
+    let body = Body::new(http_body_util::Full::new(Bytes::from_static(b"late")));
+    let response = pair
+        .caller
+        .call_reserved(reservation, request("/echo/Late", body))
+        .await
+        .expect("answered");
+    let (got, trailers) = read_all(response).await;
+    assert_eq!(got, b"late");
+    assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+    assert_eq!(drain.await.expect("drain"), ReplacedDrain::Acknowledged);
+    pair.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_tunnel_closes_as_soon_as_the_hub_acknowledges() {
+    let pair = acknowledging_pair();
+    let started = tokio::time::Instant::now();
+    let drain = start_replacement_drain(&pair, Duration::from_secs(30));
+    assert_eq!(drain.await.expect("drain"), ReplacedDrain::Acknowledged);
+    // Paused time only moves when something waits for it: no fixed wait.
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(pair.agent_signals.drain_acknowledged.is_cancelled());
+    pair.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hub_that_never_acknowledges_is_waited_for_up_to_the_bound() {
+    // The hub hears the drain but, like one that predates the ack, never
+    // answers it.
+    let pair = memory::pair(
+        echo(),
+        ServerSettings {
+            max_concurrent_calls: 16,
+            side: "agent",
+        },
+    );
+    let started = tokio::time::Instant::now();
+    let drain = start_replacement_drain(&pair, Duration::from_secs(5));
+    assert_eq!(drain.await.expect("drain"), ReplacedDrain::Unacknowledged);
+    assert!(pair.hub_signals.drained.is_cancelled());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    pair.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hub_does_not_acknowledge_while_a_picked_call_is_stuck() {
+    let pair = memory::pair(
+        echo(),
+        ServerSettings {
+            max_concurrent_calls: 16,
+            side: "agent",
+        },
+    );
+    let _stuck = pair.caller.reserve().expect("picked");
+    // An ack now could be followed by that call's start.
+    assert!(!pair.caller.acknowledge_drain(Duration::from_secs(2)).await);
+    assert!(pair.caller.is_draining());
+    tokio::task::yield_now().await;
+    assert!(!pair.agent_signals.drain_acknowledged.is_cancelled());
+    pair.stop.cancel();
+}

@@ -194,8 +194,12 @@ impl PollingChannel {
             }
             Err(error) => return Ok(CallError::no_tunnel(error, deadline, pickup).into_http()),
         };
+        let crate::registry::Picked {
+            tunnel,
+            reservation,
+        } = tunnel;
         let guard = tunnel.begin_call();
-        let response = tunnel.caller.call(request).await?;
+        let response = tunnel.caller.call_reserved(reservation, request).await?;
         // Count the call as in flight until its response body is done.
         Ok(response.map(|body| Body::new(ConnectionBody::new(body, Some(guard)))))
     }

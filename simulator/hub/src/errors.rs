@@ -59,7 +59,8 @@ impl From<RotateError> for Status {
             RotateError::NotRegistered(_) => Status::not_found(message),
             RotateError::AlreadyRotating(_) => Status::failed_precondition(message),
             RotateError::ThumbprintInUse(_) => Status::already_exists(message),
-            RotateError::Store(_) => Status::internal(message),
+            RotateError::Store(_) | RotateError::Pending(_) => Status::internal(message),
+            RotateError::NoPendingStore => Status::unimplemented(message),
         }
     }
 }
@@ -97,7 +98,13 @@ impl From<RegistrationError> for Status {
             | RegistrationError::UnknownAddress
             | RegistrationError::InvalidPort(_)
             | RegistrationError::InvalidCertificate => Status::invalid_argument(message),
-            RegistrationError::NoCredential => Status::unauthenticated(message),
+            RegistrationError::NoCredential
+            | RegistrationError::NoProof
+            | RegistrationError::NoChannelBinding
+            | RegistrationError::RotationNeedsApiKey => Status::unauthenticated(message),
+            RegistrationError::BadProof(_) | RegistrationError::BadRotationApiKey => {
+                Status::permission_denied(message)
+            }
             RegistrationError::BadCredential(_) => Status::permission_denied(message),
             RegistrationError::CredentialStore(_) => Status::internal(message),
             RegistrationError::Register(error) => error.into(),

@@ -13,6 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tentacle_proto::dial::{self, DialSettings, ListeningAddress};
 use tentacle_proto::incoming::AcceptSettings;
+use tentacle_proto::trust::CertificateValidity;
 use tentacle_proto::tunnel::HeartbeatSettings;
 use tentacle_proto::v1::TunnelDrain;
 use tentacle_proto::v1::tunnel_frame::Kind;
@@ -22,9 +23,11 @@ use tonic::transport::Channel;
 use crate::channel::{AgentChannel, DEFAULT_PICKUP_TIMEOUT, PollingChannel};
 use crate::client::AgentClient;
 use crate::registry::Registry;
+pub use crate::rotation::RotationApproval;
+use crate::rotation::{PendingRotation, PendingRotationFile, RotationOutcome, audit};
 use crate::target::{AgentId, Target};
 pub use crate::trust::{AgentMode, TrustedAgent};
-use crate::{credentials, grouped, trust};
+use crate::{credentials, grouped, rotation, trust};
 
 /// The port a hub listens on unless told otherwise.
 pub const DEFAULT_HUB_PORT: u16 = 10943;
@@ -52,10 +55,19 @@ pub struct HubSettings {
     /// waiter in the registry for ever. `pickup_timeout` is always allowed.
     pub max_pickup_timeout: Duration,
     /// How often the registry file is checked for edits by other processes
-    /// (a `stat`, unless it changed) and rotations are retired.
+    /// (a `stat`, unless it changed), rotations are retired and approved
+    /// ones applied.
     pub registry_reload_interval: Duration,
     /// How many failed registrations a source address may make.
     pub registration_limits: crate::limits::RegistrationLimits,
+    /// What a certificate rotation needs besides the current certificate
+    /// and the proof of possession of the new key.
+    pub rotation_approval: RotationApproval,
+    /// Whether peers' certificate validity dates are checked besides their
+    /// thumbprints (ignored by default; SECURITY.md says why).
+    pub certificate_validity: CertificateValidity,
+    /// The largest registration or fleet request accepted.
+    pub max_message_bytes: usize,
 }
 
 impl Default for HubSettings {
@@ -72,6 +84,10 @@ impl Default for HubSettings {
             max_pickup_timeout: Duration::from_secs(60 * 60),
             registry_reload_interval: Duration::from_secs(1),
             registration_limits: crate::limits::RegistrationLimits::default(),
+            rotation_approval: RotationApproval::default(),
+            certificate_validity: CertificateValidity::default(),
+            // tonic's own default: registrations and fleet lists are small.
+            max_message_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -99,6 +115,22 @@ pub enum RotateError {
     ThumbprintInUse(Thumbprint),
     #[error("could not store the rotation: {0}")]
     Store(trust::TrustFileError),
+    #[error("could not record the rotation for approval: {0}")]
+    Pending(#[from] rotation::PendingError),
+    #[error(
+        "this hub approves rotations by operator but has no home to keep them in; run `tentacle-hub server` to serve one that does"
+    )]
+    NoPendingStore,
+}
+
+/// Where a rotation stands once the hub accepted its announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotated {
+    /// Both certificates are trusted; the old one retires then (Unix
+    /// seconds).
+    Trusted { retire_old_at: u64 },
+    /// Recorded; waits for `tentacle-hub server rotations approve`.
+    Pending,
 }
 
 /// Why a registration was not stored.
@@ -136,14 +168,17 @@ pub enum HubError {
 pub struct HubStore {
     pub agents: trust::AgentTrustFile,
     pub credentials: credentials::CredentialStore,
+    /// Rotations waiting for an operator.
+    pub rotations: PendingRotationFile,
 }
 
 impl HubStore {
-    /// `agents.toml` and `credentials.toml` in `dir`.
+    /// `agents.toml`, `credentials.toml` and `rotations.toml` in `dir`.
     pub fn in_dir(dir: &std::path::Path) -> Self {
         Self {
             agents: trust::AgentTrustFile::new(dir.join("agents.toml")),
             credentials: credentials::CredentialStore::new(dir.join("credentials.toml")),
+            rotations: PendingRotationFile::new(dir.join("rotations.toml")),
         }
     }
 
@@ -153,6 +188,7 @@ impl HubStore {
         Self {
             agents: self.agents.with_lock_timeout(timeout),
             credentials: self.credentials.with_lock_timeout(timeout),
+            rotations: self.rotations.with_lock_timeout(timeout),
         }
     }
 }
@@ -205,13 +241,15 @@ impl Hub {
 
     fn build(identity: Identity, settings: HubSettings, store: Option<HubStore>) -> Arc<Self> {
         let own = identity.thumbprint();
+        let tls_trust = TrustStore::new([own]);
+        tls_trust.set_certificate_validity(settings.certificate_validity);
         Arc::new(Self {
             identity,
             store,
             settings,
             registry: Arc::default(),
             agents: ArcSwap::from_pointee(Vec::new()),
-            tls_trust: TrustStore::new([own]),
+            tls_trust,
             operators: ArcSwap::from_pointee(vec![own]),
             agents_write: Mutex::new(()),
             pool: Mutex::new(HashMap::new()),
@@ -441,6 +479,7 @@ impl Hub {
                     return Ok(AgentChannel::Direct(channel.0.clone()));
                 }
                 let trust = TrustStore::new(self.same_agent(&thumbprint));
+                trust.set_certificate_validity(self.settings.certificate_validity);
                 let tls = tentacle_proto::tls::client_config(&self.identity, trust.clone())?;
                 let channel = dial::channel(address, tls, &self.settings.dial).await?;
                 self.pool
@@ -497,6 +536,103 @@ impl Hub {
             Ok(retire_at)
         })
         .map_err(RotateError::Store)?
+    }
+
+    /// The name of the agent with `thumbprint`, current or being retired,
+    /// for logs; empty if none has it.
+    pub fn agent_name(&self, thumbprint: &Thumbprint) -> String {
+        self.agents
+            .load()
+            .iter()
+            .find(|a| a.has_thumbprint(thumbprint))
+            .map(|a| a.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// An announced rotation, under the hub's approval policy: trusted at
+    /// once ([`Self::rotate`]), or, when operators approve rotations,
+    /// recorded as pending unless it was already approved and applied.
+    pub fn request_rotation(
+        &self,
+        current: &Thumbprint,
+        new: Thumbprint,
+        overlap: Duration,
+    ) -> Result<Rotated, RotateError> {
+        if self.settings.rotation_approval != RotationApproval::Operator {
+            let retire_old_at = self.rotate(current, new, overlap)?;
+            return Ok(Rotated::Trusted { retire_old_at });
+        }
+        let store = self.store.as_ref().ok_or(RotateError::NoPendingStore)?;
+        let agents = self.agents.load();
+        if agents
+            .iter()
+            .any(|a| a.has_thumbprint(&new) && !a.has_thumbprint(current))
+        {
+            return Err(RotateError::ThumbprintInUse(new));
+        }
+        let agent = agents
+            .iter()
+            .find(|a| a.has_thumbprint(current))
+            .ok_or(RotateError::NotRegistered(*current))?;
+        if agent.thumbprint == new {
+            // Approved and applied: the agent asks again to learn the
+            // retirement time.
+            return Ok(Rotated::Trusted {
+                retire_old_at: agent.retire_previous_at.unwrap_or_else(unix_now),
+            });
+        }
+        if agent.thumbprint != *current {
+            return Err(RotateError::AlreadyRotating(*current));
+        }
+        store.rotations.request(PendingRotation {
+            agent: agent.name.clone(),
+            current: *current,
+            new,
+            overlap_seconds: overlap.as_secs(),
+            requested_unix: unix_now(),
+            approved: false,
+        })?;
+        Ok(Rotated::Pending)
+    }
+
+    /// Applies the rotations operators approved since the last call; each
+    /// is an audit event (approved, or refused if the registry changed
+    /// under it). Returns how many were applied.
+    pub fn apply_approved_rotations(&self) -> usize {
+        let Some(store) = &self.store else {
+            return 0;
+        };
+        let approved = match store.rotations.take_approved() {
+            Ok(approved) => approved,
+            Err(error) => {
+                tracing::warn!(%error, "could not read the approved rotations");
+                return 0;
+            }
+        };
+        let mut applied = 0;
+        for rotation in approved {
+            let overlap = Duration::from_secs(rotation.overlap_seconds);
+            match self.rotate(&rotation.current, rotation.new, overlap) {
+                Ok(_) => {
+                    applied += 1;
+                    audit(
+                        RotationOutcome::Approved,
+                        &rotation.agent,
+                        &rotation.current,
+                        &rotation.new,
+                        "approved by an operator",
+                    );
+                }
+                Err(error) => audit(
+                    RotationOutcome::Refused,
+                    &rotation.agent,
+                    &rotation.current,
+                    &rotation.new,
+                    &format!("approved, but could not be applied: {error}"),
+                ),
+            }
+        }
+        applied
     }
 
     /// Refuses new tunnels, tells every open one the hub is going away,

@@ -9,6 +9,8 @@
 //! - [`trust`] and [`credentials`]: the registry file (`agents.toml`) and
 //!   the hashed one-time tokens and API keys (`credentials.toml`).
 //! - [`registry`]: tunnels open now, by agent id, and calls waiting for one.
+//! - [`rotation`]: the rotation approval policy, rotations waiting for an
+//!   operator (`rotations.toml`), and the audit event of every rotation.
 //! - [`channel`]: [`channel::AgentChannel`], one tower service for every
 //!   way of reaching an agent.
 //! - [`client`]: typed calls to one agent over any channel.
@@ -37,6 +39,7 @@ pub mod limits;
 pub mod proxy;
 pub mod registration;
 pub mod registry;
+pub mod rotation;
 pub mod serve;
 pub mod store_file;
 pub mod target;

@@ -13,8 +13,9 @@ use tonic::{Request, Response, Status};
 
 use crate::credentials::{CredentialError, CredentialKind};
 use crate::errors::NoClientCertificate;
-use crate::hub::{Hub, RegisterError, RotateError};
+use crate::hub::{Hub, RegisterError, RotateError, Rotated, RotationApproval};
 use crate::limits::{FailureLimiter, Throttled};
+use crate::rotation::{RotationOutcome, audit};
 use crate::target::AgentId;
 use crate::trust::{AgentMode, TrustedAgent};
 
@@ -66,6 +67,24 @@ pub enum RegistrationError {
     NotRegistered(Thumbprint),
     #[error("new_certificate must be a DER certificate of 1 to {MAX_CERTIFICATE_BYTES} bytes")]
     InvalidCertificate,
+    #[error(
+        "the announcement carries no proof of possession of the new key; sign it with the new key (`tentacle rotate-certificate` does)"
+    )]
+    NoProof,
+    #[error(
+        "this connection has no TLS channel binding to check a rotation's proof against; connect to the hub directly over TLS"
+    )]
+    NoChannelBinding,
+    #[error("the proof of possession of the new key was refused: {0}; nothing was changed")]
+    BadProof(tentacle_proto::rotation::ProofError),
+    #[error(
+        "this hub asks for an API key to rotate a certificate; pass one with `tentacle rotate-certificate --api-key` (or TENTACLE_API_KEY), created with `tentacle-hub server api-key create`"
+    )]
+    RotationNeedsApiKey,
+    #[error(
+        "the API key for this rotation is not valid (unknown or expired); create one with `tentacle-hub server api-key create`"
+    )]
+    BadRotationApiKey,
     #[error(transparent)]
     Rotate(#[from] RotateError),
     #[error(
@@ -239,30 +258,104 @@ impl RegistrationApi {
         Ok(pb::DeregisterResponse {})
     }
 
+    /// A rotation announcement, checked and applied, with its audit event
+    /// whatever the outcome.
     fn rotate(
         &self,
         peer: PeerInfo,
         request: pb::RotateCertificateRequest,
     ) -> Result<pb::RotateCertificateResponse, RegistrationError> {
+        let new = Thumbprint::of_der(&request.new_certificate);
+        let agent = self.hub.agent_name(&peer.thumbprint);
+        let outcome = self.rotate_checked(&peer, new, &request);
+        match &outcome {
+            Ok(Rotated::Trusted { retire_old_at }) => audit(
+                RotationOutcome::Announced,
+                &agent,
+                &peer.thumbprint,
+                &new,
+                &format!("the old certificate retires at {retire_old_at} (Unix seconds)"),
+            ),
+            Ok(Rotated::Pending) => audit(
+                RotationOutcome::Pending,
+                &agent,
+                &peer.thumbprint,
+                &new,
+                "waits for `tentacle-hub server rotations approve`",
+            ),
+            Err(error) => audit(
+                RotationOutcome::Refused,
+                &agent,
+                &peer.thumbprint,
+                &new,
+                &error.to_string(),
+            ),
+        }
+        let (retire_old_at_unix, pending_approval) = match outcome? {
+            Rotated::Trusted { retire_old_at } => (retire_old_at, false),
+            Rotated::Pending => (0, true),
+        };
+        Ok(pb::RotateCertificateResponse {
+            new_thumbprint: new.to_string(),
+            retire_old_at_unix,
+            pending_approval,
+        })
+    }
+
+    /// The checks, cheapest and most telling first: the certificate, the
+    /// proof of possession of its key, the hub's approval policy.
+    fn rotate_checked(
+        &self,
+        peer: &PeerInfo,
+        new: Thumbprint,
+        request: &pb::RotateCertificateRequest,
+    ) -> Result<Rotated, RegistrationError> {
         if request.new_certificate.is_empty()
             || request.new_certificate.len() > MAX_CERTIFICATE_BYTES
         {
             return Err(RegistrationError::InvalidCertificate);
         }
-        let new = Thumbprint::of_der(&request.new_certificate);
+        if request.proof_signature.is_empty() {
+            return Err(RegistrationError::NoProof);
+        }
+        let binding = peer
+            .channel_binding
+            .ok_or(RegistrationError::NoChannelBinding)?;
+        let message = tentacle_proto::rotation::proof_message(
+            &peer.thumbprint,
+            &new,
+            &self.hub.identity().thumbprint(),
+            &binding,
+        );
+        tentacle_proto::rotation::verify(
+            &request.new_certificate,
+            request.proof_scheme,
+            &request.proof_signature,
+            &message,
+        )
+        .map_err(RegistrationError::BadProof)?;
         let settings = self.hub.settings();
+        if settings.rotation_approval == RotationApproval::ApiKey {
+            let key = request.api_key.trim();
+            if key.is_empty() {
+                return Err(RegistrationError::RotationNeedsApiKey);
+            }
+            let store = self.hub.store().ok_or(RegistrationError::NoHome)?;
+            store
+                .credentials
+                .redeem(key, CredentialKind::ApiKey)
+                .map_err(|error| match error {
+                    CredentialError::Invalid => RegistrationError::BadRotationApiKey,
+                    CredentialError::Store { .. } => RegistrationError::CredentialStore(error),
+                })?;
+        }
         let overlap = match request.overlap_seconds {
             0 => settings.rotation_overlap,
             // The agent's wish, within bounds: a retired certificate
             // trusted for years is one nobody retired.
             seconds => Duration::from_secs(seconds).min(settings.max_rotation_overlap),
         };
-        let retire_at = self.hub.rotate(&peer.thumbprint, new, overlap)?;
-        tracing::info!(old = %peer.thumbprint, %new, retire_at, "agent certificate rotating");
-        Ok(pb::RotateCertificateResponse {
-            new_thumbprint: new.to_string(),
-            retire_old_at_unix: retire_at,
-        })
+        Ok(self.hub.request_rotation(&peer.thumbprint, new, overlap)?)
     }
 
     fn list(

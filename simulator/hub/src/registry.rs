@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tentacle_proto::Thumbprint;
-use tentacle_proto::tunnel::{Outbound, TunnelCaller};
+use tentacle_proto::tunnel::{Outbound, StartReservation, TunnelCaller};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +67,22 @@ impl Tunnel {
         CallGuard {
             tunnel: self.clone(),
         }
+    }
+}
+
+/// A tunnel picked for one call, with the call's place on it: a drain
+/// acknowledgment on that tunnel waits until the call's start is sent.
+#[derive(Debug)]
+pub struct Picked {
+    pub tunnel: Arc<Tunnel>,
+    pub reservation: StartReservation,
+}
+
+impl std::ops::Deref for Picked {
+    type Target = Arc<Tunnel>;
+
+    fn deref(&self) -> &Arc<Tunnel> {
+        &self.tunnel
     }
 }
 
@@ -239,12 +255,13 @@ impl Registry {
             .collect()
     }
 
-    /// The least busy usable tunnel to `agent`, if one is open now.
+    /// The least busy usable tunnel to `agent`, if one is open now, with
+    /// the call's place reserved on it.
     fn pick_now(
         &self,
         agent: &AgentId,
         thumbprint: &Thumbprint,
-    ) -> Result<Option<Arc<Tunnel>>, PickError> {
+    ) -> Result<Option<Picked>, PickError> {
         let agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(slot) = agents.get(agent) else {
             return Ok(None);
@@ -254,18 +271,25 @@ impl Registry {
             .iter()
             .filter(|t| !t.is_draining() && !t.stop.is_cancelled());
         let mut wrong = None;
-        let mut best: Option<&Arc<Tunnel>> = None;
+        let mut candidates: Vec<&Arc<Tunnel>> = Vec::new();
         for tunnel in usable {
             if !self.same_agent(agent, thumbprint, &tunnel.thumbprint) {
                 wrong = Some(tunnel.thumbprint);
                 continue;
             }
-            if best.is_none_or(|b| tunnel.in_flight() < b.in_flight()) {
-                best = Some(tunnel);
-            }
+            candidates.push(tunnel);
         }
-        match (best, wrong) {
-            (Some(tunnel), _) => Ok(Some(tunnel.clone())),
+        // Least busy first; a tunnel whose agent drained it a moment ago
+        // refuses the reservation, and the next one is tried.
+        candidates.sort_by_key(|t| t.in_flight());
+        let picked = candidates.into_iter().find_map(|tunnel| {
+            Some(Picked {
+                reservation: tunnel.caller.reserve()?,
+                tunnel: tunnel.clone(),
+            })
+        });
+        match (picked, wrong) {
+            (Some(picked), _) => Ok(Some(picked)),
             (None, Some(actual)) => Err(PickError::WrongThumbprint {
                 agent: agent.to_string(),
                 actual: actual.to_string(),
@@ -307,7 +331,7 @@ impl Registry {
         agent: &AgentId,
         thumbprint: &Thumbprint,
         timeout: Duration,
-    ) -> Result<Arc<Tunnel>, PickError> {
+    ) -> Result<Picked, PickError> {
         if let Some(tunnel) = self.pick_now(agent, thumbprint)? {
             return Ok(tunnel);
         }

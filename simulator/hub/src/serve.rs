@@ -98,8 +98,14 @@ impl Hub {
         let registration = registration::RegistrationApi::new(self.clone());
         Routes::from(
             Routes::new(tunnels)
-                .add_service(RegistrationServiceServer::new(registration.clone()))
-                .add_service(FleetServiceServer::new(registration))
+                .add_service(
+                    RegistrationServiceServer::new(registration.clone())
+                        .max_decoding_message_size(self.settings().max_message_bytes),
+                )
+                .add_service(
+                    FleetServiceServer::new(registration)
+                        .max_decoding_message_size(self.settings().max_message_bytes),
+                )
                 .into_axum_router()
                 .fallback_service(proxy::Forwarder::new(self.clone())),
         )
@@ -122,6 +128,7 @@ impl Hub {
             if let Err(error) = self.reload_agents() {
                 tracing::warn!(%error, "could not reload the agent registry file");
             }
+            self.apply_approved_rotations();
             self.retire_rotated_certificates();
         }
     }
@@ -138,15 +145,20 @@ impl Hub {
             .cloned()
             .collect();
         for mut agent in due {
-            tracing::info!(
-                name = %agent.name,
-                retired = ?agent.previous_thumbprint,
-                "retired an agent's previous certificate"
-            );
-            agent.previous_thumbprint = None;
+            let Some(retired) = agent.previous_thumbprint.take() else {
+                continue;
+            };
             agent.retire_previous_at = None;
-            if let Err(error) = self.register(agent) {
-                tracing::error!(%error, "could not store a retired certificate");
+            let (name, current) = (agent.name.clone(), agent.thumbprint);
+            match self.register(agent) {
+                Ok(()) => crate::rotation::audit(
+                    crate::rotation::RotationOutcome::Retired,
+                    &name,
+                    &retired,
+                    &current,
+                    "the overlap ended",
+                ),
+                Err(error) => tracing::error!(%error, "could not store a retired certificate"),
             }
         }
     }

@@ -77,11 +77,15 @@ pub fn stored_hub(settings: HubSettings) -> (Arc<Hub>, tempfile::TempDir) {
     (hub, dir)
 }
 
+/// The channel binding [`peer`] gives every in-memory connection.
+pub const CHANNEL_BINDING: tentacle_proto::rotation::ChannelBinding = [42; 32];
+
 /// What the accept loop attaches to a connection from `thumbprint`.
 pub fn peer(thumbprint: Thumbprint) -> PeerInfo {
     PeerInfo {
         thumbprint,
         remote_addr: Some(([10, 0, 0, 7], 40000).into()),
+        channel_binding: Some(CHANNEL_BINDING),
     }
 }
 
@@ -243,6 +247,10 @@ fn tunnel_over(
 #[derive(Debug)]
 pub struct AgentTunnel {
     pub welcome: TunnelWelcome,
+    /// The agent's frames to the hub.
+    pub outbound: tunnel::Outbound,
+    /// What the agent's session hears from the hub.
+    pub signals: SessionSignals,
     stop: tokio_util::sync::DropGuard,
 }
 
@@ -287,25 +295,34 @@ pub async fn open_tunnel_with(
         .open(frames)
         .await?
         .into_inner();
-    let welcome = match incoming.message().await? {
-        Some(TunnelFrame {
-            kind: Some(Kind::Welcome(welcome)),
-        }) => welcome,
-        other => panic!("expected a welcome, got {other:?}"),
+    let welcome = loop {
+        match incoming.message().await? {
+            Some(TunnelFrame {
+                kind: Some(Kind::Welcome(welcome)),
+            }) => break welcome,
+            // The hub's first heartbeat may overtake its welcome.
+            Some(TunnelFrame {
+                kind: Some(Kind::Ping(_) | Kind::Pong(_)),
+            }) => {}
+            other => panic!("expected a welcome, got {other:?}"),
+        }
     };
     let stop = CancellationToken::new();
     let routes = Routes::new(CapabilitiesServiceServer::new(FakeAgent(name)));
     let server = TunnelServer::new(routes, outbound.clone(), None, FAKE_AGENT_SETTINGS);
+    let signals = SessionSignals::default();
     tokio::spawn(tunnel::run_session(
         incoming,
-        outbound,
+        outbound.clone(),
         Arc::new(server),
         HeartbeatSettings::default(),
-        SessionSignals::default(),
+        signals.clone(),
         stop.clone(),
     ));
     Ok(AgentTunnel {
         welcome,
+        outbound,
+        signals,
         stop: stop.drop_guard(),
     })
 }

@@ -201,6 +201,25 @@ fn frames_until(
     })
 }
 
+/// Acknowledges the agent's drain of `tunnel`, then closes it once no call
+/// on it waits for an answer; each step waits at most `bound`, after which
+/// the tunnel is left to the agent.
+async fn close_when_answered(tunnel: &Tunnel, bound: std::time::Duration) {
+    if !tunnel.caller.acknowledge_drain(bound).await {
+        return;
+    }
+    let answered = async {
+        while tunnel.caller.calls() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(bound, answered).await.is_ok() {
+        tunnel.stop.cancel();
+    } else {
+        tracing::warn!(agent = %tunnel.agent_id, ?bound, "calls on a drained tunnel still run after the drain grace; the agent closes it");
+    }
+}
+
 async fn run_tunnel(
     hub: Arc<Hub>,
     peer: PeerInfo,
@@ -225,15 +244,23 @@ async fn run_tunnel(
     ));
     hub.registry().add(tunnel.clone());
     // An agent that drains this tunnel (it is replacing it) gets no new calls
-    // on it; the calls already running finish.
+    // on it; the calls already picked for it start, the agent hears that no
+    // more will (`drain_ack`), the calls running finish, and the hub closes
+    // the tunnel once it has read every answer: only this end knows when the
+    // last frame it waits for has arrived.
     tokio::spawn({
         let tunnel = tunnel.clone();
         let drained = signals.drained.clone();
+        let bound = hub.settings().drain_grace;
         async move {
             tokio::select! {
                 () = drained.cancelled() => {
                     tracing::info!(agent = %tunnel.agent_id, "the agent is draining a tunnel");
                     tunnel.start_draining();
+                    tokio::select! {
+                        () = close_when_answered(&tunnel, bound) => {}
+                        () = tunnel.stop.cancelled() => {}
+                    }
                 }
                 () = tunnel.stop.cancelled() => {}
             }

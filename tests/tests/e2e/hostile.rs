@@ -749,6 +749,73 @@ async fn the_hub_refuses_a_megabyte_of_metadata_and_an_oversize_message() {
     .expect_err("an oversize message");
     assert!(status.message().contains("too large"), "{status:?}");
     hub_serves(&hub).await;
+
+    // The limit is a setting: a smaller one refuses a 64 KiB request that
+    // the default takes, with the same status.
+    let small = HubFixture::start_with(
+        Identity::generate("small hub").expect("identity"),
+        HubSettings {
+            max_message_bytes: 16 * 1024,
+            ..HubSettings::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await;
+    let registration = tentacle_proto::v1::RegisterRequest {
+        name: "x".repeat(64 * 1024),
+        ..Default::default()
+    };
+    let status = tentacle_proto::v1::registration_service_client::RegistrationServiceClient::new(
+        fresh_hub_channel(&small).await,
+    )
+    .register(registration.clone())
+    .await
+    .expect_err("over the configured limit");
+    assert!(status.message().contains("too large"), "{status:?}");
+    let status = tentacle_proto::v1::registration_service_client::RegistrationServiceClient::new(
+        fresh_hub_channel(&hub).await,
+    )
+    .register(registration)
+    .await
+    .expect_err("a bad registration, but not for its size");
+    assert!(!status.message().contains("too large"), "{status:?}");
+    hub_serves(&small).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hub_checks_agents_dates_only_when_it_enforces_validity() {
+    for (validity, refused_expected) in [
+        (tentacle_proto::trust::CertificateValidity::Ignored, false),
+        (tentacle_proto::trust::CertificateValidity::Enforced, true),
+    ] {
+        let hub = HubFixture::start_with(
+            Identity::generate("dated hub").expect("identity"),
+            HubSettings {
+                certificate_validity: validity,
+                ..HubSettings::default()
+            },
+            "127.0.0.1:0",
+        )
+        .await;
+        let expired = dated_identity(2001, 2002);
+        hub.hub.trust_agent(tentacle_hub::TrustedAgent {
+            thumbprint: expired.thumbprint(),
+            name: "dated".into(),
+            mode: tentacle_hub::AgentMode::Polling,
+            address: None,
+            roles: Vec::new(),
+            environments: Vec::new(),
+            previous_thumbprint: None,
+            retire_previous_at: None,
+        });
+        let was_refused = refused(
+            hub.address,
+            presenting(expired.certificate().clone(), &expired),
+        )
+        .await;
+        assert_eq!(was_refused, refused_expected, "{validity:?}");
+        hub_serves(&hub).await;
+    }
 }
 
 async fn fresh_hub_channel(hub: &HubFixture) -> tonic::transport::Channel {

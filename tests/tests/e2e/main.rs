@@ -27,6 +27,7 @@ mod registration_limits;
 mod registry_locks;
 mod restart;
 mod rotation;
+mod rotation_approval;
 mod scenario_run;
 mod script_output;
 mod script_survival;

@@ -10,7 +10,7 @@ use tentacle_hub::client::AgentClient;
 use tentacle_hub::target::Target;
 use tentacle_proto::Thumbprint;
 use tentacle_tests::{
-    AgentProcess, FAST_POLLING, HubFixture, bash, client_identity, free_port, run_to_end,
+    AgentProcess, FAST_POLLING, HubFixture, bash, client_identity, free_port, metric, run_to_end,
     tentacle_output,
 };
 use tokio_util::sync::CancellationToken;
@@ -247,4 +247,13 @@ async fn rotating_certificates_fails_no_call() {
         stored.contains(&new_poller.to_string()) && !stored.contains(&old_poller.to_string()),
         "{stored}"
     );
+    // Both rotations and both retirements were counted by this process's hub.
+    let metrics = tentacle_proto::metrics::METRICS.encode();
+    for outcome in ["announced", "retired"] {
+        let sample = format!("tentacle_hub_certificate_rotations_total{{outcome=\"{outcome}\"}}");
+        assert!(
+            metric(&metrics, &sample).is_some_and(|n| n >= 2.0),
+            "{sample} in {metrics}"
+        );
+    }
 }

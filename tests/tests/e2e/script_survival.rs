@@ -136,7 +136,10 @@ async fn a_script_keeps_running_through_an_agent_crash(mode: Mode) {
     let spread =
         |a: (i64, i32), b: (i64, i32)| (b.0 - a.0) * 1000 + i64::from(b.1 - a.1) / 1_000_000;
     assert!(
-        stamps.windows(2).take(29).all(|w| spread(w[0], w[1]) < 1000),
+        stamps
+            .windows(2)
+            .take(29)
+            .all(|w| spread(w[0], w[1]) < 1000),
         "no gap of the agent's downtime between lines: {stamps:?}"
     );
 

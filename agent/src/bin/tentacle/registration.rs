@@ -8,6 +8,7 @@ use rustls::pki_types::ServerName;
 use tentacle_agent::config::{AgentConfig, Home, PollingServer};
 use tentacle_agent::polling::{Dialer, TcpDialer};
 use tentacle_proto::dial::{self, DialSettings, ListeningAddress, ParseTargetError};
+use tentacle_proto::rotation::ChannelBinding;
 use tentacle_proto::v1 as pb;
 use tentacle_proto::v1::registration_service_client::RegistrationServiceClient;
 use tentacle_proto::{Identity, Thumbprint, TrustStore};
@@ -143,6 +144,23 @@ async fn connect(
     hub: Thumbprint,
     config: &AgentConfig,
 ) -> Result<RegistrationServiceClient<tonic::transport::Channel>, RegisterError> {
+    Ok(connect_bound(identity, address, hub, config).await?.0)
+}
+
+/// [`connect`], with the connection's TLS channel binding, which a
+/// rotation's proof of possession signs.
+async fn connect_bound(
+    identity: &Identity,
+    address: &ListeningAddress,
+    hub: Thumbprint,
+    config: &AgentConfig,
+) -> Result<
+    (
+        RegistrationServiceClient<tonic::transport::Channel>,
+        Option<ChannelBinding>,
+    ),
+    RegisterError,
+> {
     let url = address.to_string();
     let timeout = config.polling.connect_timeout;
     let unreachable = |reason: String| RegisterError::Unreachable {
@@ -171,6 +189,7 @@ async fn connect(
     .await
     .map_err(|_| unreachable("the TLS handshake timed out".into()))?
     .map_err(|e| handshake(dial::describe_connect_error(&e)))?;
+    let binding = tentacle_proto::rotation::channel_binding(&**tls.get_ref().1);
     let tls = dial::wait_until_accepted(tls, timeout)
         .await
         .map_err(|e| handshake(dial::describe_connect_error(&e)))?;
@@ -188,7 +207,7 @@ async fn connect(
         }))
         .await
         .map_err(|e| unreachable(dial::describe_connect_error(&e)))?;
-    Ok(RegistrationServiceClient::new(channel))
+    Ok((RegistrationServiceClient::new(channel), binding))
 }
 
 /// [`connect`] for the verbs that only report errors.
@@ -352,20 +371,116 @@ pub async fn deregister_from(home: &Path, args: DeregisterArgs) -> anyhow::Resul
     Ok(())
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(clap::Args)]
 pub struct RotateArgs {
     /// How long hubs keep trusting the current certificate after the switch.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     overlap: std::time::Duration,
+    /// A hub API key, for hubs that ask for one to rotate
+    /// (`--rotation-approval api-key`).
+    #[arg(long, env = "TENTACLE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// For hubs whose operator approves rotations: keep asking for up to
+    /// this long, and finish as soon as the rotation is approved.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    wait_for_approval: std::time::Duration,
+}
+
+impl std::fmt::Debug for RotateArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the API key.
+        f.debug_struct("RotateArgs")
+            .field("overlap", &self.overlap)
+            .field("api_key", &self.api_key.as_ref().map(|_| "********"))
+            .field("wait_for_approval", &self.wait_for_approval)
+            .finish()
+    }
+}
+
+/// Where a new certificate waits while a hub's operator has yet to
+/// approve its rotation; the next `rotate-certificate` announces it again.
+const PENDING_CERTIFICATE: &str = "tentacle-pending.crt.pem";
+const PENDING_KEY: &str = "tentacle-pending.key.pem";
+
+/// How often `--wait-for-approval` asks again.
+const APPROVAL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What one hub said to the announcement.
+enum Announced {
+    Trusted { retire_old_at_unix: u64 },
+    Pending,
+}
+
+/// Announces `next` to one hub over a connection authenticated by
+/// `current`, proving possession of `next`'s key over that connection.
+async fn announce(
+    current: &Identity,
+    next: &Identity,
+    hub: &PollingServer,
+    config: &AgentConfig,
+    args: &RotateArgs,
+) -> anyhow::Result<Announced> {
+    let address = hub_address(&hub.url)?;
+    let (mut client, binding) = connect_bound(current, &address, hub.thumbprint, config).await?;
+    let binding = binding
+        .context("the TLS connection to the hub gave no keying material to bind the proof to")?;
+    let message = tentacle_proto::rotation::proof_message(
+        &current.thumbprint(),
+        &next.thumbprint(),
+        &hub.thumbprint,
+        &binding,
+    );
+    let proof = tentacle_proto::rotation::sign(next, &message)?;
+    let answer = client
+        .rotate_certificate(pb::RotateCertificateRequest {
+            new_certificate: next.certificate().to_vec(),
+            overlap_seconds: args.overlap.as_secs().max(1),
+            proof_signature: proof.signature,
+            proof_scheme: u32::from(proof.scheme),
+            api_key: args.api_key.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "the hub at {} refused the new certificate (nothing was changed): {}",
+                hub.url,
+                dial::describe_status(&status)
+            )
+        })?
+        .into_inner();
+    Ok(if answer.pending_approval {
+        Announced::Pending
+    } else {
+        Announced::Trusted {
+            retire_old_at_unix: answer.retire_old_at_unix,
+        }
+    })
 }
 
 /// Makes a new certificate, tells every hub this agent registered with or
 /// polls, and then points the configuration at it; a running agent switches
-/// within a second, opening new tunnels before it drains the old ones.
+/// within a second, opening new tunnels before it drains the old ones. A
+/// hub whose operator approves rotations keeps the new certificate pending:
+/// it is kept aside and announced again by the next run (or by this one,
+/// every second for `--wait-for-approval`), and the switch waits for every
+/// hub to trust it.
 pub async fn rotate_certificate(home: &Path, args: RotateArgs) -> anyhow::Result<()> {
     let home = Home::new(home);
     let (mut config, current) = load_identity(&home)?;
-    let next = Identity::generate("Tentacle")?;
+    let pending_files = (
+        home.resolve(Path::new(PENDING_CERTIFICATE)),
+        home.resolve(Path::new(PENDING_KEY)),
+    );
+    let next = if pending_files.0.exists() && pending_files.1.exists() {
+        let next = Identity::load(&pending_files.0, &pending_files.1)?;
+        println!(
+            "Announcing again the certificate {} that waits for approval",
+            next.thumbprint()
+        );
+        next
+    } else {
+        Identity::generate("Tentacle")?
+    };
     let mut hubs: Vec<PollingServer> = config.hubs.clone();
     for server in &config.polling.servers {
         if !hubs.iter().any(|h| h.url == server.url) {
@@ -377,31 +492,51 @@ pub async fn rotate_certificate(home: &Path, args: RotateArgs) -> anyhow::Result
             "tentacle: warning: this agent is registered with no hub; clients that pin the old thumbprint will refuse the new one"
         );
     }
+    let give_up = tokio::time::Instant::now() + args.wait_for_approval;
+    let mut waiting = Vec::new();
     for hub in &hubs {
-        let address = hub_address(&hub.url)?;
-        let mut client = connect_or_fail(&current, &address, hub.thumbprint, &config).await?;
-        let answer = client
-            .rotate_certificate(pb::RotateCertificateRequest {
-                new_certificate: next.certificate().to_vec(),
-                overlap_seconds: args.overlap.as_secs().max(1),
-            })
-            .await
-            .map_err(|status| {
-                anyhow::anyhow!(
-                    "the hub at {} refused the new certificate (nothing was changed): {}",
-                    hub.url,
-                    dial::describe_status(&status)
-                )
-            })?
-            .into_inner();
-        let retires =
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(answer.retire_old_at_unix);
-        println!(
-            "{} trusts {} now and retires {} at {} (UTC)",
-            hub.url,
-            answer.new_thumbprint,
-            current.thumbprint(),
-            humantime::format_rfc3339_seconds(retires)
+        let mut told = false;
+        loop {
+            match announce(&current, &next, hub, &config, &args).await? {
+                Announced::Trusted { retire_old_at_unix } => {
+                    let retires =
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(retire_old_at_unix);
+                    println!(
+                        "{} trusts {} now and retires {} at {} (UTC)",
+                        hub.url,
+                        next.thumbprint(),
+                        current.thumbprint(),
+                        humantime::format_rfc3339_seconds(retires)
+                    );
+                    break;
+                }
+                Announced::Pending => {
+                    if !told {
+                        // Kept aside so that the approved certificate is the
+                        // one this agent switches to, in this run or the next.
+                        next.save(&pending_files.0, &pending_files.1)?;
+                        println!(
+                            "{} recorded the rotation to {} and waits for its operator: `tentacle-hub server rotations approve {}`",
+                            hub.url,
+                            next.thumbprint(),
+                            next.thumbprint()
+                        );
+                        told = true;
+                    }
+                    if tokio::time::Instant::now() + APPROVAL_POLL > give_up {
+                        waiting.push(hub.url.clone());
+                        break;
+                    }
+                    tokio::time::sleep(APPROVAL_POLL).await;
+                }
+            }
+        }
+    }
+    if !waiting.is_empty() {
+        bail!(
+            "the rotation to {} is pending approval at {}; nothing was switched. Once approved, run `tentacle rotate-certificate` again (before the old certificate's overlap ends) to finish",
+            next.thumbprint(),
+            waiting.join(", ")
         );
     }
     // New files, then one atomic switch of the configuration: a running
@@ -410,6 +545,9 @@ pub async fn rotate_certificate(home: &Path, args: RotateArgs) -> anyhow::Result
     let certificate = std::path::PathBuf::from(format!("tentacle-{short}.crt.pem"));
     let key = std::path::PathBuf::from(format!("tentacle-{short}.key.pem"));
     next.save(&home.resolve(&certificate), &home.resolve(&key))?;
+    for path in [&pending_files.0, &pending_files.1] {
+        let _ = std::fs::remove_file(path);
+    }
     let old = config.certificate.clone();
     config.certificate.certificate = certificate;
     config.certificate.key = key;

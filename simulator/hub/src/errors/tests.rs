@@ -57,6 +57,24 @@ fn each_error_has_the_status_its_caller_can_act_on() {
             Code::AlreadyExists,
         ),
         (RotateError::Store(write_failed()).into(), Code::Internal),
+        (RotateError::NoPendingStore.into(), Code::Unimplemented),
+        (RegistrationError::NoProof.into(), Code::Unauthenticated),
+        (
+            RegistrationError::NoChannelBinding.into(),
+            Code::Unauthenticated,
+        ),
+        (
+            RegistrationError::BadProof(tentacle_proto::rotation::ProofError::BadSignature).into(),
+            Code::PermissionDenied,
+        ),
+        (
+            RegistrationError::RotationNeedsApiKey.into(),
+            Code::Unauthenticated,
+        ),
+        (
+            RegistrationError::BadRotationApiKey.into(),
+            Code::PermissionDenied,
+        ),
         (tls_failed().into(), Code::Internal),
         (CredentialError::Invalid.into(), Code::PermissionDenied),
         (credential_store_failed().into(), Code::Internal),

@@ -6,7 +6,91 @@ use tonic::Code;
 
 use super::*;
 use crate::hub::{HubSettings, unix_now};
-use crate::testing::{connect, hub_routes, memory_hub, request, stored_hub, thumbprint};
+use crate::testing::{
+    CHANNEL_BINDING, connect, hub_routes, identity, memory_hub, request, stored_hub, thumbprint,
+};
+use tentacle_proto::Identity;
+use tentacle_proto::rotation::{ChannelBinding, proof_message, sign};
+
+/// An announcement of `next` by the agent with `current`, proved the way
+/// `tentacle rotate-certificate` proves it: signed by `signer` (the new key,
+/// unless a test says otherwise) for the connection with `binding`.
+fn announcement_by(
+    current: Thumbprint,
+    next: &Identity,
+    signer: &Identity,
+    binding: &ChannelBinding,
+    overlap_seconds: u64,
+) -> pb::RotateCertificateRequest {
+    let message = proof_message(
+        &current,
+        &next.thumbprint(),
+        &identity().thumbprint(),
+        binding,
+    );
+    let proof = sign(signer, &message).expect("sign");
+    pb::RotateCertificateRequest {
+        new_certificate: next.certificate().to_vec(),
+        overlap_seconds,
+        proof_signature: proof.signature,
+        proof_scheme: proof.scheme.into(),
+        api_key: String::new(),
+    }
+}
+
+/// A properly proved announcement of `next`.
+fn announcement(current: Thumbprint, next: &Identity) -> pb::RotateCertificateRequest {
+    announcement_by(current, next, next, &CHANNEL_BINDING, 0)
+}
+
+fn new_identity() -> Identity {
+    Identity::generate("rotated").expect("identity")
+}
+
+/// How often a rotation ended with `outcome` in this process so far.
+fn rotations_counted(outcome: &str) -> u64 {
+    tentacle_proto::metrics::METRICS
+        .hub_certificate_rotations
+        .get_or_create(&tentacle_proto::metrics::OutcomeLabels {
+            outcome: outcome.into(),
+        })
+        .get()
+}
+
+/// Log lines written while the guard lives, on this thread.
+#[derive(Clone, Default)]
+struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    fn start(&self) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || logs.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let bytes = self.0.lock().expect("logs").clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 fn registration(name: &str, credential: Credential) -> pb::RegisterRequest {
     pb::RegisterRequest {
@@ -406,12 +490,10 @@ async fn an_agents_rotation_overlap_is_clamped() {
             .await
             .expect("registered");
         let before = unix_now();
+        let next = new_identity();
         let rotated = api
             .rotate_certificate(request(
-                pb::RotateCertificateRequest {
-                    new_certificate: format!("{name}-new").into_bytes(),
-                    overlap_seconds: asked,
-                },
+                announcement_by(current, &next, &next, &CHANNEL_BINDING, asked),
                 current,
             ))
             .await
@@ -423,8 +505,9 @@ async fn an_agents_rotation_overlap_is_clamped() {
             "asked {asked}s, granted {}s",
             rotated.retire_old_at_unix.saturating_sub(before)
         );
-        let new = Thumbprint::of_der(format!("{name}-new").as_bytes());
+        let new = next.thumbprint();
         assert_eq!(rotated.new_thumbprint, new.to_string());
+        assert!(!rotated.pending_approval);
         assert!(hub.allows_tunnel(&new, &name) && hub.allows_tunnel(&current, &name));
     }
 }
@@ -446,38 +529,261 @@ async fn refused_rotations_say_why() {
     let (hub, _dir) = stored_hub(HubSettings::default());
     let api = RegistrationApi::new(hub.clone());
     let key = new_api_key(&hub);
-    for name in ["web-01", "web-02"] {
-        register(&api, thumbprint(name), registration(name, key.clone()))
-            .await
-            .expect("registered");
-    }
-    let rotate = |from: Thumbprint, certificate: &[u8]| {
-        api.rotate_certificate(request(
-            pb::RotateCertificateRequest {
-                new_certificate: certificate.to_vec(),
-                overlap_seconds: 0,
-            },
-            from,
-        ))
+    let web_02 = new_identity();
+    register(
+        &api,
+        thumbprint("web-01"),
+        registration("web-01", key.clone()),
+    )
+    .await
+    .expect("registered");
+    register(
+        &api,
+        web_02.thumbprint(),
+        registration("web-02", key.clone()),
+    )
+    .await
+    .expect("registered");
+    let rotate = |from: Thumbprint, message: pb::RotateCertificateRequest| {
+        api.rotate_certificate(request(message, from))
     };
-    let unknown = rotate(thumbprint("stranger"), b"new")
-        .await
-        .expect_err("unknown");
+    let unknown = rotate(
+        thumbprint("stranger"),
+        announcement(thumbprint("stranger"), &new_identity()),
+    )
+    .await
+    .expect_err("unknown");
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
-    let empty = rotate(thumbprint("web-01"), b"").await.expect_err("empty");
+    let mut empty = announcement(thumbprint("web-01"), &new_identity());
+    empty.new_certificate.clear();
+    let empty = rotate(thumbprint("web-01"), empty)
+        .await
+        .expect_err("empty");
     assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
-    // web-02's thumbprint is the digest of the bytes `web-02`.
-    let theirs = rotate(thumbprint("web-01"), b"web-02")
-        .await
-        .expect_err("theirs");
+    // Only an announcer holding web-02's key gets this far.
+    let theirs = rotate(
+        thumbprint("web-01"),
+        announcement(thumbprint("web-01"), &web_02),
+    )
+    .await
+    .expect_err("theirs");
     assert_eq!(theirs.code(), Code::AlreadyExists, "{theirs:?}");
-    rotate(thumbprint("web-01"), b"web-01-new")
-        .await
-        .expect("rotated");
-    let again = rotate(thumbprint("web-01"), b"web-01-newer")
-        .await
-        .expect_err("retiring");
+    rotate(
+        thumbprint("web-01"),
+        announcement(thumbprint("web-01"), &new_identity()),
+    )
+    .await
+    .expect("rotated");
+    let again = rotate(
+        thumbprint("web-01"),
+        announcement(thumbprint("web-01"), &new_identity()),
+    )
+    .await
+    .expect_err("retiring");
     assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+}
+
+#[tokio::test]
+async fn a_rotation_needs_a_fresh_proof_made_with_the_new_key() {
+    let (hub, _dir) = stored_hub(HubSettings::default());
+    let api = RegistrationApi::new(hub.clone());
+    let current = thumbprint("web-01");
+    register(&api, current, registration("web-01", new_api_key(&hub)))
+        .await
+        .expect("registered");
+    let next = new_identity();
+    let (refused_before, announced_before) =
+        (rotations_counted("refused"), rotations_counted("announced"));
+    let logs = CapturedLogs::default();
+    let _logging = logs.start();
+    let rotate =
+        |message: pb::RotateCertificateRequest| api.rotate_certificate(request(message, current));
+
+    let mut unproved = announcement(current, &next);
+    unproved.proof_signature.clear();
+    let refused = rotate(unproved).await.expect_err("no proof");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("proof of possession"),
+        "{refused:?}"
+    );
+
+    // Signed by a key other than the new certificate's: the current one,
+    // or an attacker's.
+    let other = new_identity();
+    let refused = rotate(announcement_by(current, &next, &other, &CHANNEL_BINDING, 0))
+        .await
+        .expect_err("another key");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("does not verify"), "{refused:?}");
+
+    // A proof recorded on another connection, replayed on this one.
+    let replayed = announcement_by(current, &next, &next, &[1; 32], 0);
+    let refused = rotate(replayed).await.expect_err("replayed");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    // A proof for another agent's current certificate.
+    let refused = rotate(announcement(thumbprint("web-02"), &next))
+        .await
+        .expect_err("someone else's");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        !hub.allows_tunnel(&next.thumbprint(), "web-01"),
+        "nothing was trusted"
+    );
+
+    // A connection without keying material cannot carry a proof.
+    let mut unbound = request(announcement(current, &next), current);
+    unbound
+        .extensions_mut()
+        .get_mut::<tentacle_proto::incoming::PeerInfo>()
+        .expect("peer")
+        .channel_binding = None;
+    let refused = api.rotate_certificate(unbound).await.expect_err("unbound");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+
+    let rotated = rotate(announcement(current, &next))
+        .await
+        .expect("a proper proof")
+        .into_inner();
+    assert_eq!(rotated.new_thumbprint, next.thumbprint().to_string());
+    assert!(hub.allows_tunnel(&next.thumbprint(), "web-01"));
+
+    // Each outcome is an audit event: a counted, structured log line that
+    // names the agent and both thumbprints.
+    assert!(rotations_counted("refused") >= refused_before + 5);
+    assert!(rotations_counted("announced") > announced_before);
+    let lines = logs.lines();
+    let events: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("\"event\":\"certificate_rotation\""))
+        .collect();
+    assert_eq!(events.len(), 6, "{lines:#?}");
+    for line in &events {
+        assert!(line.contains("\"agent\":\"web-01\""), "{line}");
+        assert!(line.contains(&next.thumbprint().to_string()), "{line}");
+        assert!(line.contains(&current.to_string()), "{line}");
+        assert!(line.contains(crate::rotation::AUDIT_TARGET), "{line}");
+    }
+    assert_eq!(
+        events
+            .iter()
+            .filter(|l| l.contains("\"level\":\"WARN\""))
+            .count(),
+        5,
+        "refusals warn: {events:#?}"
+    );
+    assert!(
+        events[5].contains("\"outcome\":\"announced\""),
+        "{}",
+        events[5]
+    );
+    let text = tentacle_proto::metrics::METRICS.encode();
+    assert!(
+        text.contains("tentacle_hub_certificate_rotations_total{outcome=\"refused\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_hub_that_asks_for_an_api_key_rotates_only_with_a_valid_one() {
+    let (hub, _dir) = stored_hub(HubSettings {
+        rotation_approval: RotationApproval::ApiKey,
+        ..HubSettings::default()
+    });
+    let api = RegistrationApi::new(hub.clone());
+    let current = thumbprint("web-01");
+    let Credential::ApiKey(key) = new_api_key(&hub) else {
+        unreachable!()
+    };
+    register(
+        &api,
+        current,
+        registration("web-01", Credential::ApiKey(key.clone())),
+    )
+    .await
+    .expect("registered");
+    let next = new_identity();
+    let with_key = |api_key: &str| pb::RotateCertificateRequest {
+        api_key: api_key.into(),
+        ..announcement(current, &next)
+    };
+    let refused = api
+        .rotate_certificate(request(with_key(""), current))
+        .await
+        .expect_err("no key");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("--api-key"), "{refused:?}");
+    let refused = api
+        .rotate_certificate(request(with_key("not-the-key-at-all"), current))
+        .await
+        .expect_err("wrong key");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("api-key create"), "{refused:?}");
+    assert!(!hub.allows_tunnel(&next.thumbprint(), "web-01"));
+    api.rotate_certificate(request(with_key(&key), current))
+        .await
+        .expect("with the key");
+    assert!(hub.allows_tunnel(&next.thumbprint(), "web-01"));
+}
+
+#[tokio::test]
+async fn a_rotation_an_operator_approves_waits_for_the_approval() {
+    let (hub, _dir) = stored_hub(HubSettings {
+        rotation_approval: RotationApproval::Operator,
+        ..HubSettings::default()
+    });
+    let api = RegistrationApi::new(hub.clone());
+    let current = thumbprint("web-01");
+    register(&api, current, registration("web-01", new_api_key(&hub)))
+        .await
+        .expect("registered");
+    let next = new_identity();
+    let (pending_before, approved_before) =
+        (rotations_counted("pending"), rotations_counted("approved"));
+    let pending = api
+        .rotate_certificate(request(announcement(current, &next), current))
+        .await
+        .expect("recorded")
+        .into_inner();
+    assert!(pending.pending_approval);
+    assert_eq!(pending.retire_old_at_unix, 0);
+    assert!(
+        !hub.allows_tunnel(&next.thumbprint(), "web-01"),
+        "not trusted yet"
+    );
+    // Nothing happens until an operator approves.
+    assert_eq!(hub.apply_approved_rotations(), 0);
+    let store = hub.store().expect("store");
+    let listed = store.rotations.load().expect("pending rotations");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].current, listed[0].new),
+        (current, next.thumbprint())
+    );
+    // Announcing it again while it waits changes nothing.
+    let again = api
+        .rotate_certificate(request(announcement(current, &next), current))
+        .await
+        .expect("recorded")
+        .into_inner();
+    assert!(again.pending_approval);
+
+    store.rotations.approve("web-01").expect("approve");
+    assert_eq!(hub.apply_approved_rotations(), 1);
+    assert!(hub.allows_tunnel(&next.thumbprint(), "web-01"));
+    assert!(hub.allows_tunnel(&current, "web-01"), "the overlap starts");
+    assert!(store.rotations.load().expect("pending").is_empty());
+    // The agent's next announcement learns that it is done.
+    let done = api
+        .rotate_certificate(request(announcement(current, &next), current))
+        .await
+        .expect("trusted")
+        .into_inner();
+    assert!(!done.pending_approval);
+    assert!(done.retire_old_at_unix > unix_now());
+    assert!(rotations_counted("pending") >= pending_before + 2);
+    assert!(rotations_counted("approved") > approved_before);
 }
 
 #[tokio::test]
@@ -527,6 +833,7 @@ fn request_from<T>(message: T, thumbprint: Thumbprint, address: [u8; 4]) -> Requ
         .insert(tentacle_proto::incoming::PeerInfo {
             thumbprint,
             remote_addr: Some((address, 40000).into()),
+            channel_binding: None,
         });
     request
 }

@@ -37,6 +37,54 @@ async fn the_least_busy_usable_tunnel_is_picked() {
 }
 
 #[tokio::test]
+async fn a_tunnel_its_agent_drained_is_not_picked_and_its_ack_waits_for_picked_calls() {
+    let registry = Registry::default();
+    let print = thumbprint("web-01");
+    let agent = agent_id("web-01");
+    // A caller whose frames to the agent are kept, to see the ack.
+    let (to_agent, mut sent) = tentacle_proto::tunnel::outbound();
+    let old = Arc::new(Tunnel::new(
+        agent.clone(),
+        print,
+        TunnelCaller::new(to_agent.clone(), 0),
+        to_agent,
+        CancellationToken::new(),
+    ));
+    registry.add(old.clone());
+    // Picked before the agent's drain: its start is not queued yet.
+    let picked = registry.pick(&agent, &print, NOW).await.expect("pick");
+    assert_eq!(picked.id, old.id);
+    let acknowledged = tokio::spawn({
+        let old = old.clone();
+        async move { old.caller.acknowledge_drain(Duration::from_secs(60)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !acknowledged.is_finished(),
+        "the picked call has yet to start"
+    );
+    let refused = registry.pick(&agent, &print, Duration::ZERO).await;
+    assert!(refused.is_err(), "the drained tunnel takes no new call");
+    let (new, _new_frames) = idle_tunnel("web-01", print);
+    registry.add(new.clone());
+    let next = registry.pick(&agent, &print, NOW).await.expect("pick");
+    assert_eq!(next.id, new.id, "the replacement takes new calls");
+    drop(picked);
+    assert!(
+        acknowledged.await.expect("ack"),
+        "acknowledged once it started"
+    );
+    let frame = sent.try_next().expect("a frame for the agent");
+    assert!(
+        matches!(
+            frame.kind,
+            Some(tentacle_proto::v1::tunnel_frame::Kind::DrainAck(_))
+        ),
+        "{frame:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_tunnel_with_another_certificate_is_not_picked() {
     let registry = Registry::default();
     let (tunnel, _frames) = idle_tunnel("web-01", thumbprint("someone-else"));

@@ -44,6 +44,36 @@ async fn a_trusted_agent_is_welcomed_and_then_reached_through_its_tunnel() {
         .expect("the tunnel is forgotten");
 }
 
+/// An agent replacing its tunnel drains it: the hub acknowledges that no
+/// call will start on it any more, and then closes it itself.
+#[tokio::test]
+async fn a_tunnel_its_agent_drains_is_acknowledged_and_then_closed_by_the_hub() {
+    let hub = memory_hub(HubSettings::default());
+    let print = thumbprint("web-01");
+    hub.trust_agent(polling("web-01", print));
+    let channel = connect(hub_routes(&hub), print).await;
+    let tunnel = open_tunnel(channel, "web-01").await.expect("welcomed");
+    let drain = tentacle_proto::v1::tunnel_frame::Kind::Drain(tentacle_proto::v1::TunnelDrain {
+        reason: "replaced".into(),
+    });
+    assert!(tunnel.outbound.ordered(drain).await);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tunnel.signals.drain_acknowledged.cancelled(),
+    )
+    .await
+    .expect("the hub acknowledges the drain");
+    let closed = async {
+        while hub.registry().connected_agents() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the hub closes the drained tunnel with no call on it");
+    drop(tunnel);
+}
+
 /// An agent of another tunnel protocol (one that still sends an inner
 /// HTTP/2 connection's bytes) is told what to upgrade, not left hanging.
 #[tokio::test]

@@ -7,9 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use tentacle_hub::credentials::CredentialKind;
 use tentacle_hub::home::HubHome;
+use tentacle_hub::rotation::{PendingRotationFile, RotationApproval};
 use tentacle_hub::trust::AgentTrustFile;
 use tentacle_hub::{AgentMode, Hub, HubSettings, TrustedAgent};
 use tentacle_proto::Thumbprint;
+use tentacle_proto::trust::CertificateValidity;
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -43,6 +45,29 @@ pub struct ServerArgs {
     heartbeat_timeout: Duration,
     #[command(flatten)]
     registration_limits: tentacle_hub::args::RegistrationLimitArgs,
+    /// What an agent's certificate rotation needs besides its current
+    /// certificate and proof that it holds the new key: none; api-key (the
+    /// request carries a hub API key); operator (it waits for `tentacle-hub
+    /// server rotations approve`).
+    #[arg(long, env = "TENTACLE_HUB_ROTATION_APPROVAL", default_value = "none")]
+    rotation_approval: RotationApproval,
+    /// Whether peers' certificate validity dates count besides their
+    /// thumbprints: ignored (the default; SECURITY.md says why) or enforced.
+    #[arg(long, env = "TENTACLE_HUB_CERTIFICATE_VALIDITY", default_value = "ignored", value_parser = parse_validity)]
+    certificate_validity: CertificateValidity,
+    /// The largest registration or fleet request accepted, in bytes.
+    #[arg(long, env = "TENTACLE_HUB_MAX_MESSAGE_BYTES", default_value_t = HubSettings::default().max_message_bytes)]
+    max_message_bytes: usize,
+}
+
+fn parse_validity(text: &str) -> Result<CertificateValidity, String> {
+    match text {
+        "ignored" => Ok(CertificateValidity::Ignored),
+        "enforced" => Ok(CertificateValidity::Enforced),
+        other => Err(format!(
+            "`{other}` is not a validity policy; use ignored or enforced"
+        )),
+    }
 }
 
 impl ServerArgs {
@@ -65,6 +90,23 @@ enum ServerCommand {
     /// number of agents.
     #[command(subcommand)]
     ApiKey(CredentialCommand),
+    /// Certificate rotations waiting for an operator (`--rotation-approval
+    /// operator`).
+    #[command(subcommand)]
+    Rotations(RotationsCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum RotationsCommand {
+    /// Lists the rotations waiting for approval.
+    List,
+    /// Approves the pending rotation of an agent, named or by its current or
+    /// new thumbprint; the running hub trusts the new certificate within a
+    /// second, and the agent's next `tentacle rotate-certificate` finishes.
+    Approve {
+        /// The agent's name, or its current or new thumbprint.
+        agent_or_thumbprint: String,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -130,6 +172,7 @@ pub async fn run(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
             println!("{}", store.credentials.create(CredentialKind::ApiKey, ttl)?);
             Ok(ExitCode::SUCCESS)
         }
+        Some(ServerCommand::Rotations(command)) => rotations(home, command),
         None => serve(home, args).await,
     }
 }
@@ -195,6 +238,53 @@ fn trust(home: &HubHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn rotations(home: &HubHome, command: RotationsCommand) -> anyhow::Result<ExitCode> {
+    let file = PendingRotationFile::new(home.dir().join("rotations.toml"));
+    match command {
+        RotationsCommand::List => {
+            let pending = file.load()?;
+            if pending.is_empty() {
+                println!("No rotation is waiting for approval.");
+            }
+            for rotation in pending {
+                let requested =
+                    std::time::UNIX_EPOCH + Duration::from_secs(rotation.requested_unix);
+                println!(
+                    "{}  {} -> {}  requested {}  overlap {}{}",
+                    rotation.agent,
+                    rotation.current,
+                    rotation.new,
+                    humantime::format_rfc3339_seconds(requested),
+                    humantime::format_duration(Duration::from_secs(rotation.overlap_seconds)),
+                    if rotation.approved {
+                        "  approved, not yet applied (is the hub running?)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        RotationsCommand::Approve {
+            agent_or_thumbprint,
+        } => {
+            let rotation = file.approve(&agent_or_thumbprint)?;
+            tracing::info!(
+                target: tentacle_hub::rotation::AUDIT_TARGET,
+                event = "certificate_rotation_approval",
+                agent = %rotation.agent,
+                old = %rotation.current,
+                new = %rotation.new,
+                "an operator approved a certificate rotation"
+            );
+            println!(
+                "Approved the rotation of {} from {} to {}; the running hub applies it within a second, then `tentacle rotate-certificate` on the agent finishes it.",
+                rotation.agent, rotation.current, rotation.new
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The variable `--from-env` reads an operator-chosen API key from.
 const API_KEY_VARIABLE: &str = "TENTACLE_HUB_API_KEY";
 
@@ -247,6 +337,9 @@ async fn serve(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
             timeout: args.heartbeat_timeout,
         },
         registration_limits: args.registration_limits.limits(),
+        rotation_approval: args.rotation_approval,
+        certificate_validity: args.certificate_validity,
+        max_message_bytes: args.max_message_bytes,
         ..HubSettings::default()
     };
     if let Some(address) = args.metrics_listen {
@@ -268,6 +361,7 @@ async fn serve(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
         address = %listener.local_addr()?,
         %thumbprint,
         agents = file.load()?.len(),
+        rotation_approval = %args.rotation_approval,
         "hub listening"
     );
     // Serving includes the reload that picks up `server trust add/remove`
