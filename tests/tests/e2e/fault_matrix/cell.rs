@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tentacle_hub::client::AgentClient;
 use tentacle_hub::deploy::{DeployTarget, TargetOutcome};
@@ -100,6 +100,18 @@ async fn prepare(rig: &Rig, warm: &AgentClient, cell: &Cell) {
                 let result = recover_watch(rig, ticket, &seen).await;
                 assert_eq!(result.exit_code, 0);
             }
+            if *flow == Flow::Cancel {
+                // The cancel must find a running script to kill, not one
+                // still starting under its host.
+                let started = Instant::now();
+                while rig.runs_of(ticket) == 0 {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(30),
+                        "the script to cancel never started"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
         }
         Flow::Download => {
             upload(warm, remote, bytes, tier.stream_deadline, None)
@@ -190,7 +202,7 @@ async fn call(
     client: AgentClient,
     cell: &Cell,
     seen: &Seen,
-    deadline: std::time::Duration,
+    deadline: Duration,
     trigger: Option<Trigger>,
 ) -> Result<(), String> {
     let Cell {
