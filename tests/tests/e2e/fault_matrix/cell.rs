@@ -275,24 +275,7 @@ async fn call(
                 seen: seen.clone(),
                 trigger: Mutex::new(trigger),
             });
-            let results = tentacle_hub::deploy::deploy(
-                vec![DeployTarget {
-                    name: format!("m{index}"),
-                    target: "matrix".into(),
-                    client,
-                }],
-                &rig.script(ticket, false).script_body,
-                Vec::new(),
-                1,
-                observer,
-                CancellationToken::new(),
-            )
-            .await;
-            match &results[0].outcome {
-                TargetOutcome::Exited(0) => Ok(()),
-                TargetOutcome::Exited(code) => Err(format!("the deploy's script exited {code}")),
-                TargetOutcome::Failed(reason) => Err(reason.clone()),
-            }
+            deploy_once(rig, client, *index, ticket, observer).await
         }
     }
 }
@@ -412,23 +395,8 @@ async fn recover(rig: &Rig, cell: &Cell, seen: &Seen, outcome: &Outcome) {
                         seen: Seen::default(),
                         trigger: Mutex::new(None),
                     });
-                    let results = tentacle_hub::deploy::deploy(
-                        vec![DeployTarget {
-                            name: format!("m{index}"),
-                            target: "matrix".into(),
-                            client,
-                        }],
-                        &rig.script(ticket, false).script_body,
-                        Vec::new(),
-                        1,
-                        observer.clone(),
-                        CancellationToken::new(),
-                    )
-                    .await;
-                    match &results[0].outcome {
-                        TargetOutcome::Exited(0) => Ok(observer.seen.texts()),
-                        other => Err(format!("{other:?}")),
-                    }
+                    deploy_once(rig, client, *index, ticket, observer.clone()).await?;
+                    Ok(observer.seen.texts())
                 })
                 .await;
             } else {
@@ -444,5 +412,34 @@ async fn recover(rig: &Rig, cell: &Cell, seen: &Seen, outcome: &Outcome) {
                 "a deployment's script ran twice: {per_ticket:?}"
             );
         }
+    }
+}
+
+/// Deploys the cell's script to the rig's agent through `client`; Ok when
+/// it exited 0, else why not.
+async fn deploy_once(
+    rig: &Rig,
+    client: AgentClient,
+    index: usize,
+    ticket: &str,
+    observer: Arc<DeployLines>,
+) -> Result<(), String> {
+    let results = tentacle_hub::deploy::deploy(
+        vec![DeployTarget {
+            name: format!("m{index}"),
+            target: "matrix".into(),
+            client,
+        }],
+        &rig.script(ticket, false).script_body,
+        Vec::new(),
+        1,
+        observer,
+        CancellationToken::new(),
+    )
+    .await;
+    match &results[0].outcome {
+        TargetOutcome::Exited(0) => Ok(()),
+        TargetOutcome::Exited(code) => Err(format!("the deploy's script exited {code}")),
+        TargetOutcome::Failed(reason) => Err(reason.clone()),
     }
 }
