@@ -8,6 +8,8 @@
 //!   failed registrations per source address.
 //! - [`trust`] and [`credentials`]: the registry file (`agents.toml`) and
 //!   the hashed one-time tokens and API keys (`credentials.toml`).
+//! - [`cluster`]: this node, the other nodes of its cluster, and which of
+//!   them hold which agents' tunnels (presence).
 //! - [`registry`]: tunnels open now, by agent id, and calls waiting for one.
 //! - [`rotation`]: the rotation approval policy, rotations waiting for an
 //!   operator (`rotations.toml`), and the audit event of every rotation.
@@ -29,6 +31,7 @@
 pub mod args;
 pub mod channel;
 pub mod client;
+pub mod cluster;
 pub mod credentials;
 pub mod deploy;
 pub mod errors;
