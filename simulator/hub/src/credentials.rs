@@ -44,6 +44,8 @@ pub enum CredentialError {
     Invalid,
     #[error("could not read or write {path}: {message}")]
     Store { path: PathBuf, message: String },
+    #[error(transparent)]
+    Shared(crate::store::StoreError),
 }
 
 /// The fewest characters [`CredentialStore::add`] accepts in a secret the

@@ -27,6 +27,8 @@ use crate::credentials::CredentialError;
 use crate::hub::{HubError, RegisterError, RotateError};
 use crate::proxy::ForwardError;
 use crate::registration::RegistrationError;
+use crate::rotation::PendingError;
+use crate::store::StoreError;
 use crate::tunnels::TunnelError;
 
 /// A call reached a service without the peer information the accept loop
@@ -41,12 +43,23 @@ impl From<NoClientCertificate> for Status {
     }
 }
 
+/// A store that is out of reach now (etcd without a quorum) or changed
+/// under a write may not be so on the next try; one that is broken would
+/// fail the same way every time.
+fn store_status(error: &StoreError, message: String) -> Status {
+    match error {
+        StoreError::EtcdUnavailable { .. } => Status::unavailable(message),
+        StoreError::Contended { .. } => Status::aborted(message),
+        StoreError::File(_) | StoreError::Corrupt { .. } => Status::internal(message),
+    }
+}
+
 impl From<RegisterError> for Status {
     fn from(error: RegisterError) -> Self {
         let message = error.to_string();
         match error {
             RegisterError::NameTaken(_) => Status::already_exists(message),
-            RegisterError::Store(_) => Status::internal(message),
+            RegisterError::Store(error) => store_status(&error, message),
             RegisterError::Interrupted(_) => Status::unavailable(message),
         }
     }
@@ -59,7 +72,10 @@ impl From<RotateError> for Status {
             RotateError::NotRegistered(_) => Status::not_found(message),
             RotateError::AlreadyRotating(_) => Status::failed_precondition(message),
             RotateError::ThumbprintInUse(_) => Status::already_exists(message),
-            RotateError::Store(_) | RotateError::Pending(_) => Status::internal(message),
+            RotateError::Store(error) | RotateError::Pending(PendingError::Shared(error)) => {
+                store_status(&error, message)
+            }
+            RotateError::Pending(_) => Status::internal(message),
             RotateError::NoPendingStore => Status::unimplemented(message),
         }
     }
@@ -82,6 +98,7 @@ impl From<CredentialError> for Status {
         match error {
             CredentialError::Invalid => Status::permission_denied(message),
             CredentialError::Store { .. } => Status::internal(message),
+            CredentialError::Shared(error) => store_status(&error, message),
         }
     }
 }
@@ -106,6 +123,9 @@ impl From<RegistrationError> for Status {
                 Status::permission_denied(message)
             }
             RegistrationError::BadCredential(_) => Status::permission_denied(message),
+            RegistrationError::CredentialStore(CredentialError::Shared(error)) => {
+                store_status(&error, message)
+            }
             RegistrationError::CredentialStore(_) => Status::internal(message),
             RegistrationError::Register(error) => error.into(),
             RegistrationError::NotRegistered(_) => Status::not_found(message),

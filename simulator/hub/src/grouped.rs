@@ -13,7 +13,8 @@ use crate::trust::TrustedAgent;
 
 /// Stores a group of registrations in order and returns one outcome per
 /// registration, in the same order.
-pub type GroupWriter<R> = Arc<dyn Fn(Vec<TrustedAgent>) -> Vec<R> + Send + Sync>;
+pub type GroupWriter<R> =
+    Arc<dyn Fn(Vec<TrustedAgent>) -> futures::future::BoxFuture<'static, Vec<R>> + Send + Sync>;
 
 /// The writer stopped before it answered this registration (it panicked, or
 /// the runtime is shutting down).
@@ -66,16 +67,20 @@ impl<R: Send + 'static> GroupedRegistrations<R> {
         };
         if lead {
             let groups = self.clone();
-            // Off the runtime threads: a write rewrites the registry file,
-            // whose size grows with the fleet, and those threads pump
-            // every tunnel.
-            tokio::task::spawn_blocking(move || groups.write_until_empty(&*write));
+            // A task of its own, so a caller that gives up does not stop
+            // the writes of the others in its group.
+            tokio::spawn(async move { groups.write_until_empty(&*write).await });
         }
         stored.await.map_err(|_| Interrupted)
     }
 
     /// Writes groups until nothing is queued.
-    fn write_until_empty(&self, write: &(dyn Fn(Vec<TrustedAgent>) -> Vec<R> + Send + Sync)) {
+    async fn write_until_empty(
+        &self,
+        write: &(
+             dyn Fn(Vec<TrustedAgent>) -> futures::future::BoxFuture<'static, Vec<R>> + Send + Sync
+         ),
+    ) {
         // A panic below must not leave `writing` set, or no registration
         // would ever lead a writer again. On a normal return the loop clears
         // it under the lock, and another writer may already have set it
@@ -103,7 +108,7 @@ impl<R: Send + 'static> GroupedRegistrations<R> {
             };
             let (agents, waiters): (Vec<_>, Vec<_>) = group.into_iter().unzip();
             // A waiter without an outcome sees `Interrupted`.
-            for (waiter, outcome) in waiters.into_iter().zip(write(agents)) {
+            for (waiter, outcome) in waiters.into_iter().zip(write(agents).await) {
                 let _ = waiter.send(outcome);
             }
         }

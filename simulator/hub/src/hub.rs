@@ -7,7 +7,7 @@
 //! [`crate::serve`]) serves it on a listener.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -25,6 +25,7 @@ use crate::client::AgentClient;
 use crate::registry::Registry;
 pub use crate::rotation::RotationApproval;
 use crate::rotation::{PendingRotation, PendingRotationFile, RotationOutcome, audit};
+use crate::store::{RegistryStore, StoreError, Synced};
 use crate::target::{AgentId, Target};
 pub use crate::trust::{AgentMode, TrustedAgent};
 use crate::{credentials, grouped, rotation, trust};
@@ -114,7 +115,7 @@ pub enum RotateError {
     )]
     ThumbprintInUse(Thumbprint),
     #[error("could not store the rotation: {0}")]
-    Store(trust::TrustFileError),
+    Store(StoreError),
     #[error("could not record the rotation for approval: {0}")]
     Pending(#[from] rotation::PendingError),
     #[error(
@@ -139,7 +140,7 @@ pub enum RegisterError {
     #[error(transparent)]
     NameTaken(#[from] trust::NameTaken),
     #[error("could not store the registration: {0}")]
-    Store(Arc<trust::TrustFileError>),
+    Store(StoreError),
     #[error(transparent)]
     Interrupted(#[from] grouped::Interrupted),
 }
@@ -197,18 +198,25 @@ impl HubStore {
 #[derive(Debug)]
 pub struct Hub {
     identity: Identity,
-    store: Option<HubStore>,
+    store: Option<Arc<dyn RegistryStore>>,
     settings: HubSettings,
     registry: Arc<Registry>,
-    agents: ArcSwap<Vec<TrustedAgent>>,
+    agents: RwLock<AgentIndex>,
+    /// The store's revision this hub's view has caught up with, for a store
+    /// that is watched (etcd): a writer waits for its own write to arrive.
+    watched_revision: tokio::sync::watch::Sender<i64>,
     /// Thumbprints allowed to complete a handshake: agents, this hub's own
     /// certificate (operators who share its home) and extra operators.
     tls_trust: Arc<TrustStore>,
     operators: ArcSwap<Vec<Thumbprint>>,
-    /// Serialises read-modify-write changes to the agent list, so
-    /// concurrent registrations neither overwrite each other nor both pass
-    /// the check that their name is free.
-    agents_write: Mutex<()>,
+    /// Serialises a change to the store with its arrival in this hub's
+    /// view, for a store that returns the whole list (the files): a view
+    /// of an older write must not replace that of a newer one.
+    agents_write: tokio::sync::Mutex<()>,
+    /// Serialises read-modify-write changes of a hub without a store, so
+    /// concurrent changes neither overwrite each other nor both pass the
+    /// check that a name is free.
+    memory_write: Mutex<()>,
     /// Listening connections, each with the thumbprints it accepts (more
     /// than one while the agent rotates its certificate).
     pool: Mutex<HashMap<(ListeningAddress, Thumbprint), Pooled>>,
@@ -219,6 +227,87 @@ pub struct Hub {
 /// A pooled connection to a listening agent and the thumbprints it accepts.
 type Pooled = (Channel, Arc<TrustStore>);
 
+/// The registered agents, by name and by thumbprint, so a tunnel's check
+/// and an incremental change from the store's watch cost the same at
+/// 50,000 agents as at 5.
+#[derive(Debug, Default)]
+struct AgentIndex {
+    by_name: HashMap<String, TrustedAgent>,
+    by_thumbprint: HashMap<Thumbprint, String>,
+    /// Names in the order the store lists them (the file's order; new
+    /// names from a watch go last).
+    order: Vec<String>,
+    /// [`Hub::agents`], built once per change.
+    listing: Option<Arc<Vec<TrustedAgent>>>,
+}
+
+impl AgentIndex {
+    fn from_list(agents: Vec<TrustedAgent>) -> Self {
+        let mut index = Self::default();
+        for agent in agents {
+            index.put(agent);
+        }
+        index
+    }
+
+    fn owner(&self, thumbprint: &Thumbprint) -> Option<&TrustedAgent> {
+        self.by_name.get(self.by_thumbprint.get(thumbprint)?)
+    }
+
+    /// Adds or replaces the entry of `agent.name`; returns the one it
+    /// replaced.
+    fn put(&mut self, agent: TrustedAgent) -> Option<TrustedAgent> {
+        self.listing = None;
+        let name = agent.name.clone();
+        for thumbprint in agent.thumbprints() {
+            self.by_thumbprint.insert(thumbprint, name.clone());
+        }
+        let old = self.by_name.insert(name.clone(), agent);
+        match &old {
+            Some(old) => self.unindex(old),
+            None => self.order.push(name),
+        }
+        old
+    }
+
+    fn delete(&mut self, name: &str) -> Option<TrustedAgent> {
+        let old = self.by_name.remove(name)?;
+        self.listing = None;
+        self.order.retain(|n| n != name);
+        self.unindex(&old);
+        Some(old)
+    }
+
+    /// Drops `old`'s thumbprints from the index unless another entry (or
+    /// `old`'s successor under its name) holds them now.
+    fn unindex(&mut self, old: &TrustedAgent) {
+        for thumbprint in old.thumbprints() {
+            let held = self
+                .by_thumbprint
+                .get(&thumbprint)
+                .and_then(|name| self.by_name.get(name))
+                .is_some_and(|a| a.has_thumbprint(&thumbprint));
+            if !held {
+                self.by_thumbprint.remove(&thumbprint);
+            }
+        }
+    }
+
+    fn listing(&mut self) -> Arc<Vec<TrustedAgent>> {
+        if let Some(listing) = &self.listing {
+            return listing.clone();
+        }
+        let listing: Arc<Vec<TrustedAgent>> = Arc::new(
+            self.order
+                .iter()
+                .filter_map(|name| self.by_name.get(name).cloned())
+                .collect(),
+        );
+        self.listing = Some(listing.clone());
+        listing
+    }
+}
+
 impl Hub {
     /// A hub that keeps its registry in memory only and takes no
     /// registrations.
@@ -226,20 +315,44 @@ impl Hub {
         Self::build(identity, settings, None)
     }
 
-    /// A hub that loads its registry from `store`, keeps it there, and takes
-    /// registrations.
+    /// A hub that loads its registry from the files of `store`, keeps it
+    /// there, and takes registrations.
     pub fn with_store(
         identity: Identity,
         settings: HubSettings,
         store: HubStore,
     ) -> Result<Arc<Self>, trust::TrustFileError> {
         let agents = store.agents.load()?;
+        let store: Arc<dyn RegistryStore> = Arc::new(crate::store::files::FileRegistry::new(store));
         let hub = Self::build(identity, settings, Some(store));
         hub.set_agents(agents);
         Ok(hub)
     }
 
-    fn build(identity: Identity, settings: HubSettings, store: Option<HubStore>) -> Arc<Self> {
+    /// A hub on any store. A watched store (etcd) fills the hub's view
+    /// through its watch ([`Self::apply_put`] and friends); any other is
+    /// loaded here.
+    pub async fn with_registry_store(
+        identity: Identity,
+        settings: HubSettings,
+        store: Arc<dyn RegistryStore>,
+        watched: bool,
+    ) -> Result<Arc<Self>, StoreError> {
+        let agents = if watched {
+            Vec::new()
+        } else {
+            store.load().await?
+        };
+        let hub = Self::build(identity, settings, Some(store));
+        hub.set_agents(agents);
+        Ok(hub)
+    }
+
+    fn build(
+        identity: Identity,
+        settings: HubSettings,
+        store: Option<Arc<dyn RegistryStore>>,
+    ) -> Arc<Self> {
         let own = identity.thumbprint();
         let tls_trust = TrustStore::new([own]);
         tls_trust.set_certificate_validity(settings.certificate_validity);
@@ -248,10 +361,12 @@ impl Hub {
             store,
             settings,
             registry: Arc::default(),
-            agents: ArcSwap::from_pointee(Vec::new()),
+            agents: RwLock::default(),
+            watched_revision: tokio::sync::watch::Sender::new(0),
             tls_trust,
             operators: ArcSwap::from_pointee(vec![own]),
-            agents_write: Mutex::new(()),
+            agents_write: tokio::sync::Mutex::new(()),
+            memory_write: Mutex::new(()),
             pool: Mutex::new(HashMap::new()),
             grouped: Arc::default(),
         })
@@ -274,20 +389,34 @@ impl Hub {
         &self.registry
     }
 
-    pub fn store(&self) -> Option<&HubStore> {
+    pub fn store(&self) -> Option<&Arc<dyn RegistryStore>> {
         self.store.as_ref()
+    }
+
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, AgentIndex> {
+        self.agents.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, AgentIndex> {
+        self.agents.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The registered agents.
     pub fn agents(&self) -> Arc<Vec<TrustedAgent>> {
-        self.agents.load_full()
+        self.index_mut().listing()
+    }
+
+    /// The registered agent with `thumbprint`, current or being retired.
+    pub fn agent_with(&self, thumbprint: &Thumbprint) -> Option<TrustedAgent> {
+        self.index().owner(thumbprint).cloned()
     }
 
     /// Stores a registration and trusts it at once. It replaces the entry
     /// with its thumbprint, and is refused if its name belongs to another
     /// agent.
-    pub fn register(&self, agent: TrustedAgent) -> Result<(), RegisterError> {
+    pub async fn register(&self, agent: TrustedAgent) -> Result<(), RegisterError> {
         self.register_all(vec![agent])
+            .await
             .into_iter()
             .next()
             .unwrap_or(Err(RegisterError::Interrupted(grouped::Interrupted)))
@@ -298,57 +427,92 @@ impl Hub {
     /// order. Each is checked against the registry as the ones before it
     /// left it, so of two registrations of one name by different agents,
     /// in one batch or in two, exactly one is stored.
-    pub fn register_all(&self, batch: Vec<TrustedAgent>) -> Vec<Result<(), RegisterError>> {
+    pub async fn register_all(&self, batch: Vec<TrustedAgent>) -> Vec<Result<(), RegisterError>> {
         let count = batch.len();
-        let stored = self.update_agents(|agents| {
-            batch
-                .into_iter()
-                .map(|agent| trust::register_into(agents, agent).map_err(RegisterError::from))
-                .collect::<Vec<_>>()
-        });
+        let Some(store) = &self.store else {
+            return self.change_in_memory(|agents| {
+                batch
+                    .into_iter()
+                    .map(|agent| trust::register_into(agents, agent).map_err(RegisterError::from))
+                    .collect()
+            });
+        };
+        let stored = self
+            .write_store(
+                store.is_watched(),
+                store.register_all(batch),
+                |(_, synced)| synced,
+            )
+            .await;
         match stored {
-            Ok(outcomes) => outcomes,
-            Err(error) => vec![Err(RegisterError::Store(Arc::new(error))); count],
+            Ok((outcomes, _)) => outcomes
+                .into_iter()
+                .map(|o| o.map_err(RegisterError::from))
+                .collect(),
+            Err(error) => vec![Err(RegisterError::Store(error)); count],
         }
     }
 
-    /// Changes the agent list under `agents_write`, so the name check of a
-    /// registration and its insert are one step that no other change can
-    /// come between. With a store, `change` sees the file's entries (edits
-    /// by other processes included) and memory follows what was written, so
-    /// a reload never sees one without the other.
-    fn update_agents<T>(
+    /// Runs one write of the store and brings this hub's view up to it
+    /// before returning: the whole list replaces the view (under
+    /// `agents_write`, so an older write's list never lands after a newer
+    /// one's), or the writer waits for its revision to come through the
+    /// watch.
+    async fn write_store<T, E>(
         &self,
-        change: impl FnOnce(&mut Vec<TrustedAgent>) -> T,
-    ) -> Result<T, trust::TrustFileError> {
-        let _write = self
-            .agents_write
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let (outcome, agents) = match &self.store {
-            Some(store) => store.agents.update(change)?,
-            None => {
-                let mut agents = (*self.agents.load_full()).clone();
-                let outcome = change(&mut agents);
-                (outcome, agents)
-            }
+        watched: bool,
+        write: impl std::future::Future<Output = Result<T, E>>,
+        synced: impl FnOnce(&T) -> &Synced,
+    ) -> Result<T, E> {
+        // A watched store orders its writes by revision; only whole lists
+        // need this hub to order them.
+        let _write = match watched {
+            true => None,
+            false => Some(self.agents_write.lock().await),
         };
-        if *self.agents.load_full() != agents {
-            self.set_agents(agents);
+        let outcome = write.await?;
+        match synced(&outcome) {
+            Synced::Whole(agents) => {
+                if *self.agents() != *agents {
+                    self.set_agents(agents.clone());
+                }
+            }
+            Synced::Revision(revision) => self.caught_up_with(*revision).await,
+            Synced::Unchanged => {}
         }
         Ok(outcome)
     }
 
+    /// Waits (briefly) until the store's watch has brought this hub's view
+    /// up to `revision`. A watch that lags longer is not waited for: the
+    /// write is stored, and a tunnel that arrives first is checked against
+    /// the store itself ([`Self::refresh_unknown`]).
+    async fn caught_up_with(&self, revision: i64) {
+        let mut watched = self.watched_revision.subscribe();
+        let caught_up = watched.wait_for(|seen| *seen >= revision);
+        if tokio::time::timeout(Duration::from_secs(5), caught_up)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                revision,
+                "the store's watch is more than 5s behind this hub's own write"
+            );
+        }
+    }
+
     /// Stores `agent` together with registrations that arrive while the
-    /// registry file is being written; returns its own outcome once its
-    /// group is on disk.
+    /// registry is being written; returns its own outcome once its group
+    /// is stored.
     pub async fn register_grouped(
         self: &Arc<Self>,
         agent: TrustedAgent,
     ) -> Result<(), RegisterError> {
         let hub = self.clone();
-        let write: grouped::GroupWriter<_> =
-            Arc::new(move |batch: Vec<TrustedAgent>| hub.register_all(batch));
+        let write: grouped::GroupWriter<_> = Arc::new(move |batch: Vec<TrustedAgent>| {
+            let hub = hub.clone();
+            Box::pin(async move { hub.register_all(batch).await })
+        });
         self.grouped.register(agent, write).await?
     }
 
@@ -358,17 +522,15 @@ impl Hub {
     }
 
     /// Picks up edits made to the store by other processes (`tentacle-hub
-    /// server trust add/remove`). Returns whether anything changed.
-    pub fn reload_agents(&self) -> Result<bool, trust::TrustFileError> {
+    /// server trust add/remove`) when it is not watched. Returns whether
+    /// anything changed.
+    pub async fn reload_agents(&self) -> Result<bool, StoreError> {
         let Some(store) = &self.store else {
             return Ok(false);
         };
-        let _write = self
-            .agents_write
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let agents = store.agents.load()?;
-        if *self.agents.load_full() == agents {
+        let _write = self.agents_write.lock().await;
+        let agents = store.load().await?;
+        if *self.agents() == agents {
             return Ok(false);
         }
         self.set_agents(agents);
@@ -376,8 +538,18 @@ impl Hub {
     }
 
     /// Forgets an agent; its connections are closed.
-    pub fn deregister(&self, thumbprint: &Thumbprint) -> Result<(), trust::TrustFileError> {
-        self.update_agents(|agents| agents.retain(|a| !a.has_thumbprint(thumbprint)))
+    pub async fn deregister(&self, thumbprint: &Thumbprint) -> Result<(), StoreError> {
+        let Some(store) = &self.store else {
+            self.change_in_memory(|agents| agents.retain(|a| !a.has_thumbprint(thumbprint)));
+            return Ok(());
+        };
+        self.write_store(
+            store.is_watched(),
+            store.remove(*thumbprint),
+            |(_, synced)| synced,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Replaces the list of trusted agents. Connections from agents that
@@ -388,7 +560,7 @@ impl Hub {
                 .iter()
                 .filter_map(|a| Some((AgentId::parse(&a.name).ok()?, a.thumbprints().collect()))),
         );
-        self.agents.store(Arc::new(agents));
+        *self.index_mut() = AgentIndex::from_list(agents);
         self.refresh_tls_trust();
         for ((_, thumbprint), (_, trust)) in self
             .pool
@@ -400,10 +572,78 @@ impl Hub {
         }
     }
 
+    /// Applies one entry from the store's watch: trusted at once, and the
+    /// thumbprints it no longer has are no longer trusted (their
+    /// connections close). Costs the same at any fleet size.
+    pub fn apply_put(&self, agent: TrustedAgent) {
+        let thumbprints: Vec<Thumbprint> = agent.thumbprints().collect();
+        if let Ok(id) = AgentId::parse(&agent.name) {
+            self.registry.set_alias(id, thumbprints.clone());
+        }
+        let old = self.index_mut().put(agent);
+        for thumbprint in &thumbprints {
+            self.tls_trust.insert(*thumbprint);
+        }
+        if let Some(old) = old {
+            self.untrust_unless_held(&old);
+        }
+        self.refresh_pool(&thumbprints);
+    }
+
+    /// Applies a deletion from the store's watch.
+    pub fn apply_delete(&self, name: &str) {
+        let old = self.index_mut().delete(name);
+        if let Ok(id) = AgentId::parse(name) {
+            self.registry.remove_alias(&id);
+        }
+        if let Some(old) = old {
+            self.untrust_unless_held(&old);
+            let thumbprints: Vec<Thumbprint> = old.thumbprints().collect();
+            self.refresh_pool(&thumbprints);
+        }
+    }
+
+    /// Records that the view has caught up with the store's `revision`.
+    pub fn set_watched_revision(&self, revision: i64) {
+        self.watched_revision.send_if_modified(|seen| {
+            let newer = revision > *seen;
+            if newer {
+                *seen = revision;
+            }
+            newer
+        });
+    }
+
+    /// Stops trusting `old`'s thumbprints for TLS unless an entry or an
+    /// operator still holds them.
+    fn untrust_unless_held(&self, old: &TrustedAgent) {
+        let index = self.index();
+        let operators = self.operators.load();
+        for thumbprint in old.thumbprints() {
+            if index.owner(&thumbprint).is_none() && !operators.contains(&thumbprint) {
+                self.tls_trust.remove(&thumbprint);
+            }
+        }
+    }
+
+    /// Refreshes what pooled listening connections accept, for entries
+    /// that changed.
+    fn refresh_pool(&self, changed: &[Thumbprint]) {
+        for ((_, thumbprint), (_, trust)) in self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            if changed.contains(thumbprint) {
+                trust.replace(self.same_agent(thumbprint));
+            }
+        }
+    }
+
     /// `thumbprint` and every other thumbprint registered for its agent.
     fn same_agent(&self, thumbprint: &Thumbprint) -> Vec<Thumbprint> {
-        let agents = self.agents.load();
-        match agents.iter().find(|a| a.has_thumbprint(thumbprint)) {
+        match self.index().owner(thumbprint) {
             Some(agent) => agent.thumbprints().collect(),
             None => vec![*thumbprint],
         }
@@ -412,13 +652,22 @@ impl Hub {
     /// Adds or replaces one trusted agent, in memory only: an operator's
     /// decision, so it may take a name from another agent.
     pub fn trust_agent(&self, agent: TrustedAgent) {
+        self.change_in_memory(|agents| trust::upsert_into(agents, agent));
+    }
+
+    /// Changes the agent list in memory only, as one step no other change
+    /// comes between.
+    fn change_in_memory<T>(&self, change: impl FnOnce(&mut Vec<TrustedAgent>) -> T) -> T {
         let _write = self
-            .agents_write
+            .memory_write
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut agents = (*self.agents.load_full()).clone();
-        trust::upsert_into(&mut agents, agent);
-        self.set_agents(agents);
+        let mut agents = (*self.agents()).clone();
+        let outcome = change(&mut agents);
+        if *self.agents() != agents {
+            self.set_agents(agents);
+        }
+        outcome
     }
 
     /// Allows a client with this thumbprint to send calls through the hub.
@@ -432,12 +681,13 @@ impl Hub {
     }
 
     fn refresh_tls_trust(&self) {
-        let agents = self.agents.load();
         let operators = self.operators.load();
+        let index = self.index();
         self.tls_trust.replace(
-            agents
-                .iter()
-                .flat_map(|a| a.thumbprints())
+            index
+                .by_thumbprint
+                .keys()
+                .copied()
                 .chain(operators.iter().copied()),
         );
     }
@@ -448,9 +698,9 @@ impl Hub {
 
     /// Whether `thumbprint` may open tunnels as `agent_id`.
     pub fn allows_tunnel(&self, thumbprint: &Thumbprint, agent_id: &str) -> bool {
-        self.agents.load().iter().any(|a| {
-            a.has_thumbprint(thumbprint) && a.mode == AgentMode::Polling && a.name == agent_id
-        })
+        self.index()
+            .owner(thumbprint)
+            .is_some_and(|a| a.mode == AgentMode::Polling && a.name == agent_id)
     }
 
     /// A channel to `target`, whose certificate must have `thumbprint`.
@@ -503,48 +753,34 @@ impl Hub {
 
     /// Trusts `new` for the agent that holds `current`, keeping `current`
     /// for `overlap`. Returns when `current` will be retired (Unix seconds).
-    pub fn rotate(
+    pub async fn rotate(
         &self,
         current: &Thumbprint,
         new: Thumbprint,
         overlap: Duration,
     ) -> Result<u64, RotateError> {
-        // Read and changed under one lock: two rotations from one
-        // certificate cannot both be told they succeeded.
-        self.update_agents(|agents| {
-            if agents
-                .iter()
-                .any(|a| a.has_thumbprint(&new) && !a.has_thumbprint(current))
-            {
-                return Err(RotateError::ThumbprintInUse(new));
-            }
-            let agent = agents
-                .iter_mut()
-                .find(|a| a.has_thumbprint(current))
-                .ok_or(RotateError::NotRegistered(*current))?;
-            if agent.thumbprint == new {
-                // Announced twice: nothing changes.
-                return Ok(agent.retire_previous_at.unwrap_or_else(unix_now));
-            }
-            if agent.thumbprint != *current {
-                return Err(RotateError::AlreadyRotating(*current));
-            }
-            let retire_at = unix_now().saturating_add(overlap.as_secs());
-            agent.previous_thumbprint = Some(agent.thumbprint);
-            agent.thumbprint = new;
-            agent.retire_previous_at = Some(retire_at);
-            Ok(retire_at)
-        })
-        .map_err(RotateError::Store)?
+        let Some(store) = &self.store else {
+            return self.change_in_memory(|agents| {
+                rotation::rotate_in(agents, current, new, overlap, unix_now())
+            });
+        };
+        // Read and changed in one step of the store: two rotations from
+        // one certificate cannot both be told they succeeded.
+        let (retire_at, _) = self
+            .write_store(
+                store.is_watched(),
+                store.rotate(*current, new, overlap),
+                |(_, synced)| synced,
+            )
+            .await?;
+        Ok(retire_at)
     }
 
     /// The name of the agent with `thumbprint`, current or being retired,
     /// for logs; empty if none has it.
     pub fn agent_name(&self, thumbprint: &Thumbprint) -> String {
-        self.agents
-            .load()
-            .iter()
-            .find(|a| a.has_thumbprint(thumbprint))
+        self.index()
+            .owner(thumbprint)
             .map(|a| a.name.clone())
             .unwrap_or_default()
     }
@@ -552,28 +788,25 @@ impl Hub {
     /// An announced rotation, under the hub's approval policy: trusted at
     /// once ([`Self::rotate`]), or, when operators approve rotations,
     /// recorded as pending unless it was already approved and applied.
-    pub fn request_rotation(
+    pub async fn request_rotation(
         &self,
         current: &Thumbprint,
         new: Thumbprint,
         overlap: Duration,
     ) -> Result<Rotated, RotateError> {
         if self.settings.rotation_approval != RotationApproval::Operator {
-            let retire_old_at = self.rotate(current, new, overlap)?;
+            let retire_old_at = self.rotate(current, new, overlap).await?;
             return Ok(Rotated::Trusted { retire_old_at });
         }
         let store = self.store.as_ref().ok_or(RotateError::NoPendingStore)?;
-        let agents = self.agents.load();
-        if agents
-            .iter()
-            .any(|a| a.has_thumbprint(&new) && !a.has_thumbprint(current))
-        {
+        let (agent, new_owner) = {
+            let index = self.index();
+            (index.owner(current).cloned(), index.owner(&new).cloned())
+        };
+        if new_owner.is_some_and(|a| !a.has_thumbprint(current)) {
             return Err(RotateError::ThumbprintInUse(new));
         }
-        let agent = agents
-            .iter()
-            .find(|a| a.has_thumbprint(current))
-            .ok_or(RotateError::NotRegistered(*current))?;
+        let agent = agent.ok_or(RotateError::NotRegistered(*current))?;
         if agent.thumbprint == new {
             // Approved and applied: the agent asks again to learn the
             // retirement time.
@@ -584,25 +817,27 @@ impl Hub {
         if agent.thumbprint != *current {
             return Err(RotateError::AlreadyRotating(*current));
         }
-        store.rotations.request(PendingRotation {
-            agent: agent.name.clone(),
-            current: *current,
-            new,
-            overlap_seconds: overlap.as_secs(),
-            requested_unix: unix_now(),
-            approved: false,
-        })?;
+        store
+            .request_rotation(PendingRotation {
+                agent: agent.name.clone(),
+                current: *current,
+                new,
+                overlap_seconds: overlap.as_secs(),
+                requested_unix: unix_now(),
+                approved: false,
+            })
+            .await?;
         Ok(Rotated::Pending)
     }
 
     /// Applies the rotations operators approved since the last call; each
     /// is an audit event (approved, or refused if the registry changed
     /// under it). Returns how many were applied.
-    pub fn apply_approved_rotations(&self) -> usize {
+    pub async fn apply_approved_rotations(&self) -> usize {
         let Some(store) = &self.store else {
             return 0;
         };
-        let approved = match store.rotations.take_approved() {
+        let approved = match store.take_approved_rotations().await {
             Ok(approved) => approved,
             Err(error) => {
                 tracing::warn!(%error, "could not read the approved rotations");
@@ -612,7 +847,7 @@ impl Hub {
         let mut applied = 0;
         for rotation in approved {
             let overlap = Duration::from_secs(rotation.overlap_seconds);
-            match self.rotate(&rotation.current, rotation.new, overlap) {
+            match self.rotate(&rotation.current, rotation.new, overlap).await {
                 Ok(_) => {
                     applied += 1;
                     audit(
@@ -633,6 +868,51 @@ impl Hub {
             }
         }
         applied
+    }
+
+    /// Retires thumbprints whose rotation overlap has passed. On several
+    /// nodes at once, each retirement is stored and audited by one.
+    pub async fn retire_rotated_certificates(&self) {
+        let now = unix_now();
+        let due: Vec<TrustedAgent> = self
+            .agents()
+            .iter()
+            .filter(|a| {
+                a.previous_thumbprint.is_some() && a.retire_previous_at.is_some_and(|t| t <= now)
+            })
+            .cloned()
+            .collect();
+        for agent in due {
+            let Some(retired) = agent.previous_thumbprint else {
+                continue;
+            };
+            let (name, current) = (agent.name.clone(), agent.thumbprint);
+            let outcome = match &self.store {
+                Some(store) => {
+                    self.write_store(
+                        store.is_watched(),
+                        store.retire(agent, retired),
+                        |(_, synced)| synced,
+                    )
+                    .await
+                }
+                None => Ok((
+                    self.change_in_memory(|agents| rotation::retire_in(agents, &agent, &retired)),
+                    Synced::Unchanged,
+                )),
+            };
+            match outcome {
+                Ok((true, _)) => audit(
+                    RotationOutcome::Retired,
+                    &name,
+                    &retired,
+                    &current,
+                    "the overlap ended",
+                ),
+                Ok((false, _)) => {}
+                Err(error) => tracing::error!(%error, "could not store a retired certificate"),
+            }
+        }
     }
 
     /// Refuses new tunnels, tells every open one the hub is going away,

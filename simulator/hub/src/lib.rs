@@ -44,6 +44,7 @@ pub mod registration;
 pub mod registry;
 pub mod rotation;
 pub mod serve;
+pub mod store;
 pub mod store_file;
 pub mod target;
 #[cfg(test)]

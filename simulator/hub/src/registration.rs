@@ -107,7 +107,9 @@ impl From<CredentialError> for RegistrationError {
     fn from(error: CredentialError) -> Self {
         match error {
             CredentialError::Invalid => Self::BadCredential(error),
-            CredentialError::Store { .. } => Self::CredentialStore(error),
+            CredentialError::Store { .. } | CredentialError::Shared(_) => {
+                Self::CredentialStore(error)
+            }
         }
     }
 }
@@ -198,7 +200,7 @@ impl RegistrationApi {
             Some(pb::register_request::Credential::ApiKey(key)) => (key, CredentialKind::ApiKey),
             None => return Err(RegistrationError::NoCredential),
         };
-        let redeemed = store.credentials.redeem(secret, kind).inspect_err(|error| {
+        let redeemed = store.redeem(secret.clone(), kind).await.inspect_err(|error| {
             tracing::warn!(%name, thumbprint = %peer.thumbprint, %error, "refused a registration's credential");
         })?;
         let agent = TrustedAgent {
@@ -221,7 +223,7 @@ impl RegistrationApi {
             // interrupted write the agent may be registered, and a token
             // must never register two agents.
             if error.stored_nothing()
-                && let Err(restore) = store.credentials.restore(redeemed)
+                && let Err(restore) = store.restore(redeemed).await
             {
                 tracing::error!(%restore, "could not give back the token of a refused registration");
             }
@@ -250,7 +252,7 @@ impl RegistrationApi {
         let hub = self.hub.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            match hub.deregister(&peer.thumbprint) {
+            match hub.deregister(&peer.thumbprint).await {
                 Ok(()) => tracing::info!(thumbprint = %peer.thumbprint, "agent deregistered"),
                 Err(error) => tracing::error!(%error, "could not deregister an agent"),
             }
@@ -260,14 +262,14 @@ impl RegistrationApi {
 
     /// A rotation announcement, checked and applied, with its audit event
     /// whatever the outcome.
-    fn rotate(
+    async fn rotate(
         &self,
         peer: PeerInfo,
         request: pb::RotateCertificateRequest,
     ) -> Result<pb::RotateCertificateResponse, RegistrationError> {
         let new = Thumbprint::of_der(&request.new_certificate);
         let agent = self.hub.agent_name(&peer.thumbprint);
-        let outcome = self.rotate_checked(&peer, new, &request);
+        let outcome = self.rotate_checked(&peer, new, &request).await;
         match &outcome {
             Ok(Rotated::Trusted { retire_old_at }) => audit(
                 RotationOutcome::Announced,
@@ -304,7 +306,7 @@ impl RegistrationApi {
 
     /// The checks, cheapest and most telling first: the certificate, the
     /// proof of possession of its key, the hub's approval policy.
-    fn rotate_checked(
+    async fn rotate_checked(
         &self,
         peer: &PeerInfo,
         new: Thumbprint,
@@ -342,11 +344,13 @@ impl RegistrationApi {
             }
             let store = self.hub.store().ok_or(RegistrationError::NoHome)?;
             store
-                .credentials
-                .redeem(key, CredentialKind::ApiKey)
+                .redeem(key.to_owned(), CredentialKind::ApiKey)
+                .await
                 .map_err(|error| match error {
                     CredentialError::Invalid => RegistrationError::BadRotationApiKey,
-                    CredentialError::Store { .. } => RegistrationError::CredentialStore(error),
+                    CredentialError::Store { .. } | CredentialError::Shared(_) => {
+                        RegistrationError::CredentialStore(error)
+                    }
                 })?;
         }
         let overlap = match request.overlap_seconds {
@@ -355,7 +359,10 @@ impl RegistrationApi {
             // trusted for years is one nobody retired.
             seconds => Duration::from_secs(seconds).min(settings.max_rotation_overlap),
         };
-        Ok(self.hub.request_rotation(&peer.thumbprint, new, overlap)?)
+        Ok(self
+            .hub
+            .request_rotation(&peer.thumbprint, new, overlap)
+            .await?)
     }
 
     fn list(
@@ -424,7 +431,9 @@ impl RegistrationService for RegistrationApi {
         request: Request<pb::RotateCertificateRequest>,
     ) -> Result<Response<pb::RotateCertificateResponse>, Status> {
         let peer = caller(&request)?;
-        Ok(Response::new(self.rotate(peer, request.into_inner())?))
+        Ok(Response::new(
+            self.rotate(peer, request.into_inner()).await?,
+        ))
     }
 }
 

@@ -179,6 +179,22 @@ impl Registry {
             aliases.into_iter().collect();
     }
 
+    /// Sets the thumbprints known for one agent.
+    pub fn set_alias(&self, agent: AgentId, thumbprints: Vec<Thumbprint>) {
+        self.aliases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(agent, thumbprints);
+    }
+
+    /// Forgets the thumbprints known for one agent.
+    pub fn remove_alias(&self, agent: &AgentId) {
+        self.aliases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(agent);
+    }
+
     /// Whether a tunnel with `actual` serves a caller that expects `expected`.
     fn same_agent(&self, agent: &AgentId, expected: &Thumbprint, actual: &Thumbprint) -> bool {
         expected == actual

@@ -16,7 +16,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tentacle_proto::Thumbprint;
 
+use crate::hub::RotateError;
 use crate::store_file::{self, StoreLock};
+use crate::trust::TrustedAgent;
 
 /// What besides the current certificate and the proof of possession of the
 /// new key a rotation needs before the hub trusts the new certificate.
@@ -144,6 +146,8 @@ pub enum PendingError {
         "no pending rotation matches `{0}`; `tentacle-hub server rotations list` shows them by agent and thumbprint"
     )]
     NoMatch(String),
+    #[error(transparent)]
+    Shared(crate::store::StoreError),
 }
 
 /// `rotations.toml`: pending rotations, at most one per agent. The hub
@@ -225,14 +229,12 @@ impl PendingRotationFile {
     /// Records `rotation`, replacing any earlier one of its agent: the
     /// agent's latest announcement is the one an operator approves. An
     /// approval of the same new certificate is kept.
-    pub fn request(&self, mut rotation: PendingRotation) -> Result<(), PendingError> {
+    pub fn request(&self, rotation: PendingRotation) -> Result<(), PendingError> {
         self.update(|rotations| {
-            if let Some(old) = rotations.iter().find(|r| r.agent == rotation.agent) {
-                rotation.approved = old.approved && old.new == rotation.new;
-                if old.new == rotation.new {
-                    rotation.requested_unix = old.requested_unix;
-                }
-            }
+            let rotation = merge_request(
+                rotations.iter().find(|r| r.agent == rotation.agent),
+                rotation,
+            );
             rotations.retain(|r| r.agent != rotation.agent);
             rotations.push(rotation);
             Ok(())
@@ -242,15 +244,11 @@ impl PendingRotationFile {
     /// Marks the rotation of the agent named `selector`, or with
     /// `selector` as its current or new thumbprint, approved.
     pub fn approve(&self, selector: &str) -> Result<PendingRotation, PendingError> {
-        let selector = selector.trim();
-        let thumbprint = selector.parse::<Thumbprint>().ok();
         self.update(|rotations| {
             let found = rotations
                 .iter_mut()
-                .find(|r| {
-                    r.agent == selector || thumbprint.is_some_and(|t| t == r.current || t == r.new)
-                })
-                .ok_or_else(|| PendingError::NoMatch(selector.to_owned()))?;
+                .find(|r| selects(selector, r))
+                .ok_or_else(|| PendingError::NoMatch(selector.trim().to_owned()))?;
             found.approved = true;
             Ok(found.clone())
         })
@@ -266,6 +264,86 @@ impl PendingRotationFile {
             Ok(approved)
         })
     }
+}
+
+/// The rule of a rotation, for any store: trusts `new` for the agent in
+/// `agents` holding `current`, keeping `current` until `overlap` after
+/// `now`. `agents` must hold every entry with `current` or `new`. Returns
+/// when `current` retires (Unix seconds).
+pub fn rotate_in(
+    agents: &mut [TrustedAgent],
+    current: &Thumbprint,
+    new: Thumbprint,
+    overlap: Duration,
+    now: u64,
+) -> Result<u64, RotateError> {
+    if agents
+        .iter()
+        .any(|a| a.has_thumbprint(&new) && !a.has_thumbprint(current))
+    {
+        return Err(RotateError::ThumbprintInUse(new));
+    }
+    let agent = agents
+        .iter_mut()
+        .find(|a| a.has_thumbprint(current))
+        .ok_or(RotateError::NotRegistered(*current))?;
+    if agent.thumbprint == new {
+        // Announced twice: nothing changes.
+        return Ok(agent.retire_previous_at.unwrap_or(now));
+    }
+    if agent.thumbprint != *current {
+        return Err(RotateError::AlreadyRotating(*current));
+    }
+    let retire_at = now.saturating_add(overlap.as_secs());
+    agent.previous_thumbprint = Some(agent.thumbprint);
+    agent.thumbprint = new;
+    agent.retire_previous_at = Some(retire_at);
+    Ok(retire_at)
+}
+
+/// The end of a rotation's overlap, for any store: drops `retired` from
+/// `expected`'s entry if the entry is still exactly `expected`. Returns
+/// whether it changed anything.
+pub fn retire_in(
+    agents: &mut [TrustedAgent],
+    expected: &TrustedAgent,
+    retired: &Thumbprint,
+) -> bool {
+    let Some(agent) = agents.iter_mut().find(|a| *a == expected) else {
+        return false;
+    };
+    if agent.previous_thumbprint.as_ref() != Some(retired) {
+        return false;
+    }
+    agent.previous_thumbprint = None;
+    agent.retire_previous_at = None;
+    true
+}
+
+/// A new announcement of `rotation`'s agent, given the one waiting
+/// (`old`): the latest announcement is the one an operator approves, and
+/// an approval of the same new certificate is kept.
+pub fn merge_request(
+    old: Option<&PendingRotation>,
+    mut rotation: PendingRotation,
+) -> PendingRotation {
+    if let Some(old) = old {
+        rotation.approved = old.approved && old.new == rotation.new;
+        if old.new == rotation.new {
+            rotation.requested_unix = old.requested_unix;
+        }
+    }
+    rotation
+}
+
+/// Whether an operator's `selector` (an agent's name, or its current or
+/// new thumbprint) picks `rotation`.
+pub fn selects(selector: &str, rotation: &PendingRotation) -> bool {
+    let selector = selector.trim();
+    rotation.agent == selector
+        || selector
+            .parse::<Thumbprint>()
+            .is_ok_and(|t| t == rotation.current || t == rotation.new)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::Server;
 
-use crate::hub::{Hub, HubError, TrustedAgent, unix_now};
+use crate::hub::{Hub, HubError};
 use crate::{proxy, registration, tunnels};
 
 impl Hub {
@@ -125,41 +125,13 @@ impl Hub {
                 _ = interval.tick() => {}
                 () = stop.cancelled() => return,
             }
-            if let Err(error) = self.reload_agents() {
+            if !self.store().is_some_and(|s| s.is_watched())
+                && let Err(error) = self.reload_agents().await
+            {
                 tracing::warn!(%error, "could not reload the agent registry file");
             }
-            self.apply_approved_rotations();
-            self.retire_rotated_certificates();
-        }
-    }
-
-    /// Retires thumbprints whose rotation overlap has passed.
-    fn retire_rotated_certificates(&self) {
-        let now = unix_now();
-        let due: Vec<TrustedAgent> = self
-            .agents()
-            .iter()
-            .filter(|a| {
-                a.previous_thumbprint.is_some() && a.retire_previous_at.is_some_and(|t| t <= now)
-            })
-            .cloned()
-            .collect();
-        for mut agent in due {
-            let Some(retired) = agent.previous_thumbprint.take() else {
-                continue;
-            };
-            agent.retire_previous_at = None;
-            let (name, current) = (agent.name.clone(), agent.thumbprint);
-            match self.register(agent) {
-                Ok(()) => crate::rotation::audit(
-                    crate::rotation::RotationOutcome::Retired,
-                    &name,
-                    &retired,
-                    &current,
-                    "the overlap ended",
-                ),
-                Err(error) => tracing::error!(%error, "could not store a retired certificate"),
-            }
+            self.apply_approved_rotations().await;
+            self.retire_rotated_certificates().await;
         }
     }
 }

@@ -1,5 +1,3 @@
-use std::sync::Arc;
-
 use tonic::Code;
 
 use super::*;
@@ -40,7 +38,7 @@ fn each_error_has_the_status_its_caller_can_act_on() {
         (NoClientCertificate.into(), Code::Unauthenticated),
         (name_taken().into(), Code::AlreadyExists),
         (
-            RegisterError::Store(Arc::new(write_failed())).into(),
+            RegisterError::Store(write_failed().into()).into(),
             Code::Internal,
         ),
         (
@@ -56,7 +54,10 @@ fn each_error_has_the_status_its_caller_can_act_on() {
             RotateError::ThumbprintInUse(who).into(),
             Code::AlreadyExists,
         ),
-        (RotateError::Store(write_failed()).into(), Code::Internal),
+        (
+            RotateError::Store(write_failed().into()).into(),
+            Code::Internal,
+        ),
         (RotateError::NoPendingStore.into(), Code::Unimplemented),
         (RegistrationError::NoProof.into(), Code::Unauthenticated),
         (
@@ -198,15 +199,16 @@ fn broken_configuration_is_never_unavailable() {
     let statuses: Vec<Status> = vec![
         tls_failed().into(),
         ForwardError::Channel(tls_failed()).into(),
-        RegisterError::Store(Arc::new(write_failed())).into(),
+        RegisterError::Store(write_failed().into()).into(),
         RegistrationError::from(credential_store_failed()).into(),
-        RotateError::Store(write_failed()).into(),
-        RotateError::Store(TrustFileError::Lock(
-            crate::store_file::LockError::Timeout {
+        RotateError::Store(write_failed().into()).into(),
+        RotateError::Store(
+            TrustFileError::Lock(crate::store_file::LockError::Timeout {
                 path: "/hub/agents.toml.lock".into(),
                 timeout: std::time::Duration::from_secs(10),
-            },
-        ))
+            })
+            .into(),
+        )
         .into(),
     ];
     for status in statuses {

@@ -71,19 +71,22 @@ async fn each_registration_gets_its_own_outcome() {
     let write: GroupWriter<Result<usize, usize>> = Arc::new({
         let sizes = sizes.clone();
         move |batch: Vec<TrustedAgent>| {
-            // Slow enough that the others queue up behind the first.
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            sizes
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(batch.len());
-            batch
-                .iter()
-                .map(|a| match index(a) {
-                    even if even % 2 == 0 => Ok(even),
-                    odd => Err(odd),
-                })
-                .collect()
+            let sizes = sizes.clone();
+            Box::pin(async move {
+                // Slow enough that the others queue up behind the first.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                sizes
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(batch.len());
+                batch
+                    .iter()
+                    .map(|a| match index(a) {
+                        even if even % 2 == 0 => Ok(even),
+                        odd => Err(odd),
+                    })
+                    .collect()
+            }) as futures::future::BoxFuture<'static, _>
         }
     });
     let tasks: Vec<_> = (0..40)
@@ -113,7 +116,8 @@ async fn each_registration_gets_its_own_outcome() {
 #[tokio::test]
 async fn a_registration_the_writer_does_not_answer_is_interrupted() {
     let groups: Arc<GroupedRegistrations<()>> = Arc::default();
-    let write: GroupWriter<()> = Arc::new(|_batch: Vec<TrustedAgent>| Vec::new());
+    let write: GroupWriter<()> =
+        Arc::new(|_batch: Vec<TrustedAgent>| Box::pin(async { Vec::new() }));
     assert!(matches!(
         groups.register(agent(1), write.clone()).await,
         Err(Interrupted)
@@ -128,6 +132,9 @@ async fn a_registration_the_writer_does_not_answer_is_interrupted() {
     })
     .await
     .expect("the next registration can lead a writer");
-    let answered: GroupWriter<()> = Arc::new(|batch: Vec<TrustedAgent>| vec![(); batch.len()]);
+    let answered: GroupWriter<()> = Arc::new(|batch: Vec<TrustedAgent>| {
+        let answers = vec![(); batch.len()];
+        Box::pin(async move { answers })
+    });
     groups.register(agent(2), answered).await.expect("answered");
 }

@@ -89,13 +89,15 @@ async fn one_name_registered_by_two_certificates_at_once_has_one_owner() {
 /// Grouped registrations that land in one write are checked in order
 /// against each other too: the first of a name wins, the rest of the
 /// batch is still stored.
-#[test]
-fn within_one_batch_the_first_registration_of_a_name_wins() {
+#[tokio::test]
+async fn within_one_batch_the_first_registration_of_a_name_wins() {
     let (hub, dir) = stored_hub(HubSettings::default());
     let first = polling("web-01", thumbprint("a"));
     let second = polling("web-01", thumbprint("b"));
     let other = polling("web-02", thumbprint("c"));
-    let outcomes = hub.register_all(vec![first.clone(), second.clone(), other.clone()]);
+    let outcomes = hub
+        .register_all(vec![first.clone(), second.clone(), other.clone()])
+        .await;
     assert!(
         matches!(
             outcomes.as_slice(),
@@ -108,7 +110,9 @@ fn within_one_batch_the_first_registration_of_a_name_wins() {
     assert!(on_disk(dir.path()).contains(&other));
 
     // A later batch cannot take the name either, in either position.
-    let outcomes = hub.register_all(vec![second.clone(), polling("web-03", thumbprint("d"))]);
+    let outcomes = hub
+        .register_all(vec![second.clone(), polling("web-03", thumbprint("d"))])
+        .await;
     assert!(
         matches!(
             outcomes.as_slice(),
@@ -122,54 +126,58 @@ fn within_one_batch_the_first_registration_of_a_name_wins() {
 
 /// An agent registering again with its own certificate updates its entry,
 /// under its name or a new one; a name it gives up is free for others.
-#[test]
-fn an_agent_registering_again_updates_its_own_entry() {
+#[tokio::test]
+async fn an_agent_registering_again_updates_its_own_entry() {
     let (hub, dir) = stored_hub(HubSettings::default());
     let agent = polling("web-01", thumbprint("a"));
-    hub.register(agent.clone()).expect("registered");
+    hub.register(agent.clone()).await.expect("registered");
     let mut again = agent.clone();
     again.roles = vec!["db".into()];
     again.environments = vec!["prod".into()];
-    hub.register(again.clone()).expect("registered again");
+    hub.register(again.clone()).await.expect("registered again");
     assert_eq!(on_disk(dir.path()), [again.clone()]);
     assert_eq!(*hub.agents(), [again.clone()]);
 
     let mut renamed = again.clone();
     renamed.name = "web-09".into();
-    hub.register(renamed.clone()).expect("renamed");
+    hub.register(renamed.clone()).await.expect("renamed");
     assert_eq!(on_disk(dir.path()), [renamed.clone()]);
     let newcomer = polling("web-01", thumbprint("b"));
     hub.register(newcomer.clone())
+        .await
         .expect("the old name is free");
     assert_eq!(on_disk(dir.path()), [renamed, newcomer]);
 }
 
 /// A name an operator's deregistration freed can be registered by another
 /// certificate.
-#[test]
-fn deregistering_frees_the_name() {
+#[tokio::test]
+async fn deregistering_frees_the_name() {
     let (hub, dir) = stored_hub(HubSettings::default());
     let first = polling("web-01", thumbprint("a"));
     let second = polling("web-01", thumbprint("b"));
-    hub.register(first.clone()).expect("first");
+    hub.register(first.clone()).await.expect("first");
     assert!(matches!(
-        hub.register(second.clone()),
+        hub.register(second.clone()).await,
         Err(RegisterError::NameTaken(_))
     ));
-    hub.deregister(&first.thumbprint).expect("deregister");
+    hub.deregister(&first.thumbprint).await.expect("deregister");
     assert!(!hub.tls_trust().contains(&first.thumbprint));
-    hub.register(second.clone()).expect("second");
+    hub.register(second.clone()).await.expect("second");
     assert_sole_owner(&hub, dir.path(), &second, &first);
 }
 
 /// A store that cannot be written is the hub's problem (`INTERNAL`), and
 /// nothing is trusted that is not stored.
-#[test]
-fn a_registration_the_store_cannot_hold_is_internal_and_not_trusted() {
+#[tokio::test]
+async fn a_registration_the_store_cannot_hold_is_internal_and_not_trusted() {
     let (hub, dir) = stored_hub(HubSettings::default());
     std::fs::create_dir(dir.path().join("agents.toml")).expect("block the file");
     let agent = polling("web-01", thumbprint("a"));
-    let error = hub.register(agent.clone()).expect_err("cannot be stored");
+    let error = hub
+        .register(agent.clone())
+        .await
+        .expect_err("cannot be stored");
     assert!(
         matches!(error, RegisterError::Store(_)) && error.stored_nothing(),
         "{error:?}"
@@ -182,23 +190,27 @@ fn a_registration_the_store_cannot_hold_is_internal_and_not_trusted() {
 
 /// Two rotations from one certificate at the same moment: one is stored,
 /// the other is refused rather than silently replaced.
-#[test]
-fn concurrent_rotations_from_one_certificate_have_one_outcome() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rotations_from_one_certificate_have_one_outcome() {
     for i in 0..50 {
         let hub = memory_hub(HubSettings::default());
         let current = thumbprint(&format!("current-{i}"));
         hub.register(polling("web-01", current))
+            .await
             .expect("registered");
-        let start = Arc::new(std::sync::Barrier::new(2));
+        let start = Arc::new(tokio::sync::Barrier::new(2));
         let rotate = |seed: &str| {
             let (hub, start, new) = (hub.clone(), start.clone(), thumbprint(seed));
-            std::thread::spawn(move || {
-                start.wait();
-                (new, hub.rotate(&current, new, Duration::from_secs(60)))
+            tokio::spawn(async move {
+                start.wait().await;
+                (
+                    new,
+                    hub.rotate(&current, new, Duration::from_secs(60)).await,
+                )
             })
         };
         let (a, b) = (rotate("new-a"), rotate("new-b"));
-        let results = [a.join().expect("thread"), b.join().expect("thread")];
+        let results = [a.await.expect("task"), b.await.expect("task")];
         let won: Vec<_> = results
             .iter()
             .filter(|(_, r)| r.is_ok())
@@ -220,14 +232,16 @@ fn concurrent_rotations_from_one_certificate_have_one_outcome() {
 
 /// A rotation cannot announce a certificate another agent holds: it would
 /// take that agent's entry.
-#[test]
-fn a_rotation_to_another_agents_thumbprint_is_refused() {
+#[tokio::test]
+async fn a_rotation_to_another_agents_thumbprint_is_refused() {
     let hub = memory_hub(HubSettings::default());
     let mine = polling("web-01", thumbprint("mine"));
     let theirs = polling("web-02", thumbprint("theirs"));
-    hub.register(mine.clone()).expect("mine");
-    hub.register(theirs.clone()).expect("theirs");
-    let refused = hub.rotate(&mine.thumbprint, theirs.thumbprint, Duration::from_secs(60));
+    hub.register(mine.clone()).await.expect("mine");
+    hub.register(theirs.clone()).await.expect("theirs");
+    let refused = hub
+        .rotate(&mine.thumbprint, theirs.thumbprint, Duration::from_secs(60))
+        .await;
     assert!(
         matches!(refused, Err(RotateError::ThumbprintInUse(t)) if t == theirs.thumbprint),
         "{refused:?}"

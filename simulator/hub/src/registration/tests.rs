@@ -104,36 +104,36 @@ fn registration(name: &str, credential: Credential) -> pb::RegisterRequest {
     }
 }
 
-fn new_token(hub: &Hub) -> Credential {
+async fn new_token(hub: &Hub) -> Credential {
     let store = hub.store().expect("store");
     Credential::Token(
         store
-            .credentials
-            .create(CredentialKind::Token, Some(Duration::from_secs(3600)))
+            .create_credential(CredentialKind::Token, Some(Duration::from_secs(3600)))
+            .await
             .expect("token"),
     )
 }
 
-fn new_api_key(hub: &Hub) -> Credential {
+async fn new_api_key(hub: &Hub) -> Credential {
     let store = hub.store().expect("store");
     Credential::ApiKey(
         store
-            .credentials
-            .create(CredentialKind::ApiKey, None)
+            .create_credential(CredentialKind::ApiKey, None)
+            .await
             .expect("api key"),
     )
 }
 
 /// Whether `token` would still register an agent; using it to find out
 /// uses it up.
-fn still_valid(hub: &Hub, token: &Credential) -> bool {
+async fn still_valid(hub: &Hub, token: &Credential) -> bool {
     let Credential::Token(secret) = token else {
         panic!("not a token")
     };
     let store = hub.store().expect("store");
     store
-        .credentials
-        .redeem(secret, CredentialKind::Token)
+        .redeem(secret.clone(), CredentialKind::Token)
+        .await
         .is_ok()
 }
 
@@ -158,7 +158,7 @@ fn names(hub: &Hub) -> Vec<(String, Thumbprint)> {
 async fn a_one_time_token_registers_once() {
     let (hub, _dir) = stored_hub(HubSettings::default());
     let api = RegistrationApi::new(hub.clone());
-    let token = new_token(&hub);
+    let token = new_token(&hub).await;
     let joined = register(&api, thumbprint("a"), registration("web-01", token.clone()))
         .await
         .expect("registered");
@@ -178,7 +178,7 @@ async fn a_one_time_token_registers_once() {
 async fn an_api_key_registers_many_agents() {
     let (hub, _dir) = stored_hub(HubSettings::default());
     let api = RegistrationApi::new(hub.clone());
-    let key = new_api_key(&hub);
+    let key = new_api_key(&hub).await;
     for i in 0..5 {
         let name = format!("web-{i:02}");
         register(&api, thumbprint(&name), registration(&name, key.clone()))
@@ -207,11 +207,11 @@ async fn a_name_owned_by_another_thumbprint_is_refused_without_using_the_token()
     register(
         &api,
         thumbprint("a"),
-        registration("web-01", new_token(&hub)),
+        registration("web-01", new_token(&hub).await),
     )
     .await
     .expect("first");
-    let token = new_token(&hub);
+    let token = new_token(&hub).await;
     let refused = register(&api, thumbprint("b"), registration("web-01", token.clone()))
         .await
         .expect_err("taken");
@@ -240,7 +240,7 @@ async fn a_name_owned_by_another_thumbprint_is_refused_without_using_the_token()
 async fn a_malformed_registration_is_refused_before_the_token_is_used() {
     let (hub, _dir) = stored_hub(HubSettings::default());
     let api = RegistrationApi::new(hub.clone());
-    let token = new_token(&hub);
+    let token = new_token(&hub).await;
     let mut bad_role = registration("web-01", token.clone());
     bad_role.roles = vec!["web server".into()];
     let mut bad_mode = registration("web-01", token.clone());
@@ -265,21 +265,24 @@ async fn a_malformed_registration_is_refused_before_the_token_is_used() {
         );
     }
     assert!(hub.agents().is_empty());
-    assert!(still_valid(&hub, &token));
+    assert!(still_valid(&hub, &token).await);
 }
 
 #[tokio::test]
 async fn a_registration_without_a_credential_or_certificate_is_unauthenticated() {
     let (hub, _dir) = stored_hub(HubSettings::default());
     let api = RegistrationApi::new(hub.clone());
-    let mut anonymous = registration("web-01", new_api_key(&hub));
+    let mut anonymous = registration("web-01", new_api_key(&hub).await);
     anonymous.credential = None;
     let refused = register(&api, thumbprint("a"), anonymous)
         .await
         .expect_err("no credential");
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     let refused = api
-        .register(Request::new(registration("web-01", new_api_key(&hub))))
+        .register(Request::new(registration(
+            "web-01",
+            new_api_key(&hub).await,
+        )))
         .await
         .expect_err("no peer");
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
@@ -303,7 +306,7 @@ async fn a_hub_without_a_home_takes_no_registrations() {
 async fn a_listening_agent_is_dialled_where_it_registered_from() {
     let (hub, _dir) = stored_hub(HubSettings::default());
     let api = RegistrationApi::new(hub.clone());
-    let mut listening = registration("db-01", new_api_key(&hub));
+    let mut listening = registration("db-01", new_api_key(&hub).await);
     listening.mode = pb::AgentMode::Listening as i32;
     let joined = register(&api, thumbprint("db"), listening)
         .await
@@ -334,7 +337,7 @@ async fn concurrent_uses_of_one_token_register_one_agent() {
     });
     let api = RegistrationApi::new(hub.clone());
     for i in 0..50 {
-        let token = new_token(&hub);
+        let token = new_token(&hub).await;
         let start = Arc::new(tokio::sync::Barrier::new(2));
         let attempts: Vec<_> = ["a", "b"]
             .into_iter()
@@ -373,7 +376,7 @@ async fn two_certificates_registering_one_name_at_once_leave_one_owner() {
     let api = RegistrationApi::new(hub.clone());
     for i in 0..200 {
         let name = format!("race-{i}");
-        let tokens = [new_token(&hub), new_token(&hub)];
+        let tokens = [new_token(&hub).await, new_token(&hub).await];
         let prints = [
             thumbprint(&format!("{name}-a")),
             thumbprint(&format!("{name}-b")),
@@ -417,10 +420,13 @@ async fn two_certificates_registering_one_name_at_once_leave_one_owner() {
         assert!(!hub.allows_tunnel(&prints[loser], &name));
         assert!(!hub.tls_trust().contains(&prints[loser]));
         assert!(
-            !still_valid(&hub, &tokens[winner]),
+            !still_valid(&hub, &tokens[winner]).await,
             "the winner's token is used"
         );
-        assert!(still_valid(&hub, &tokens[loser]), "the loser's is not");
+        assert!(
+            still_valid(&hub, &tokens[loser]).await,
+            "the loser's is not"
+        );
     }
     let stored = crate::hub::HubStore::in_dir(dir.path())
         .agents
@@ -434,7 +440,7 @@ async fn two_certificates_registering_one_name_at_once_leave_one_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_race_over_grpc_has_one_winner() {
     let (hub, _dir) = stored_hub(HubSettings::default());
-    let key = new_api_key(&hub);
+    let key = new_api_key(&hub).await;
     for i in 0..50 {
         let name = format!("wire-{i}");
         let start = Arc::new(tokio::sync::Barrier::new(2));
@@ -479,7 +485,7 @@ async fn an_agents_rotation_overlap_is_clamped() {
         ..HubSettings::default()
     });
     let api = RegistrationApi::new(hub.clone());
-    let key = new_api_key(&hub);
+    let key = new_api_key(&hub).await;
     for (i, (asked, granted)) in [(0, 600), (60, 60), (7200, 3600), (u64::MAX, 3600)]
         .into_iter()
         .enumerate()
@@ -528,7 +534,7 @@ fn the_default_overlap_bound_is_a_week() {
 async fn refused_rotations_say_why() {
     let (hub, _dir) = stored_hub(HubSettings::default());
     let api = RegistrationApi::new(hub.clone());
-    let key = new_api_key(&hub);
+    let key = new_api_key(&hub).await;
     let web_02 = new_identity();
     register(
         &api,
@@ -588,9 +594,13 @@ async fn a_rotation_needs_a_fresh_proof_made_with_the_new_key() {
     let (hub, _dir) = stored_hub(HubSettings::default());
     let api = RegistrationApi::new(hub.clone());
     let current = thumbprint("web-01");
-    register(&api, current, registration("web-01", new_api_key(&hub)))
-        .await
-        .expect("registered");
+    register(
+        &api,
+        current,
+        registration("web-01", new_api_key(&hub).await),
+    )
+    .await
+    .expect("registered");
     let next = new_identity();
     let (refused_before, announced_before) =
         (rotations_counted("refused"), rotations_counted("announced"));
@@ -693,7 +703,7 @@ async fn a_hub_that_asks_for_an_api_key_rotates_only_with_a_valid_one() {
     });
     let api = RegistrationApi::new(hub.clone());
     let current = thumbprint("web-01");
-    let Credential::ApiKey(key) = new_api_key(&hub) else {
+    let Credential::ApiKey(key) = new_api_key(&hub).await else {
         unreachable!()
     };
     register(
@@ -735,9 +745,13 @@ async fn a_rotation_an_operator_approves_waits_for_the_approval() {
     });
     let api = RegistrationApi::new(hub.clone());
     let current = thumbprint("web-01");
-    register(&api, current, registration("web-01", new_api_key(&hub)))
-        .await
-        .expect("registered");
+    register(
+        &api,
+        current,
+        registration("web-01", new_api_key(&hub).await),
+    )
+    .await
+    .expect("registered");
     let next = new_identity();
     let (pending_before, approved_before) =
         (rotations_counted("pending"), rotations_counted("approved"));
@@ -753,9 +767,9 @@ async fn a_rotation_an_operator_approves_waits_for_the_approval() {
         "not trusted yet"
     );
     // Nothing happens until an operator approves.
-    assert_eq!(hub.apply_approved_rotations(), 0);
+    assert_eq!(hub.apply_approved_rotations().await, 0);
     let store = hub.store().expect("store");
-    let listed = store.rotations.load().expect("pending rotations");
+    let listed = store.pending_rotations().await.expect("pending rotations");
     assert_eq!(listed.len(), 1);
     assert_eq!(
         (listed[0].current, listed[0].new),
@@ -769,11 +783,14 @@ async fn a_rotation_an_operator_approves_waits_for_the_approval() {
         .into_inner();
     assert!(again.pending_approval);
 
-    store.rotations.approve("web-01").expect("approve");
-    assert_eq!(hub.apply_approved_rotations(), 1);
+    store
+        .approve_rotation("web-01".into())
+        .await
+        .expect("approve");
+    assert_eq!(hub.apply_approved_rotations().await, 1);
     assert!(hub.allows_tunnel(&next.thumbprint(), "web-01"));
     assert!(hub.allows_tunnel(&current, "web-01"), "the overlap starts");
-    assert!(store.rotations.load().expect("pending").is_empty());
+    assert!(store.pending_rotations().await.expect("pending").is_empty());
     // The agent's next announcement learns that it is done.
     let done = api
         .rotate_certificate(request(announcement(current, &next), current))
@@ -804,7 +821,7 @@ async fn only_operators_list_the_fleet() {
     register(
         &api,
         thumbprint("a"),
-        registration("web-01", new_api_key(&hub)),
+        registration("web-01", new_api_key(&hub).await),
     )
     .await
     .expect("registered");
@@ -853,7 +870,7 @@ async fn a_source_that_spent_its_failures_is_refused_unchecked_and_successes_nev
         ..HubSettings::default()
     });
     let api = RegistrationApi::new(hub.clone());
-    let key = new_api_key(&hub);
+    let key = new_api_key(&hub).await;
     let attacker = [10, 0, 0, 66];
     // Many successes from one address spend nothing.
     for i in 0..30 {
@@ -883,7 +900,7 @@ async fn a_source_that_spent_its_failures_is_refused_unchecked_and_successes_nev
             .expect_err("bad credential");
         assert_ne!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     }
-    let token = new_token(&hub);
+    let token = new_token(&hub).await;
     let refused = api
         .register(request_from(
             registration("late", token.clone()),
