@@ -23,12 +23,49 @@ pub enum CredentialKind {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StoredCredential {
-    kind: CredentialKind,
+pub(crate) struct StoredCredential {
+    pub(crate) kind: CredentialKind,
     /// SHA-256 of the secret; the secret itself is never stored.
-    sha256: String,
+    pub(crate) sha256: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    expires_unix: Option<u64>,
+    pub(crate) expires_unix: Option<u64>,
+}
+
+impl StoredCredential {
+    /// A new credential of `kind` for `secret`, valid for `ttl` from now.
+    pub(crate) fn new(kind: CredentialKind, secret: &str, ttl: Option<Duration>) -> Self {
+        Self {
+            kind,
+            sha256: digest(secret),
+            expires_unix: ttl.map(|ttl| now_unix().saturating_add(ttl.as_secs())),
+        }
+    }
+
+    /// Whether this is a valid credential of `kind` now.
+    pub(crate) fn is_valid(&self, kind: CredentialKind) -> bool {
+        self.kind == kind && self.expires_unix.is_none_or(|t| t > now_unix())
+    }
+}
+
+/// A new random secret of `kind`: `tt_…` for tokens, `tk_…` for API keys.
+pub(crate) fn new_secret(kind: CredentialKind) -> String {
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    let prefix = match kind {
+        CredentialKind::Token => "tt",
+        CredentialKind::ApiKey => "tk",
+    };
+    format!("{prefix}_{}", hex::encode(bytes))
+}
+
+/// Checks the length of a secret an operator chose.
+pub(crate) fn check_chosen(secret: &str) -> Result<(), ChosenSecretError> {
+    // What is hashed is the trimmed secret, so that is what must be long.
+    let chars = secret.trim().chars().count();
+    if chars < MIN_CHOSEN_SECRET_CHARS {
+        return Err(ChosenSecretError::TooShort { chars });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -82,7 +119,7 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-fn digest(secret: &str) -> String {
+pub(crate) fn digest(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.trim().as_bytes()))
 }
 
@@ -150,24 +187,15 @@ impl CredentialStore {
         kind: CredentialKind,
         ttl: Option<Duration>,
     ) -> Result<String, CredentialError> {
-        let mut bytes = [0u8; 24];
-        rand::rng().fill_bytes(&mut bytes);
-        let prefix = match kind {
-            CredentialKind::Token => "tt",
-            CredentialKind::ApiKey => "tk",
-        };
-        let secret = format!("{prefix}_{}", hex::encode(bytes));
+        let secret = new_secret(kind);
         let _guard = self.locked()?;
         let mut file = self.load()?;
         let now = now_unix();
         // Expired tokens are dropped whenever the file is written.
         file.credentials
             .retain(|c| c.expires_unix.is_none_or(|t| t > now));
-        file.credentials.push(StoredCredential {
-            kind,
-            sha256: digest(&secret),
-            expires_unix: ttl.map(|ttl| now.saturating_add(ttl.as_secs())),
-        });
+        file.credentials
+            .push(StoredCredential::new(kind, &secret, ttl));
         self.save(&file)?;
         Ok(secret)
     }
@@ -182,11 +210,7 @@ impl CredentialStore {
         secret: &str,
         ttl: Option<Duration>,
     ) -> Result<bool, ChosenSecretError> {
-        // What is hashed is the trimmed secret, so that is what must be long.
-        let chars = secret.trim().chars().count();
-        if chars < MIN_CHOSEN_SECRET_CHARS {
-            return Err(ChosenSecretError::TooShort { chars });
-        }
+        check_chosen(secret)?;
         let _guard = self.locked()?;
         let mut file = self.load()?;
         let wanted = digest(secret);
@@ -200,11 +224,8 @@ impl CredentialStore {
         }
         file.credentials
             .retain(|c| c.expires_unix.is_none_or(|t| t > now));
-        file.credentials.push(StoredCredential {
-            kind,
-            sha256: wanted,
-            expires_unix: ttl.map(|ttl| now.saturating_add(ttl.as_secs())),
-        });
+        file.credentials
+            .push(StoredCredential::new(kind, secret, ttl));
         self.save(&file)?;
         Ok(true)
     }
@@ -258,7 +279,7 @@ impl CredentialStore {
 /// if it was one, so a refused registration can give it back.
 #[derive(Debug)]
 pub struct Redeemed {
-    used_up: Option<StoredCredential>,
+    pub(crate) used_up: Option<StoredCredential>,
 }
 
 impl Redeemed {

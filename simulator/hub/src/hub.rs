@@ -508,6 +508,12 @@ impl Hub {
         self: &Arc<Self>,
         agent: TrustedAgent,
     ) -> Result<(), RegisterError> {
+        // A watched store (etcd) takes each registration as its own
+        // transaction, many at once; grouping only pays for whole-file
+        // writes.
+        if self.store.as_ref().is_some_and(|s| s.is_watched()) {
+            return self.register(agent).await;
+        }
         let hub = self.clone();
         let write: grouped::GroupWriter<_> = Arc::new(move |batch: Vec<TrustedAgent>| {
             let hub = hub.clone();
@@ -535,6 +541,27 @@ impl Hub {
         }
         self.set_agents(agents);
         Ok(true)
+    }
+
+    /// A thumbprint this hub's view does not know, looked up in the store
+    /// itself: an agent registered on another node a moment ago may open a
+    /// tunnel here before this node's watch brings its entry. Returns
+    /// whether the view learnt it.
+    pub async fn refresh_unknown(&self, thumbprint: &Thumbprint) -> bool {
+        let Some(store) = &self.store else {
+            return false;
+        };
+        match store.lookup(*thumbprint).await {
+            Ok(Some(agent)) => {
+                self.apply_put(agent);
+                true
+            }
+            Ok(None) => false,
+            Err(error) => {
+                tracing::warn!(%error, %thumbprint, "could not look up an unknown thumbprint in the store");
+                false
+            }
+        }
     }
 
     /// Forgets an agent; its connections are closed.

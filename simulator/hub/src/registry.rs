@@ -157,6 +157,9 @@ pub struct Registry {
     /// Every thumbprint registered for an agent: during a certificate
     /// rotation a caller that expects either one reaches the agent.
     aliases: Mutex<HashMap<AgentId, Vec<Thumbprint>>>,
+    /// Where the tunnels opened and closed here are announced to the other
+    /// nodes of a cluster.
+    presence: std::sync::OnceLock<Arc<dyn crate::cluster::PresenceSink>>,
 }
 
 impl Registry {
@@ -177,6 +180,15 @@ impl Registry {
     pub fn set_aliases(&self, aliases: impl IntoIterator<Item = (AgentId, Vec<Thumbprint>)>) {
         *self.aliases.lock().unwrap_or_else(PoisonError::into_inner) =
             aliases.into_iter().collect();
+    }
+
+    /// Announces every tunnel opened or closed from now on to `sink`.
+    pub fn announce_to(&self, sink: Arc<dyn crate::cluster::PresenceSink>) {
+        let agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        for tunnel in agents.values().flat_map(|slot| slot.tunnels.iter()) {
+            sink.tunnel_opened(&tunnel.agent_id, tunnel.id);
+        }
+        let _ = self.presence.set(sink);
     }
 
     /// Sets the thumbprints known for one agent.
@@ -216,6 +228,9 @@ impl Registry {
             tunnel.stop.cancel();
             return;
         }
+        if let Some(sink) = self.presence.get() {
+            sink.tunnel_opened(&tunnel.agent_id, tunnel.id);
+        }
         let slot = agents.entry(tunnel.agent_id.clone()).or_default();
         slot.tunnels.push(tunnel);
         if let Some(arrivals) = &slot.arrivals {
@@ -240,7 +255,13 @@ impl Registry {
     pub fn remove(&self, tunnel: &Tunnel) {
         let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = agents.get_mut(&tunnel.agent_id) {
+            let before = slot.tunnels.len();
             slot.tunnels.retain(|t| t.id != tunnel.id);
+            if slot.tunnels.len() != before
+                && let Some(sink) = self.presence.get()
+            {
+                sink.tunnel_closed(&tunnel.agent_id, tunnel.id);
+            }
             let waiters = slot
                 .arrivals
                 .as_ref()

@@ -24,6 +24,7 @@ use crate::hub::{RotateError, TrustedAgent};
 use crate::rotation::{PendingError, PendingRotation};
 use crate::trust::{NameTaken, TrustFileError};
 
+pub mod etcd;
 pub mod files;
 
 /// How a hub's view of the registry catches up with a write it made.
@@ -81,6 +82,17 @@ pub trait RegistryStore: Send + Sync + fmt::Debug {
     /// (etcd), rather than by reading it again.
     fn is_watched(&self) -> bool {
         false
+    }
+
+    /// The agent holding `thumbprint`, read from the store itself rather
+    /// than this hub's view: for a tunnel from an agent that registered on
+    /// another node a moment ago. `None` if the store has no faster way
+    /// than the view (the files are reread every second anyway).
+    fn lookup(
+        &self,
+        _thumbprint: Thumbprint,
+    ) -> BoxFuture<'_, Result<Option<TrustedAgent>, StoreError>> {
+        Box::pin(async { Ok(None) })
     }
 
     /// Every registered agent.

@@ -137,6 +137,14 @@ impl TunnelApi {
         }
         let agent_id = AgentId::parse(&hello.agent_id)
             .map_err(|_| TunnelError::InvalidAgentId(hello.agent_id.clone()))?;
+        // An agent that registered on another node a moment ago may be here
+        // before that node's write reached this one's view.
+        if matches!(
+            authorise(&self.hub, &peer.thumbprint, &agent_id),
+            Err(TunnelError::Untrusted(_))
+        ) {
+            self.hub.refresh_unknown(&peer.thumbprint).await;
+        }
         authorise(&self.hub, &peer.thumbprint, &agent_id).inspect_err(|error| {
             tracing::warn!(agent = %agent_id, thumbprint = %peer.thumbprint, %error, "refused a tunnel");
         })?;
