@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests beside the code, and the end-to-end tests in
 # tests/ that drive the real binaries, in processes and in containers.
+# As root it first installs the Debian packages those tests drive and are
+# missing (tinyproxy, systemd, OpenSSH, kubectl, etcd-server and
+# etcd-client; the list is below), then the Python venvs.
 #
 #   tests/run.sh [--full] [cargo test arguments...]
 #
@@ -34,9 +37,11 @@ is_root() { [ "$(id -u)" -eq 0 ]; }
 
 # Debian packages the tests drive: a real HTTP CONNECT proxy (tinyproxy),
 # `systemd-analyze` for the unit files, OpenSSH (the peer `tentacle-sim bench`
-# measures against), and `kubectl kustomize` for the
-# manifests. The image build downloads bash-static, busybox-static and
-# tinyproxy itself with `apt-get download`.
+# measures against), `kubectl kustomize` for the manifests, and etcd
+# (etcd-server's /usr/bin/etcd, etcd-client's etcdctl) for the clusters the
+# tests of the hub that spans several nodes start (tests/src/etcd.rs). The
+# image build downloads bash-static, busybox-static and tinyproxy itself
+# with `apt-get download`.
 phase "system packages"
 missing=()
 command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/sbin/tinyproxy ] || missing+=(tinyproxy)
@@ -44,6 +49,8 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
+[ -x /usr/bin/etcd ] || missing+=(etcd-server)
+[ -x /usr/bin/etcdctl ] || missing+=(etcd-client)
 if [ ${#missing[@]} -gt 0 ]; then
     if is_root; then
         apt-get update -qq

@@ -1,5 +1,6 @@
 //! The Kubernetes manifests (`deploy/kubernetes`): `kubectl kustomize`
-//! renders the base and the example overlay, `kubernetes-validate --strict`
+//! renders the base, the example overlay and the cluster overlay (the hub
+//! as three nodes on etcd), `kubernetes-validate --strict`
 //! checks them offline against the schemas of Kubernetes 1.30 and 1.37,
 //! and the rendered objects are read back (YAML to JSON with the venv's
 //! PyYAML) to check what a schema cannot: every container hardened and
@@ -189,9 +190,21 @@ fn render(name: &'static str) -> Rendered {
     Rendered { name, text, docs }
 }
 
-/// The base and the example overlay.
+/// The base and the overlays.
 fn renders() -> Vec<Rendered> {
-    vec![render("base"), render("overlays/example")]
+    vec![
+        render("base"),
+        render("overlays/example"),
+        render("overlays/cluster"),
+    ]
+}
+
+/// The overlay whose hub is three nodes sharing their state in etcd.
+const CLUSTER: &str = "overlays/cluster";
+
+/// How many hub replicas a rendered directory runs.
+fn hub_replicas(rendered: &Rendered) -> u64 {
+    if rendered.name == CLUSTER { 3 } else { 1 }
 }
 
 /// The pod that reads the simulator's reports (not in the kustomization).
@@ -604,8 +617,10 @@ fn statefulsets_keep_their_homes_on_claims() {
         assert!(agents["spec"]["serviceName"] == "tentacle-agent");
         let hub = object(&rendered.docs, "StatefulSet", "tentacle-hub");
         assert_eq!(
-            hub["spec"]["replicas"], 1,
-            "one hub: its registry is on one volume"
+            hub["spec"]["replicas"].as_u64(),
+            Some(hub_replicas(&rendered)),
+            "{}: one hub, its registry on one volume, unless the nodes share etcd",
+            rendered.name
         );
     }
 }
@@ -663,7 +678,10 @@ fn the_simulator_is_an_indexed_job_of_shards() {
     if !have_tools("the_simulator_is_an_indexed_job_of_shards") {
         return;
     }
-    for (rendered, shards) in renders().into_iter().zip([2_u64, 4]) {
+    let renders = renders();
+    let shards_of = [2_u64, 4, 2];
+    assert_eq!(renders.len(), shards_of.len(), "a shard count per render");
+    for (rendered, shards) in renders.into_iter().zip(shards_of) {
         let at = rendered.name;
         let job = object(&rendered.docs, "Job", "tentacle-sim");
         let spec = &job["spec"];
@@ -776,7 +794,7 @@ fn secrets_are_referenced_not_inlined() {
             keys.sort();
             keys.dedup();
         }
-        let wanted = BTreeMap::from([
+        let mut wanted = BTreeMap::from([
             (
                 "tentacle-hub-identity".to_owned(),
                 vec!["tls.crt".to_owned(), "tls.key".to_owned()],
@@ -786,6 +804,16 @@ fn secrets_are_referenced_not_inlined() {
                 vec!["api-key".to_owned()],
             ),
         ]);
+        if at == CLUSTER {
+            wanted.insert(
+                "tentacle-hub-etcd".to_owned(),
+                vec![
+                    "ca.crt".to_owned(),
+                    "tls.crt".to_owned(),
+                    "tls.key".to_owned(),
+                ],
+            );
+        }
         assert_eq!(referenced, wanted, "{at}");
         // The hub's key path points into the Secret's mount.
         let hub = object(&rendered.docs, "StatefulSet", "tentacle-hub");
@@ -819,8 +847,13 @@ fn containers_run_their_images_entry_points() {
             let c = container(&doc["spec"]["template"]["spec"], name);
             let image = image(c["image"].as_str().expect("image"));
             assert_eq!(strings(&c["command"]), image.entrypoint, "{at}: {workload}");
-            if same_cmd {
-                assert_eq!(strings(&c["args"]), image.cmd, "{at}: {workload}");
+            let args = strings(&c["args"]);
+            if at == CLUSTER && workload == "tentacle-hub" {
+                // The image's command, then the cluster's flags.
+                assert!(args.starts_with(&image.cmd), "{at}: {workload}: {args:?}");
+                assert!(args.len() > image.cmd.len(), "{at}: {workload}: {args:?}");
+            } else if same_cmd {
+                assert_eq!(args, image.cmd, "{at}: {workload}");
             }
             for (key, value) in &image.env {
                 if let Some(entry) = list(&c["env"]).iter().find(|e| &e["name"] == key) {
@@ -889,6 +922,192 @@ fn the_example_overlay_sets_what_a_user_changes() {
             let image = c["image"].as_str().expect("image");
             assert!(image.ends_with(":0.1.0"), "{image}");
         }
+    }
+}
+
+/// The etcd endpoints the cluster overlay ships with (README.md there says
+/// how to change them).
+const CLUSTER_STORE: &str = "etcd://etcd-0.etcd:2379,etcd-1.etcd:2379,etcd-2.etcd:2379";
+
+/// The value after `flag` in `args`, which must hold it exactly once.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> &'a str {
+    let at: Vec<usize> = args
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| *a == flag)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 1, "{flag} once in {args:?}");
+    args.get(at[0] + 1)
+        .unwrap_or_else(|| panic!("{flag} has no value in {args:?}"))
+}
+
+/// The cluster overlay: three hub replicas behind the Service agents and
+/// operators use, a headless Service that gives each node the DNS name it
+/// advertises, every replica's arguments (as Kubernetes expands them for
+/// its pod) pointing at etcd with the client certificate from a Secret,
+/// and all of them mounting the one identity Secret.
+#[test]
+fn the_cluster_overlay_runs_three_hub_nodes_on_etcd() {
+    if !have_tools("the_cluster_overlay_runs_three_hub_nodes_on_etcd") {
+        return;
+    }
+    let rendered = render(CLUSTER);
+    let docs = &rendered.docs;
+    for doc in docs {
+        assert_eq!(
+            doc["metadata"]["namespace"],
+            "tentacle",
+            "{}",
+            kind_name(doc)
+        );
+    }
+    let hub = object(docs, "StatefulSet", "tentacle-hub");
+    let namespace = hub["metadata"]["namespace"].as_str().expect("namespace");
+    let replicas = hub["spec"]["replicas"].as_u64().expect("replicas");
+    assert_eq!(replicas, 3);
+    assert_eq!(hub["spec"]["serviceName"], "tentacle-hub-nodes");
+    let template = &hub["spec"]["template"];
+    let pod = &template["spec"];
+    let c = container(pod, "hub");
+    let selects_the_hub = |selector: &Value, what: &str| {
+        let selector = selector.as_object().expect("a selector");
+        assert!(!selector.is_empty(), "{what}");
+        for (key, value) in selector {
+            assert_eq!(
+                &template["metadata"]["labels"][key], value,
+                "{what} picks the hub's pods"
+            );
+        }
+    };
+
+    // Node to node: headless, every pod in DNS from its start, on the
+    // hub's port.
+    let nodes = object(docs, "Service", "tentacle-hub-nodes");
+    assert_eq!(nodes["spec"]["clusterIP"], "None");
+    assert_eq!(nodes["spec"]["publishNotReadyAddresses"], true);
+    selects_the_hub(&nodes["spec"]["selector"], "tentacle-hub-nodes");
+    let ports = list(&nodes["spec"]["ports"]);
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports[0]["port"], 10943);
+    let target = list(&c["ports"])
+        .iter()
+        .find(|p| p["name"] == ports[0]["targetPort"])
+        .expect("the target port is the hub's");
+    assert_eq!(target["containerPort"], 10943);
+
+    // Agents and operators: the base's Service, load-balanced, not headless.
+    let service = object(docs, "Service", "tentacle-hub");
+    assert_eq!(service["spec"]["type"], "ClusterIP");
+    assert!(service["spec"]["clusterIP"].is_null());
+    selects_the_hub(&service["spec"]["selector"], "tentacle-hub");
+    let budget = object(docs, "PodDisruptionBudget", "tentacle-hub");
+    assert_eq!(budget["spec"]["maxUnavailable"], 1);
+    selects_the_hub(
+        &budget["spec"]["selector"]["matchLabels"],
+        "the PodDisruptionBudget",
+    );
+
+    // The pod's name and namespace from the downward API.
+    for (variable, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        assert_eq!(
+            env(c, variable)["valueFrom"]["fieldRef"]["fieldPath"],
+            field,
+            "{variable}"
+        );
+    }
+
+    // The etcd client files: a Secret, read-only, its keys under the
+    // names the flags give.
+    let etcd_dir = mount_path(c, "etcd-client");
+    let etcd_volume = list(&pod["volumes"])
+        .iter()
+        .find(|v| v["name"] == "etcd-client")
+        .expect("the etcd-client volume");
+    assert_eq!(etcd_volume["secret"]["secretName"], "tentacle-hub-etcd");
+    let items: Vec<(&str, &str)> = list(&etcd_volume["secret"]["items"])
+        .iter()
+        .map(|i| {
+            (
+                i["key"].as_str().expect("key"),
+                i["path"].as_str().expect("path"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        items,
+        [
+            ("ca.crt", "ca.crt"),
+            ("tls.crt", "tls.crt"),
+            ("tls.key", "tls.key")
+        ]
+    );
+
+    // The one identity, from one Secret, in every replica's template.
+    let identity = list(&pod["volumes"])
+        .iter()
+        .find(|v| v["name"] == "identity")
+        .expect("the identity volume");
+    assert_eq!(identity["secret"]["secretName"], "tentacle-hub-identity");
+    let identity_dir = mount_path(c, "identity");
+    for (mount, volume) in [(etcd_dir, "etcd-client"), (identity_dir, "identity")] {
+        let entry = list(&c["volumeMounts"])
+            .iter()
+            .find(|m| m["name"] == volume)
+            .expect("mounted");
+        assert_eq!(entry["readOnly"], true, "{volume} at {mount}");
+    }
+    for variable in ["TENTACLE_HUB_CERTIFICATE", "TENTACLE_HUB_KEY"] {
+        assert!(
+            env_value(c, variable).starts_with(&format!("{identity_dir}/")),
+            "{variable} is in the identity Secret"
+        );
+    }
+
+    // Every replica's arguments, as the kubelet expands them for its pod.
+    let raw = strings(&c["args"]);
+    for ordinal in 0..replicas {
+        let pod_name = format!("{}-{ordinal}", name_of(hub));
+        let args: Vec<String> = raw
+            .iter()
+            .map(|a| {
+                a.replace("$(POD_NAME)", &pod_name)
+                    .replace("$(POD_NAMESPACE)", namespace)
+            })
+            .collect();
+        let at = format!("{pod_name}: {args:?}");
+        assert!(args.iter().all(|a| !a.contains("$(")), "{at}");
+        assert_eq!(args[0], "server", "{at}");
+        let store = flag_value(&args, "--store");
+        assert!(store.starts_with("etcd://"), "{at}");
+        assert_eq!(store, CLUSTER_STORE, "{at}");
+        assert_eq!(flag_value(&args, "--node-id"), pod_name, "{at}");
+        assert_eq!(
+            flag_value(&args, "--advertise"),
+            format!("https://{pod_name}.tentacle-hub-nodes.{namespace}.svc:10943"),
+            "{at}"
+        );
+        for (flag, key) in [
+            ("--etcd-ca", "ca.crt"),
+            ("--etcd-cert", "tls.crt"),
+            ("--etcd-key", "tls.key"),
+        ] {
+            assert_eq!(flag_value(&args, flag), format!("{etcd_dir}/{key}"), "{at}");
+        }
+    }
+
+    // Nothing secret inlined: no Secret object, no PEM, no key material in
+    // a literal value.
+    assert!(docs.iter().all(|d| d["kind"] != "Secret"));
+    for needle in ["PRIVATE KEY", "BEGIN CERTIFICATE"] {
+        assert!(!rendered.text.contains(needle), "{needle} in the manifests");
+    }
+    for entry in list(&c["env"]) {
+        let value = entry["value"].as_str().unwrap_or_default();
+        assert!(!value.contains("-----"), "{} inlines a PEM", entry["name"]);
     }
 }
 

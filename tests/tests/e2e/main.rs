@@ -10,6 +10,7 @@ mod cancel;
 mod container_start;
 mod containers;
 mod deploy;
+mod etcd_harness;
 mod fault_matrix;
 mod files;
 mod fleet;
