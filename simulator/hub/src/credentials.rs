@@ -23,7 +23,8 @@ pub enum CredentialKind {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct StoredCredential {
+/// One hashed credential as a store keeps it.
+pub struct StoredCredential {
     pub(crate) kind: CredentialKind,
     /// SHA-256 of the secret; the secret itself is never stored.
     pub(crate) sha256: String,
@@ -226,6 +227,23 @@ impl CredentialStore {
             .retain(|c| c.expires_unix.is_none_or(|t| t > now));
         file.credentials
             .push(StoredCredential::new(kind, secret, ttl));
+        self.save(&file)?;
+        Ok(true)
+    }
+
+    /// Every stored credential (hashed), for a migration to another store.
+    pub(crate) fn entries(&self) -> Result<Vec<StoredCredential>, CredentialError> {
+        Ok(self.load()?.credentials)
+    }
+
+    /// Stores a credential as it is (hashed); `false` if it was there.
+    pub(crate) fn import(&self, credential: StoredCredential) -> Result<bool, CredentialError> {
+        let _guard = self.locked()?;
+        let mut file = self.load()?;
+        if file.credentials.contains(&credential) {
+            return Ok(false);
+        }
+        file.credentials.push(credential);
         self.save(&file)?;
         Ok(true)
     }

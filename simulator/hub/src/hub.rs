@@ -222,6 +222,8 @@ pub struct Hub {
     pool: Mutex<HashMap<(ListeningAddress, Thumbprint), Pooled>>,
     /// Registrations waiting to be stored together.
     grouped: Arc<grouped::GroupedRegistrations<Result<(), RegisterError>>>,
+    /// This node and its peers, for a hub that is one node of several.
+    cluster: std::sync::OnceLock<crate::cluster::Cluster>,
 }
 
 /// A pooled connection to a listening agent and the thumbprints it accepts.
@@ -369,6 +371,7 @@ impl Hub {
             memory_write: Mutex::new(()),
             pool: Mutex::new(HashMap::new()),
             grouped: Arc::default(),
+            cluster: std::sync::OnceLock::new(),
         })
     }
 
@@ -378,6 +381,16 @@ impl Hub {
 
     pub fn settings(&self) -> &HubSettings {
         &self.settings
+    }
+
+    /// Makes this hub a node of `cluster`.
+    pub fn join_cluster(&self, cluster: crate::cluster::Cluster) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster this hub is a node of, if any.
+    pub fn cluster(&self) -> Option<&crate::cluster::Cluster> {
+        self.cluster.get()
     }
 
     /// Thumbprints allowed to finish a TLS handshake with this hub.

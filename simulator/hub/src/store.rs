@@ -19,13 +19,17 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tentacle_proto::Thumbprint;
 
-use crate::credentials::{ChosenSecretError, CredentialError, CredentialKind, Redeemed};
+use crate::credentials::{
+    ChosenSecretError, CredentialError, CredentialKind, Redeemed, StoredCredential,
+};
 use crate::hub::{RotateError, TrustedAgent};
 use crate::rotation::{PendingError, PendingRotation};
 use crate::trust::{NameTaken, TrustFileError};
 
 pub mod etcd;
 pub mod files;
+pub mod migrate;
+pub mod open;
 
 /// How a hub's view of the registry catches up with a write it made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +153,13 @@ pub trait RegistryStore: Send + Sync + fmt::Debug {
         secret: String,
         ttl: Option<Duration>,
     ) -> BoxFuture<'_, Result<bool, ChosenSecretError>>;
+
+    /// Stores a credential copied from another store, hashed as it is;
+    /// `false` if it was there already.
+    fn import_credential(
+        &self,
+        credential: StoredCredential,
+    ) -> BoxFuture<'_, Result<bool, CredentialError>>;
 
     /// Checks a secret; a token is used up by a successful check.
     fn redeem(

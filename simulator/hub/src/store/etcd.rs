@@ -34,6 +34,7 @@ use crate::rotation::{self, PendingError, PendingRotation};
 use crate::trust;
 
 pub mod keys;
+pub mod node;
 pub mod presence;
 pub mod watch;
 
@@ -151,12 +152,13 @@ impl EtcdStore {
             .iter()
             .map(|e| format!("{scheme}://{e}"))
             .collect();
-        let client = Client::connect(urls, Some(options))
-            .await
-            .map_err(|e| OpenError::Connect {
-                endpoints: endpoints.clone(),
-                reason: e.to_string(),
-            })?;
+        let client =
+            Client::connect(urls, Some(options))
+                .await
+                .map_err(|e| OpenError::Connect {
+                    endpoints: endpoints.clone(),
+                    reason: e.to_string(),
+                })?;
         Ok(Self {
             client,
             keys: Keys::new(&settings.prefix),
@@ -230,7 +232,10 @@ impl EtcdStore {
     /// Reads the entries named `names` and those holding `thumbprints`.
     async fn read(&self, names: &[String], thumbprints: &[Thumbprint]) -> Result<Read, StoreError> {
         let mut read = Read::default();
-        let index_keys: Vec<Vec<u8>> = thumbprints.iter().map(|t| self.keys.thumbprint(t)).collect();
+        let index_keys: Vec<Vec<u8>> = thumbprints
+            .iter()
+            .map(|t| self.keys.thumbprint(t))
+            .collect();
         let mut wanted: BTreeSet<String> = names.iter().cloned().collect();
         for (thumbprint, kv) in thumbprints.iter().zip(self.get_all(&index_keys).await?) {
             match kv {
@@ -352,7 +357,11 @@ impl EtcdStore {
         for (thumbprint, name) in &held {
             let indexed = read.index.get(thumbprint).map(|(n, _)| n.as_str());
             if indexed != Some(*name) {
-                ops.push(TxnOp::put(self.keys.thumbprint(thumbprint), name.as_bytes(), None));
+                ops.push(TxnOp::put(
+                    self.keys.thumbprint(thumbprint),
+                    name.as_bytes(),
+                    None,
+                ));
             }
         }
         for agent in before {
@@ -367,7 +376,10 @@ impl EtcdStore {
 
     /// The agent holding `thumbprint`, read linearizably: for a tunnel from
     /// an agent this node's watch has not told it about yet.
-    pub async fn lookup_agent(&self, thumbprint: &Thumbprint) -> Result<Option<TrustedAgent>, StoreError> {
+    pub async fn lookup_agent(
+        &self,
+        thumbprint: &Thumbprint,
+    ) -> Result<Option<TrustedAgent>, StoreError> {
         let read = self.read(&[], &[*thumbprint]).await?;
         Ok(read
             .agents
@@ -443,7 +455,11 @@ impl EtcdStore {
 
     /// Writes `rotation` under its agent's key if that key is still at
     /// `revision` (0: absent).
-    async fn put_pending(&self, rotation: &PendingRotation, revision: i64) -> Result<bool, PendingError> {
+    async fn put_pending(
+        &self,
+        rotation: &PendingRotation,
+        revision: i64,
+    ) -> Result<bool, PendingError> {
         let key = self.keys.rotation(&rotation.agent);
         let value = serde_json::to_vec(rotation)
             .map_err(|e| PendingError::Shared(self.corrupt(&key, e)))?;
@@ -454,7 +470,11 @@ impl EtcdStore {
         let response = self
             .client
             .kv_client()
-            .txn(Txn::new().when([guard]).and_then([TxnOp::put(key, value, None)]))
+            .txn(
+                Txn::new()
+                    .when([guard])
+                    .and_then([TxnOp::put(key, value, None)]),
+            )
             .await
             .map_err(|e| PendingError::Shared(self.unavailable(e)))?;
         Ok(response.succeeded())
@@ -593,6 +613,18 @@ impl RegistryStore for EtcdStore {
         })
     }
 
+    fn import_credential(
+        &self,
+        credential: StoredCredential,
+    ) -> BoxFuture<'_, Result<bool, CredentialError>> {
+        Box::pin(async move {
+            if credential.expires_unix.is_some_and(|t| t <= unix_now()) {
+                return Ok(false);
+            }
+            self.put_credential(&credential).await
+        })
+    }
+
     fn redeem(
         &self,
         secret: String,
@@ -613,7 +645,11 @@ impl RegistryStore for EtcdStore {
             // it was read at: of two nodes redeeming it at once, one wins.
             let key = self.keys.credential(&sha256);
             let txn = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )])
                 .and_then([TxnOp::delete(key, None)]);
             let response = self
                 .client
@@ -681,9 +717,7 @@ impl RegistryStore for EtcdStore {
         })
     }
 
-    fn take_approved_rotations(
-        &self,
-    ) -> BoxFuture<'_, Result<Vec<PendingRotation>, PendingError>> {
+    fn take_approved_rotations(&self) -> BoxFuture<'_, Result<Vec<PendingRotation>, PendingError>> {
         Box::pin(async move {
             let mut taken = Vec::new();
             for (rotation, revision) in self.pending().await? {
@@ -693,7 +727,11 @@ impl RegistryStore for EtcdStore {
                 // Taken by the node whose delete holds; the others skip it.
                 let key = self.keys.rotation(&rotation.agent);
                 let txn = Txn::new()
-                    .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        revision,
+                    )])
                     .and_then([TxnOp::delete(key, None)]);
                 let response = self
                     .client

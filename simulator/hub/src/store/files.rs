@@ -11,7 +11,9 @@ use futures::future::BoxFuture;
 use tentacle_proto::Thumbprint;
 
 use super::{Registered, RegistryStore, StoreError, Synced};
-use crate::credentials::{ChosenSecretError, CredentialError, CredentialKind, Redeemed};
+use crate::credentials::{
+    ChosenSecretError, CredentialError, CredentialKind, Redeemed, StoredCredential,
+};
 use crate::hub::{HubStore, RotateError, TrustedAgent};
 use crate::rotation::{PendingError, PendingRotation};
 use crate::trust;
@@ -147,6 +149,16 @@ impl RegistryStore for FileRegistry {
         self.blocking(
             move |files| files.credentials.add(kind, &secret, ttl),
             |files, reason| ChosenSecretError::Store(credentials_error(files, reason)),
+        )
+    }
+
+    fn import_credential(
+        &self,
+        credential: StoredCredential,
+    ) -> BoxFuture<'_, Result<bool, CredentialError>> {
+        self.blocking(
+            move |files| files.credentials.import(credential),
+            credentials_error,
         )
     }
 

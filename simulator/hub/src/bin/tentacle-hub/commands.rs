@@ -70,6 +70,26 @@ pub async fn dispatch(home: HubHome, command: Command) -> anyhow::Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
         Command::Server(args) => crate::server::run(&home, args).await,
+        Command::Store(super::StoreCommand::Migrate { store }) => {
+            if store.etcd_settings().is_none() {
+                anyhow::bail!(
+                    "give the store to copy into: --store etcd://HOST:PORT[,HOST:PORT...]; the files of --home are what is copied"
+                );
+            }
+            let to = store.open(&home).await?;
+            let migrated =
+                tentacle_hub::store::migrate::migrate(&home.store(), to.store.as_ref()).await?;
+            println!(
+                "Copied {} agents ({} already there), {} credentials and {} pending rotations from {} into {}",
+                migrated.agents,
+                migrated.agents_already_there,
+                migrated.credentials,
+                migrated.rotations,
+                home.dir().display(),
+                to.store.describe()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Probe(args) => crate::probe_cmd::run(args).await,
         // main runs it before any runtime or telemetry starts.
         Command::Service(_) => unreachable!("`service` is dispatched in main"),

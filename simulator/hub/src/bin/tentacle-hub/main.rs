@@ -1,6 +1,7 @@
 //! `tentacle-hub`: the control plane for people at a shell: the hub server
 //! and the operator verbs that reach agents directly or through it.
 
+mod cluster_args;
 mod commands;
 mod deploy_cmd;
 mod health_cmd;
@@ -92,6 +93,9 @@ enum Command {
     Tooling(ToolingCommand),
     /// Runs the hub (default port 10943), or manages the agents it trusts.
     Server(server::ServerArgs),
+    /// The hub's registry store.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Asks the running hub's metrics endpoint whether it serves (GET
     /// /readyz); exits 0 if so, else prints why and exits 1. For container
     /// health checks.
@@ -100,6 +104,18 @@ enum Command {
     /// server` with the flags after `--` (`--print` shows it without root
     /// or systemd).
     Service(service_cmd::ServiceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copies this home's file registry (agents, hashed credentials,
+    /// pending rotations) into the store given with --store, e.g. etcd, so
+    /// this hub's agents need not register again. Entries already there
+    /// are kept; running it twice copies nothing twice.
+    Migrate {
+        #[command(flatten)]
+        store: tentacle_hub::store::open::StoreArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tentacle_hub::credentials::CredentialKind;
 use tentacle_hub::home::HubHome;
-use tentacle_hub::rotation::{PendingRotationFile, RotationApproval};
-use tentacle_hub::trust::AgentTrustFile;
-use tentacle_hub::{AgentMode, Hub, HubSettings, TrustedAgent};
+use tentacle_hub::rotation::RotationApproval;
+use tentacle_hub::store::open::{OpenStore, StoreArgs};
+use tentacle_hub::{AgentMode, HubSettings, TrustedAgent};
 use tentacle_proto::Thumbprint;
 use tentacle_proto::trust::CertificateValidity;
 
@@ -18,6 +18,10 @@ use tentacle_proto::trust::CertificateValidity;
 pub struct ServerArgs {
     #[command(subcommand)]
     command: Option<ServerCommand>,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    cluster: crate::cluster_args::ClusterArgs,
     /// Where to listen for polling agents and operators.
     #[arg(long, env = "TENTACLE_HUB_LISTEN", default_value = "0.0.0.0:10943")]
     listen: SocketAddr,
@@ -151,34 +155,39 @@ enum TrustCommand {
     },
 }
 
-fn trust_file(home: &HubHome) -> AgentTrustFile {
-    home.store().agents
-}
-
 pub async fn run(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
-    match args.command {
-        Some(ServerCommand::Trust(command)) => trust(home, command),
-        Some(ServerCommand::Token(CredentialCommand::Create { ttl })) => {
-            let store = home.store();
+    let Some(command) = args.command else {
+        return serve(home, args).await;
+    };
+    let opened = args.store.open(home).await?;
+    let store = opened.store.as_ref();
+    match command {
+        ServerCommand::Trust(command) => trust(store, command).await,
+        ServerCommand::Token(CredentialCommand::Create { ttl }) => {
             let ttl = ttl.unwrap_or(Duration::from_secs(3600));
             println!(
                 "{}",
-                store.credentials.create(CredentialKind::Token, Some(ttl))?
+                store
+                    .create_credential(CredentialKind::Token, Some(ttl))
+                    .await?
             );
             Ok(ExitCode::SUCCESS)
         }
-        Some(ServerCommand::ApiKey(CredentialCommand::Create { ttl })) => {
-            let store = home.store();
-            println!("{}", store.credentials.create(CredentialKind::ApiKey, ttl)?);
+        ServerCommand::ApiKey(CredentialCommand::Create { ttl }) => {
+            println!(
+                "{}",
+                store.create_credential(CredentialKind::ApiKey, ttl).await?
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Some(ServerCommand::Rotations(command)) => rotations(home, command),
-        None => serve(home, args).await,
+        ServerCommand::Rotations(command) => rotations(store, command).await,
     }
 }
 
-fn trust(home: &HubHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
-    let file = trust_file(home);
+async fn trust(
+    store: &dyn tentacle_hub::store::RegistryStore,
+    command: TrustCommand,
+) -> anyhow::Result<ExitCode> {
     match command {
         TrustCommand::Add {
             thumbprint,
@@ -199,20 +208,22 @@ fn trust(home: &HubHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
             if let Some(address) = &address {
                 address.parse::<tentacle_proto::dial::ListeningAddress>()?;
             }
-            file.upsert(TrustedAgent {
-                thumbprint,
-                name,
-                mode,
-                address,
-                roles,
-                environments,
-                previous_thumbprint: None,
-                retire_previous_at: None,
-            })?;
-            println!("Saved {}", file.path().display());
+            store
+                .upsert(TrustedAgent {
+                    thumbprint,
+                    name,
+                    mode,
+                    address,
+                    roles,
+                    environments,
+                    previous_thumbprint: None,
+                    retire_previous_at: None,
+                })
+                .await?;
+            println!("Saved in {}", store.describe());
         }
         TrustCommand::List => {
-            for agent in file.load()? {
+            for agent in store.load().await? {
                 let mode = match agent.mode {
                     AgentMode::Polling => "polling",
                     AgentMode::Listening => "listening",
@@ -229,8 +240,8 @@ fn trust(home: &HubHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
             }
         }
         TrustCommand::Remove { thumbprint } => {
-            if !file.remove(&thumbprint)? {
-                anyhow::bail!("{thumbprint} is not in {}", file.path().display());
+            if !store.remove(thumbprint).await?.0 {
+                anyhow::bail!("{thumbprint} is not in {}", store.describe());
             }
             println!("Removed {thumbprint}");
         }
@@ -238,11 +249,13 @@ fn trust(home: &HubHome, command: TrustCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn rotations(home: &HubHome, command: RotationsCommand) -> anyhow::Result<ExitCode> {
-    let file = PendingRotationFile::new(home.dir().join("rotations.toml"));
+async fn rotations(
+    store: &dyn tentacle_hub::store::RegistryStore,
+    command: RotationsCommand,
+) -> anyhow::Result<ExitCode> {
     match command {
         RotationsCommand::List => {
-            let pending = file.load()?;
+            let pending = store.pending_rotations().await?;
             if pending.is_empty() {
                 println!("No rotation is waiting for approval.");
             }
@@ -267,7 +280,7 @@ fn rotations(home: &HubHome, command: RotationsCommand) -> anyhow::Result<ExitCo
         RotationsCommand::Approve {
             agent_or_thumbprint,
         } => {
-            let rotation = file.approve(&agent_or_thumbprint)?;
+            let rotation = store.approve_rotation(agent_or_thumbprint).await?;
             tracing::info!(
                 target: tentacle_hub::rotation::AUDIT_TARGET,
                 event = "certificate_rotation_approval",
@@ -289,7 +302,7 @@ fn rotations(home: &HubHome, command: RotationsCommand) -> anyhow::Result<ExitCo
 const API_KEY_VARIABLE: &str = "TENTACLE_HUB_API_KEY";
 
 /// `--from-env`'s first-start steps; each does nothing when already done.
-fn prepare_from_env(home: &HubHome) -> anyhow::Result<()> {
+async fn prepare_from_env(home: &HubHome, store: &OpenStore) -> anyhow::Result<()> {
     // A certificate named outside the home is an operator's (a mounted
     // Secret): never made here, so a wrong path fails instead of quietly
     // giving the hub a new identity.
@@ -304,10 +317,10 @@ fn prepare_from_env(home: &HubHome) -> anyhow::Result<()> {
     }
     match std::env::var(API_KEY_VARIABLE) {
         Ok(key) if !key.trim().is_empty() => {
-            let store = home.store();
             let stored = store
-                .credentials
-                .add(CredentialKind::ApiKey, &key, None)
+                .store
+                .add_credential(CredentialKind::ApiKey, key, None)
+                .await
                 .with_context(|| format!("{API_KEY_VARIABLE} cannot be used"))?;
             if stored {
                 tracing::info!("stored the API key from {API_KEY_VARIABLE} (hashed)");
@@ -322,8 +335,9 @@ fn prepare_from_env(home: &HubHome) -> anyhow::Result<()> {
 }
 
 async fn serve(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let opened = args.store.open(home).await?;
     if args.from_env {
-        prepare_from_env(home)?;
+        prepare_from_env(home, &opened).await?;
     } else if std::env::var_os(API_KEY_VARIABLE).is_some() {
         tracing::warn!("{API_KEY_VARIABLE} is set but only read with --from-env; ignoring it");
     }
@@ -347,8 +361,6 @@ async fn serve(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("could not serve metrics on {address}"))?;
     }
-    let hub = Hub::with_store(identity, settings, home.store())?;
-    let file = trust_file(home);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {
@@ -357,16 +369,27 @@ async fn serve(home: &HubHome, args: ServerArgs) -> anyhow::Result<ExitCode> {
                 args.listen
             )
         })?;
+    let node = crate::cluster_args::Joined::start(
+        &args.cluster,
+        &opened,
+        identity,
+        settings,
+        listener.local_addr()?,
+    )
+    .await?;
+    let hub = node.hub().clone();
     tracing::info!(
         address = %listener.local_addr()?,
         %thumbprint,
-        agents = file.load()?.len(),
+        agents = hub.agents().len(),
+        store = %opened.store.describe(),
         rotation_approval = %args.rotation_approval,
         "hub listening"
     );
     // Serving includes the reload that picks up `server trust add/remove`
-    // from another shell.
+    // from another shell (or, on etcd, the watch that sees them).
     hub.serve(listener, shutdown_signal()).await?;
+    node.leave().await;
     tracing::info!("hub stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -120,7 +120,10 @@ mod tests {
         assert_eq!(keys.agent_name(b"/other/agents/web-01"), None);
         let key = keys.presence("web-01", "hub-a", 42);
         assert_eq!(keys.parse_presence(&key), Some(("web-01", "hub-a", 42)));
-        assert_eq!(keys.parse_presence(b"/tentacle/presence/web-01/hub-a"), None);
+        assert_eq!(
+            keys.parse_presence(b"/tentacle/presence/web-01/hub-a"),
+            None
+        );
         assert_eq!(keys.node_id(&keys.node("hub-b")), Some("hub-b"));
         assert_eq!(prefix_end(b"/a/"), b"/a0");
         assert_eq!(prefix_end(&[b'a', 0xff]), b"b");

@@ -141,7 +141,8 @@ impl EtcdPresence {
             .await
             .map_err(|e| self.store.unavailable(e))?
             .id();
-        self.lease.store(lease, std::sync::atomic::Ordering::Release);
+        self.lease
+            .store(lease, std::sync::atomic::Ordering::Release);
         let entry = NodeEntry {
             address: self.node.address.to_string(),
         };
@@ -161,7 +162,11 @@ impl EtcdPresence {
             .collect();
         // etcd takes at most 128 operations per transaction.
         for chunk in mine.chunks(100) {
-            ops.extend(chunk.iter().map(|key| TxnOp::put(key.clone(), "", with_lease())));
+            ops.extend(
+                chunk
+                    .iter()
+                    .map(|key| TxnOp::put(key.clone(), "", with_lease())),
+            );
             client
                 .txn(Txn::new().and_then(std::mem::take(&mut ops)))
                 .await

@@ -113,7 +113,11 @@ pub async fn follow(
     stop: CancellationToken,
 ) -> Result<(), StoreError> {
     let (agents, revision) = load_agents(&store).await?;
-    tracing::info!(agents = agents.len(), revision, "loaded the registry from etcd");
+    tracing::info!(
+        agents = agents.len(),
+        revision,
+        "loaded the registry from etcd"
+    );
     apply_whole(&hub, agents);
     hub.set_watched_revision(revision);
     tokio::spawn(async move {
@@ -200,7 +204,10 @@ async fn watch_once(store: &EtcdStore, hub: &Hub, revision: &mut i64) -> Ended {
             return Ended::Compacted;
         }
         if response.canceled() {
-            return Ended::Broken(format!("etcd cancelled the watch: {}", response.cancel_reason()));
+            return Ended::Broken(format!(
+                "etcd cancelled the watch: {}",
+                response.cancel_reason()
+            ));
         }
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
