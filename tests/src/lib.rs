@@ -16,6 +16,7 @@ use tentacle_proto::dial::{DialSettings, ListeningAddress};
 use tentacle_proto::{Identity, Thumbprint};
 
 pub mod containers;
+pub mod cluster;
 pub mod etcd;
 pub mod fault_proxy;
 pub mod registering;
