@@ -5,6 +5,7 @@
 //! reconnects with exponential backoff and full jitter so that thousands of
 //! agents dropped at once (a hub restart) come back spread out over time.
 
+pub mod cluster;
 pub mod dialer;
 pub mod proxy;
 
@@ -32,8 +33,8 @@ use crate::server::ServeSettings;
 pub use dialer::{Dialer, TcpDialer};
 pub use proxy::ProxySettings;
 
-/// One hub to poll.
-#[derive(Debug, Clone)]
+/// One hub (or hub node) to poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubEndpoint {
     pub address: ListeningAddress,
     pub thumbprint: Thumbprint,
