@@ -158,9 +158,10 @@ async fn maintain(
                 continue;
             }
             Ok(Served::Moved) => {
-                // The group left this node (it is draining, or unreachable
-                // for another tunnel): the next node is up, as far as
-                // anyone knows, so only the first window's jitter applies.
+                // The group left this node (it is draining, or another
+                // tunnel found it unreachable before this one opened): the
+                // next node is up as far as anyone knows, so only the first
+                // window's jitter applies, not this tunnel's backoff.
                 backoff.reset();
                 let wait = backoff.first_window_delay(&mut rand::rng());
                 tracing::debug!(agent_id = %settings.agent_id, ?wait, tunnel = index, "following the group to its next node after a jittered wait");
