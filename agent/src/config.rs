@@ -277,8 +277,18 @@ pub struct PollingConfig {
     pub enabled: bool,
     /// The name hubs address this agent by: `poll://<agent_id>`.
     pub agent_id: String,
+    /// The hubs to dial. Servers pinned to the same thumbprint are nodes of
+    /// one hub cluster (they share its certificate and registry): the agent
+    /// keeps that group's tunnels on ONE of them at a time, starting on the
+    /// node its id hashes to (`sha256(agent_id) % nodes`, so a fleet
+    /// spreads evenly), and moves to the next node in this list, wrapping
+    /// around, when the current one cannot be reached or sends a drain
+    /// (after a drain at once, within the first reconnect window's jitter;
+    /// otherwise within the usual backoff). Servers pinned to different
+    /// thumbprints are independent hubs and each gets its own tunnels. A
+    /// single load-balanced name is a cluster of one address.
     pub servers: Vec<PollingServer>,
-    /// Tunnels kept open to each hub.
+    /// Tunnels kept open to each hub (to one node of each cluster).
     pub tunnels: u32,
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,

@@ -1,10 +1,14 @@
 //! Polling mode: the agent dials its hub(s), opens reverse tunnels, and
 //! serves its usual routes over each tunnel's call frames.
 //!
-//! Each (hub, tunnel index) pair is kept open by its own task, which
-//! reconnects with exponential backoff and full jitter so that thousands of
-//! agents dropped at once (a hub restart) come back spread out over time.
+//! Servers pinned to one thumbprint are the nodes of one hub cluster and
+//! share one [`cluster::Placement`]: the group's tunnels are on one node at
+//! a time and move together. Each (group, tunnel index) pair is kept open
+//! by its own task, which reconnects with exponential backoff and full
+//! jitter so that thousands of agents dropped at once (a hub restart) come
+//! back spread out over time.
 
+pub mod cluster;
 pub mod dialer;
 pub mod proxy;
 
@@ -29,11 +33,12 @@ use tonic::service::Routes;
 use tonic::transport::{Endpoint, Uri};
 
 use crate::server::ServeSettings;
+use cluster::{Placement, Seat};
 pub use dialer::{Dialer, TcpDialer};
 pub use proxy::ProxySettings;
 
-/// One hub to poll.
-#[derive(Debug, Clone)]
+/// One hub (or hub node) to poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubEndpoint {
     pub address: ListeningAddress,
     pub thumbprint: Thumbprint,
@@ -43,8 +48,9 @@ pub struct HubEndpoint {
 #[derive(Debug, Clone)]
 pub struct PollingSettings {
     pub agent_id: String,
+    /// Those sharing a thumbprint are nodes of one cluster ([`cluster`]).
     pub hubs: Vec<HubEndpoint>,
-    /// Tunnels per hub.
+    /// Tunnels per hub (on one node of each cluster).
     pub tunnels: u32,
     pub heartbeat: HeartbeatSettings,
     /// The first reconnect waits a random time up to this; each failure
@@ -76,7 +82,9 @@ pub enum TunnelError {
     Tls(#[from] tentacle_proto::tls::TlsConfigError),
 }
 
-/// Keeps every configured tunnel open until `stop` fires.
+/// Keeps every configured tunnel open until `stop` fires: `tunnels` to
+/// each group of servers sharing a thumbprint, on one member of the group
+/// at a time ([`cluster`]).
 pub async fn run(
     settings: PollingSettings,
     identity: Arc<IdentityCell>,
@@ -85,11 +93,12 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut tasks = Vec::new();
-    for hub in &settings.hubs {
+    for group in cluster::group_by_thumbprint(&settings.hubs) {
+        let placement = Arc::new(Placement::new(group, &settings.agent_id));
         for index in 0..settings.tunnels.max(1) {
             tasks.push(tokio::spawn(maintain(
                 settings.clone(),
-                hub.clone(),
+                placement.clone(),
                 index,
                 identity.clone(),
                 routes.clone(),
@@ -103,7 +112,7 @@ pub async fn run(
 
 async fn maintain(
     settings: PollingSettings,
-    hub: HubEndpoint,
+    placement: Arc<Placement>,
     index: u32,
     identity: Arc<IdentityCell>,
     routes: Routes,
@@ -117,6 +126,8 @@ async fn maintain(
     while !stop.is_cancelled() {
         let opened = tokio::time::Instant::now();
         let signals = SessionSignals::default();
+        let seat = placement.current();
+        let hub = placement.endpoint(seat).clone();
         let outcome = open_and_serve(
             &settings,
             &hub,
@@ -127,6 +138,8 @@ async fn maintain(
             Attempt {
                 signals: signals.clone(),
                 stop: &stop,
+                placement: &placement,
+                seat,
             },
         )
         .await;
@@ -137,18 +150,35 @@ async fn maintain(
             hub_restarting_since = None;
         }
         match outcome {
-            Ok(SessionEnd::Replaced) => {
+            Ok(Served::Rotated) => {
                 // A new certificate: open the replacement at once while the
                 // old tunnel finishes its calls.
                 tracing::info!(agent_id = %settings.agent_id, hub = %hub.address, tunnel = index, "reopening the tunnel with the new certificate");
                 backoff.reset();
                 continue;
             }
-            Ok(end) => {
+            Ok(Served::Moved) => {
+                // The group left this node (it is draining, or another
+                // tunnel found it unreachable before this one opened): the
+                // next node is up as far as anyone knows, so only the first
+                // window's jitter applies, not this tunnel's backoff.
+                backoff.reset();
+                let wait = backoff.first_window_delay(&mut rand::rng());
+                tracing::debug!(agent_id = %settings.agent_id, ?wait, tunnel = index, "following the group to its next node after a jittered wait");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.cancelled() => return,
+                }
+                continue;
+            }
+            Ok(Served::Ended(end)) => {
                 tracing::info!(agent_id = %settings.agent_id, hub = %hub.address, tunnel = index, ?end, "tunnel closed")
             }
             Err(error) => {
-                tracing::warn!(agent_id = %settings.agent_id, tunnel = index, %error, "tunnel attempt failed")
+                tracing::warn!(agent_id = %settings.agent_id, tunnel = index, %error, "tunnel attempt failed");
+                if let Some(moved) = placement.failed(seat, &error.to_string()) {
+                    moved.log(&settings.agent_id);
+                }
             }
         }
         // A tunnel that stayed up a while resets the backoff.
@@ -169,11 +199,29 @@ async fn maintain(
     }
 }
 
+/// How one open tunnel ended, as the loop that keeps it needs to know.
+#[derive(Debug)]
+enum Served {
+    /// The session ended (or never opened because the agent stopped).
+    Ended(SessionEnd),
+    /// The agent switched to a new certificate; the old tunnel finishes
+    /// its calls in the background.
+    Rotated,
+    /// The tunnel's group moved to another node; the old tunnel finishes
+    /// its calls in the background.
+    Moved,
+}
+
 /// What one attempt is told from outside: when to stop, and where the
 /// session reports the hub's drain notice.
 struct Attempt<'a> {
     signals: SessionSignals,
     stop: &'a CancellationToken,
+    /// The tunnel's group and the member this attempt dials: an open
+    /// tunnel counts there, reports a drain there, and retires when the
+    /// group moves away.
+    placement: &'a Placement,
+    seat: Seat,
 }
 
 async fn open_and_serve(
@@ -184,8 +232,13 @@ async fn open_and_serve(
     routes: Routes,
     serve: &ServeSettings,
     attempt: Attempt<'_>,
-) -> Result<SessionEnd, TunnelError> {
-    let Attempt { signals, stop } = attempt;
+) -> Result<Served, TunnelError> {
+    let Attempt {
+        signals,
+        stop,
+        placement,
+        seat,
+    } = attempt;
     let address = hub.address.to_string();
     // Each attempt uses the identity current at that moment; a later change
     // replaces the tunnel.
@@ -313,7 +366,7 @@ async fn open_and_serve(
                 });
             }
         },
-        () = stop.cancelled() => return Ok(SessionEnd::Stopped),
+        () = stop.cancelled() => return Ok(Served::Ended(SessionEnd::Stopped)),
     };
     tracing::info!(hub = %hub.address, tunnel = index, agent_id = %settings.agent_id, "tunnel open");
 
@@ -341,63 +394,146 @@ async fn open_and_serve(
         signals.clone(),
         session_stop.clone(),
     ));
-    let end = tokio::select! {
-        end = &mut session => end,
-        () = stop.cancelled() => {
-            // The agent is stopping: refuse new calls in the tunnel, let
-            // running ones finish while frames still flow, then close it.
-            server.stop_accepting();
-            server.wait_idle(settings.shutdown_grace).await;
-            session_stop.cancel();
-            session.await
-        }
-        _ = identity_changes.changed() => {
-            // Rotated certificate: tell the hub to stop picking this tunnel,
-            // serve until it confirms that every call it picked for it has
-            // arrived (or the shutdown grace passes), then let running ones
-            // finish and close, all in the background.
-            let grace = settings.shutdown_grace;
-            tokio::spawn(async move {
-                let drained = tunnel::drain_replaced(
-                    &server,
-                    &outbound,
-                    &signals,
-                    "the agent switched to a new certificate",
-                    grace,
-                    grace,
+    // While this tunnel is open its node is reachable: another tunnel's
+    // failed redial there does not move the group.
+    let _counted = placement.opened(seat);
+    let mut moves = placement.subscribe();
+    // A move between choosing this node and subscribing is seen at once.
+    moves.mark_changed();
+    let mut drain_heard = false;
+    let end = loop {
+        tokio::select! {
+            end = &mut session => break end,
+            () = stop.cancelled() => {
+                // The agent is stopping: refuse new calls in the tunnel, let
+                // running ones finish while frames still flow, then close it.
+                server.stop_accepting();
+                server.wait_idle(settings.shutdown_grace).await;
+                session_stop.cancel();
+                break session.await;
+            }
+            _ = identity_changes.changed() => {
+                retire_in_background(
+                    Retiring { server, outbound, signals, session, session_stop, index },
+                    Replacement::NewCertificate,
+                    settings.shutdown_grace,
                 );
-                let end = tokio::select! {
-                    drained = drained => {
-                        tracing::debug!(tunnel = index, ?drained, "the tunnel with the old certificate is drained");
-                        // A hub that acknowledged closes the tunnel once it
-                        // has read every answer; closing it from here could
-                        // cut the last ones off in flight.
-                        let by_hub = match drained {
-                            tunnel::ReplacedDrain::Acknowledged => {
-                                tokio::time::timeout(grace, &mut session).await.ok()
-                            }
-                            _ => None,
-                        };
-                        match by_hub {
-                            Some(end) => end,
-                            None => {
-                                session_stop.cancel();
-                                session.await
-                            }
-                        }
-                    }
-                    end = &mut session => end,
-                };
-                server.close();
-                let end = end.unwrap_or(SessionEnd::Stopped);
-                tracing::info!(tunnel = index, ?end, "the tunnel with the old certificate is closed");
-            });
-            return Ok(SessionEnd::Replaced);
+                return Ok(Served::Rotated);
+            }
+            () = signals.drained.cancelled(), if !drain_heard => {
+                // The node is going away: its group moves on now rather
+                // than when the node closes this tunnel. A group of one
+                // stays, and redials once the node has closed it.
+                drain_heard = true;
+                if let Some(moved) = placement.drained(seat) {
+                    moved.log(&settings.agent_id);
+                }
+            }
+            changed = moves.changed() => {
+                // The sender lives in `placement`, which outlives this
+                // call; an error would mean no further moves, so leave.
+                if changed.is_err() || placement.has_moved_from(seat) {
+                    retire_in_background(
+                        Retiring { server, outbound, signals, session, session_stop, index },
+                        Replacement::NewNode,
+                        settings.shutdown_grace,
+                    );
+                    return Ok(Served::Moved);
+                }
+            }
         }
     };
     server.close();
     // The session task only ends by returning.
-    Ok(end.unwrap_or(SessionEnd::Stopped))
+    Ok(Served::Ended(end.unwrap_or(SessionEnd::Stopped)))
+}
+
+/// A tunnel being replaced: by one with a new certificate, or by one on
+/// another node of its cluster.
+struct Retiring {
+    server: TunnelServer<Routes>,
+    outbound: tunnel::Outbound,
+    signals: SessionSignals,
+    session: tokio::task::JoinHandle<SessionEnd>,
+    session_stop: CancellationToken,
+    index: u32,
+}
+
+/// Why a tunnel is replaced.
+#[derive(Debug, Clone, Copy)]
+enum Replacement {
+    /// The agent switched to a new certificate.
+    NewCertificate,
+    /// The tunnel's group moved to another node of its cluster.
+    NewNode,
+}
+
+impl Replacement {
+    /// What the hub is told in `drain`.
+    fn reason(self) -> &'static str {
+        match self {
+            Self::NewCertificate => "the agent switched to a new certificate",
+            Self::NewNode => "the agent is moving to another node of the hub cluster",
+        }
+    }
+}
+
+/// Tells the hub to stop picking the tunnel, serves until it confirms that
+/// every call it picked for it has arrived (or `grace` passes), then lets
+/// running ones finish and closes, all in the background.
+fn retire_in_background(retiring: Retiring, why: Replacement, grace: Duration) {
+    let Retiring {
+        server,
+        outbound,
+        signals,
+        mut session,
+        session_stop,
+        index,
+    } = retiring;
+    tokio::spawn(async move {
+        let reason = why.reason();
+        let drained = tunnel::drain_replaced(&server, &outbound, &signals, reason, grace, grace);
+        let end = tokio::select! {
+            drained = drained => {
+                tracing::debug!(tunnel = index, ?drained, reason, "the replaced tunnel is drained");
+                // A hub that acknowledged closes the tunnel once it has
+                // read every answer; closing it from here could cut the
+                // last ones off in flight.
+                let by_hub = match drained {
+                    tunnel::ReplacedDrain::Acknowledged => {
+                        tokio::time::timeout(grace, &mut session).await.ok()
+                    }
+                    _ => None,
+                };
+                match by_hub {
+                    Some(end) => end,
+                    None => {
+                        session_stop.cancel();
+                        session.await
+                    }
+                }
+            }
+            end = &mut session => end,
+        };
+        server.close();
+        let end = end.unwrap_or(SessionEnd::Stopped);
+        match why {
+            Replacement::NewCertificate => {
+                tracing::info!(
+                    tunnel = index,
+                    ?end,
+                    "the tunnel with the old certificate is closed"
+                )
+            }
+            Replacement::NewNode => {
+                tracing::info!(
+                    tunnel = index,
+                    ?end,
+                    "the tunnel on the node left behind is closed"
+                )
+            }
+        }
+    });
 }
 
 /// Counts an open tunnel in the metrics while it lives.

@@ -7,6 +7,7 @@
 
 mod bench;
 mod cancel;
+mod cluster_failover;
 mod container_start;
 mod containers;
 mod deploy;

@@ -103,7 +103,10 @@ pub struct ConfigureArgs {
     /// listening: accept connections; polling: dial the hub; both: do both.
     #[arg(long, value_parser = ["listening", "polling", "both"])]
     mode: Option<String>,
-    /// A hub to poll, https://HOST:PORT (with --server-thumbprint).
+    /// A hub to poll, https://HOST:PORT (with --server-thumbprint). Run
+    /// once per server; servers given the same thumbprint are nodes of one
+    /// hub cluster, and the agent holds its tunnels on one of them at a
+    /// time, moving to the next when that one is down or draining.
     #[arg(long, requires = "server_thumbprint")]
     server: Option<String>,
     /// The hub's certificate thumbprint (`tentacle-hub show-thumbprint`).
@@ -115,7 +118,7 @@ pub struct ConfigureArgs {
     /// The name hubs address this agent by (poll://NAME).
     #[arg(long)]
     agent_id: Option<String>,
-    /// Tunnels to keep open to each hub.
+    /// Tunnels to keep open to each hub (to one node of each cluster).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     tunnels: Option<u32>,
 }

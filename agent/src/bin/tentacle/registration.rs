@@ -16,7 +16,11 @@ use tonic::transport::{Endpoint, Uri};
 
 #[derive(Debug, clap::Args)]
 pub struct RegisterArgs {
-    /// The hub, https://HOST:PORT (port 10943 by default).
+    /// The hub, https://HOST:PORT (port 10943 by default). A polling agent
+    /// adds it to the servers it polls. For a hub cluster, registering with
+    /// one node is enough: add the others with `tentacle configure --server
+    /// URL --server-thumbprint T` under the same thumbprint, and the agent
+    /// holds its tunnels on one node at a time.
     #[arg(long)]
     server: String,
     /// The hub's certificate thumbprint (`tentacle-hub show-thumbprint`).
