@@ -40,8 +40,7 @@ impl HubCluster {
     pub fn start(etcd_members: usize, nodes: usize) -> Self {
         let etcd = EtcdCluster::start(etcd_members);
         let mut home = HubHome::new();
-        home.1
-            .push(("TENTACLE_HUB_STORE".into(), etcd.store_url()));
+        home.1.push(("TENTACLE_HUB_STORE".into(), etcd.store_url()));
         let nodes = (0..nodes)
             .map(|i| HubNode {
                 id: format!("node-{}", (b'a' + i as u8) as char),
