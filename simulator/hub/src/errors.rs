@@ -141,7 +141,7 @@ impl From<TunnelError> for Status {
         let message = error.to_string();
         match error {
             TunnelError::NoClientCertificate(error) => error.into(),
-            TunnelError::Closing => Status::unavailable(message),
+            TunnelError::Closing | TunnelError::Fenced => Status::unavailable(message),
             TunnelError::NoHello => Status::deadline_exceeded(message),
             TunnelError::Protocol { .. } => Status::failed_precondition(message),
             TunnelError::Stream(status) => status,

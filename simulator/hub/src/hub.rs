@@ -224,6 +224,9 @@ pub struct Hub {
     grouped: Arc<grouped::GroupedRegistrations<Result<(), RegisterError>>>,
     /// This node and its peers, for a hub that is one node of several.
     cluster: std::sync::OnceLock<crate::cluster::Cluster>,
+    /// Whether this node fenced itself off: cut off from etcd and from
+    /// most of its peers, it drained its tunnels and takes no new ones.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 /// A pooled connection to a listening agent and the thumbprints it accepts.
@@ -372,6 +375,7 @@ impl Hub {
             pool: Mutex::new(HashMap::new()),
             grouped: Arc::default(),
             cluster: std::sync::OnceLock::new(),
+            fenced: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -955,6 +959,35 @@ impl Hub {
         }
     }
 
+    /// Whether this node is fenced off ([`Self::fence`]).
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Fences this node off: every tunnel is told to go (its agent moves
+    /// to a node that still holds the cluster) and new ones are refused
+    /// until [`Self::unfence`]. Calls running on the tunnels finish.
+    pub async fn fence(&self, reason: &str) {
+        if self.fenced.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let tunnels = self.registry.tunnels();
+        tracing::warn!(
+            tunnels = tunnels.len(),
+            reason,
+            "fencing this node off: its agents move to other nodes"
+        );
+        self.drain_tunnels(&tunnels, &format!("this hub node is fenced off: {reason}"))
+            .await;
+    }
+
+    /// Takes tunnels again after [`Self::fence`].
+    pub fn unfence(&self) {
+        if self.fenced.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            tracing::info!("this node reaches etcd again; taking tunnels");
+        }
+    }
+
     /// Refuses new tunnels, tells every open one the hub is going away,
     /// waits for their calls, and closes them.
     pub async fn drain(&self) {
@@ -963,10 +996,16 @@ impl Hub {
         self.registry.close();
         let tunnels = self.registry.tunnels();
         tracing::info!(tunnels = tunnels.len(), "draining tunnels");
-        for tunnel in &tunnels {
+        self.drain_tunnels(&tunnels, "the hub is shutting down").await;
+    }
+
+    /// Tells each of `tunnels` to go, waits (up to the drain grace) for
+    /// their calls to finish, and closes them.
+    async fn drain_tunnels(&self, tunnels: &[Arc<crate::registry::Tunnel>], reason: &str) {
+        for tunnel in tunnels {
             tunnel.start_draining();
             tunnel.outbound.ordered_later(Kind::Drain(TunnelDrain {
-                reason: "the hub is shutting down".into(),
+                reason: reason.to_owned(),
             }));
         }
         let idle = async {
@@ -982,7 +1021,7 @@ impl Hub {
                 "calls still running after the drain grace period; closing their tunnels"
             );
         }
-        for tunnel in &tunnels {
+        for tunnel in tunnels {
             tunnel.stop.cancel();
         }
     }

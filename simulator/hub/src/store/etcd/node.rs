@@ -44,6 +44,11 @@ impl ClusterNode {
             node,
             presence: presence.clone(),
         });
+        tokio::spawn(super::fence::guard(
+            hub.clone(),
+            presence.clone(),
+            stop.child_token(),
+        ));
         Ok(Self {
             hub,
             presence,
