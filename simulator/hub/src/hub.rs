@@ -7,7 +7,7 @@
 //! [`crate::serve`]) serves it on a listener.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 
 use crate::channel::{AgentChannel, DEFAULT_PICKUP_TIMEOUT, PollingChannel};
 use crate::client::AgentClient;
+use crate::cluster::Cluster;
 use crate::registry::Registry;
 pub use crate::rotation::RotationApproval;
 use crate::rotation::{PendingRotation, PendingRotationFile, RotationOutcome, audit};
@@ -214,6 +215,8 @@ pub struct Hub {
     pool: Mutex<HashMap<(ListeningAddress, Thumbprint), Pooled>>,
     /// Registrations waiting to be stored together.
     grouped: Arc<grouped::GroupedRegistrations<Result<(), RegisterError>>>,
+    /// The cluster this hub is a node of, once it joined one.
+    cluster: OnceLock<Cluster>,
 }
 
 /// A pooled connection to a listening agent and the thumbprints it accepts.
@@ -254,7 +257,20 @@ impl Hub {
             agents_write: Mutex::new(()),
             pool: Mutex::new(HashMap::new()),
             grouped: Arc::default(),
+            cluster: OnceLock::new(),
         })
+    }
+
+    /// Makes this hub a node of `cluster`: calls for polling agents whose
+    /// tunnels are on other nodes are forwarded there (`crate::peers`).
+    /// A hub joins once; a second cluster is handed back.
+    pub fn join_cluster(&self, cluster: Cluster) -> Result<(), Cluster> {
+        self.cluster.set(cluster)
+    }
+
+    /// The cluster this hub is a node of, if it joined one.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.get()
     }
 
     pub fn identity(&self) -> &Identity {
