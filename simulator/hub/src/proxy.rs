@@ -12,6 +12,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tentacle_proto::Thumbprint;
@@ -173,6 +174,7 @@ async fn forward(
             // refused at once, so that node tries the next holder; never
             // forwarded again, so stale presence cannot make a loop.
             if !hub.registry().serves_now(agent, &thumbprint) {
+                tentacle_proto::metrics::METRICS.forwarded_call("refused");
                 return Err(ForwardError::NotHeld {
                     node: cluster.node.id.clone(),
                     agent: agent.clone(),
@@ -299,7 +301,16 @@ async fn across_cluster(
                 return serve_here(hub, target, thumbprint, request).await;
             }
             Ok(Waited::Other(named)) => holders = named,
-            Err(PickError::NotConnected { .. }) => break,
+            Err(PickError::NotConnected { .. }) => {
+                // Named by the whole wait, not by the rest the last round had.
+                let waited = PickError::NotConnected {
+                    agent: agent.to_string(),
+                    waited: humantime::format_duration(wait).to_string(),
+                };
+                return Err(ForwardError::Pickup(CallError::no_tunnel(
+                    waited, deadline, pickup,
+                )));
+            }
             Err(error) => {
                 return Err(ForwardError::Pickup(CallError::no_tunnel(
                     error, deadline, pickup,
@@ -307,9 +318,11 @@ async fn across_cluster(
             }
         }
     }
+    // Presence kept naming new holders and none took the call.
+    let waited = Duration::from_millis(start.elapsed().as_millis().try_into().unwrap_or(u64::MAX));
     let waited = PickError::NotConnected {
         agent: agent.to_string(),
-        waited: humantime::format_duration(wait).to_string(),
+        waited: humantime::format_duration(waited).to_string(),
     };
     Err(ForwardError::Pickup(CallError::no_tunnel(
         waited, deadline, pickup,

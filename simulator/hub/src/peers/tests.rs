@@ -679,6 +679,24 @@ async fn a_hop_is_served_only_from_the_nodes_own_tunnels() {
     assert!(agent.seen().is_empty());
 }
 
+/// Local first: a node holding a tunnel from the agent serves the call
+/// itself, whatever presence says of other nodes.
+#[tokio::test]
+async fn a_node_with_a_tunnel_serves_the_call_itself() {
+    let (presence, nodes) = cluster(&["a", "b"], HubSettings::default()).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (there, here) = (Agent::new(), Agent::new());
+    let _there = there.attach(&a.hub, "web-01");
+    let _here = here.attach(&b.hub, "web-01");
+    presence.set("web-01", &[&a.node]);
+    drop(here.feed_lines());
+    let request = call_for("web-01", WATCH, Body::empty());
+    let (_, status) = finish(send(&operator(&b.node).await, request).await).await;
+    assert_eq!(status.code(), Code::Ok, "{status:?}");
+    assert_eq!(here.seen().len(), 1, "served by b's own tunnel");
+    assert!(there.seen().is_empty(), "not forwarded to a");
+}
+
 /// Presence names a node where nothing listens and a node without the
 /// agent before the one that holds it: the call still reaches the agent.
 #[tokio::test]
