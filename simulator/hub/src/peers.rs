@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -79,7 +79,10 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// Peers dialled as `identity`, the identity every node shares.
+    /// Peers dialled as `identity`, the identity every node shares, under
+    /// `dial` (the hub's own dial settings): a node that presence still
+    /// names but that drops packets costs a call up to its connect timeout
+    /// before the next holder is tried; a refused connection costs nothing.
     pub fn new(identity: Identity, dial: DialSettings) -> Self {
         Self {
             identity,
@@ -303,6 +306,9 @@ struct ReplayState {
     spent: bool,
     /// The newest attempt; older ones are given nothing more.
     attempt: u64,
+    /// The task of the attempt waiting on the caller's body: woken when a
+    /// newer attempt supersedes it, so its stream ends instead of hanging.
+    waiting: Option<Waker>,
 }
 
 impl ReplayState {
@@ -353,6 +359,7 @@ impl Replay {
             position: 0,
             spent: false,
             attempt: 0,
+            waiting: None,
         })))
     }
 
@@ -368,6 +375,9 @@ impl Replay {
         }
         state.attempt += 1;
         state.position = 0;
+        if let Some(waiting) = state.waiting.take() {
+            waiting.wake();
+        }
         Some(AttemptBody {
             replay: self.clone(),
             attempt: state.attempt,
@@ -409,7 +419,12 @@ impl http_body::Body for AttemptBody {
         let Some(inner) = state.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match ready!(Pin::new(inner).poll_frame(cx)) {
+        let Poll::Ready(polled) = Pin::new(inner).poll_frame(cx) else {
+            state.waiting = Some(cx.waker().clone());
+            return Poll::Pending;
+        };
+        state.waiting = None;
+        match polled {
             None => {
                 state.inner = None;
                 Poll::Ready(None)

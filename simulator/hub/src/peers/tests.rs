@@ -945,13 +945,35 @@ async fn a_body_longer_than_the_replay_limit_is_not_kept() {
     assert_eq!(frames.len(), REPLAY_LIMIT / CHUNK + 1);
     assert!(replay.attempt().is_none(), "spent: it cannot start over");
     assert_eq!(replay.state().kept_bytes, 0, "nothing is kept");
-    // A superseded attempt is given nothing more.
+}
+
+/// An attempt that a newer one superseded ends, even one waiting for the
+/// caller's next bytes, so its stream to the refusing node closes.
+#[tokio::test]
+async fn a_superseded_attempt_ends() {
     let (tx, body) = Frames::new(None);
     let replay = Replay::new(Body::new(body));
-    let old = replay.attempt().expect("first");
-    let _new = replay.attempt().expect("second");
+    let old = tokio::spawn(drain(replay.attempt().expect("first")));
+    // Until the old attempt waits for bytes that are not sent yet.
+    let mut waits = false;
+    for _ in 0..1000 {
+        if replay.state().waiting.is_some() {
+            waits = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(waits, "the first attempt waits for the caller's bytes");
+    let new = replay.attempt().expect("second");
+    assert!(
+        within("the old attempt ends", old)
+            .await
+            .expect("task")
+            .is_empty()
+    );
     tx.send(Ok(http_body::Frame::data(Bytes::from("x"))))
         .await
         .expect("send");
-    assert!(drain(old).await.is_empty());
+    drop(tx);
+    assert_eq!(drain(new).await, [Bytes::from("x")]);
 }
