@@ -7,7 +7,7 @@
 //! [`crate::serve`]) serves it on a listener.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 
 use crate::channel::{AgentChannel, DEFAULT_PICKUP_TIMEOUT, PollingChannel};
 use crate::client::AgentClient;
+use crate::cluster::Cluster;
 use crate::registry::Registry;
 pub use crate::rotation::RotationApproval;
 use crate::rotation::{PendingRotation, PendingRotationFile, RotationOutcome, audit};
@@ -222,8 +223,8 @@ pub struct Hub {
     pool: Mutex<HashMap<(ListeningAddress, Thumbprint), Pooled>>,
     /// Registrations waiting to be stored together.
     grouped: Arc<grouped::GroupedRegistrations<Result<(), RegisterError>>>,
-    /// This node and its peers, for a hub that is one node of several.
-    cluster: std::sync::OnceLock<crate::cluster::Cluster>,
+    /// The cluster this hub is a node of, once it joined one.
+    cluster: OnceLock<Cluster>,
     /// Whether this node fenced itself off: cut off from etcd and from
     /// most of its peers, it drained its tunnels and takes no new ones.
     fenced: std::sync::atomic::AtomicBool,
@@ -374,9 +375,21 @@ impl Hub {
             memory_write: Mutex::new(()),
             pool: Mutex::new(HashMap::new()),
             grouped: Arc::default(),
-            cluster: std::sync::OnceLock::new(),
+            cluster: OnceLock::new(),
             fenced: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Makes this hub a node of `cluster`: calls for polling agents whose
+    /// tunnels are on other nodes are forwarded there (`crate::peers`).
+    /// A hub joins once; a second cluster is handed back.
+    pub fn join_cluster(&self, cluster: Cluster) -> Result<(), Cluster> {
+        self.cluster.set(cluster)
+    }
+
+    /// The cluster this hub is a node of, if it joined one.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.get()
     }
 
     pub fn identity(&self) -> &Identity {
@@ -385,16 +398,6 @@ impl Hub {
 
     pub fn settings(&self) -> &HubSettings {
         &self.settings
-    }
-
-    /// Makes this hub a node of `cluster`.
-    pub fn join_cluster(&self, cluster: crate::cluster::Cluster) {
-        let _ = self.cluster.set(cluster);
-    }
-
-    /// The cluster this hub is a node of, if any.
-    pub fn cluster(&self) -> Option<&crate::cluster::Cluster> {
-        self.cluster.get()
     }
 
     /// Thumbprints allowed to finish a TLS handshake with this hub.

@@ -40,7 +40,9 @@ impl ClusterNode {
         let presence =
             EtcdPresence::start(etcd, node.clone(), presence_ttl, stop.child_token()).await?;
         hub.registry().announce_to(presence.clone());
-        hub.join_cluster(Cluster {
+        // A hub made a moment ago has joined no cluster: this cannot be
+        // refused.
+        let _ = hub.join_cluster(Cluster {
             node,
             presence: presence.clone(),
         });
