@@ -263,7 +263,7 @@ impl Agent {
         tracing::info!(
             address = %local.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
             thumbprint = %self.identity.thumbprint(),
-            trusted = self.trust.snapshot().len(),
+            trusted = self.trust.len(),
             "listening"
         );
         let grace = self.config.server.shutdown_grace;

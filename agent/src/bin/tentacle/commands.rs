@@ -284,7 +284,7 @@ pub fn run(
         if polling {
             agent.config().polling_settings().map_err(anyhow::Error::msg)?;
         }
-        if listening && agent.trust().snapshot().is_empty() {
+        if listening && agent.trust().is_empty() {
             tracing::warn!("no server is trusted yet, so every connection will be refused; add one with `tentacle configure --trust <thumbprint>`");
         }
         let listener = match listening {
