@@ -43,6 +43,10 @@ pub struct HubSettings {
     /// How long draining tunnels get to finish their calls at shutdown.
     pub drain_grace: Duration,
     pub dial: DialSettings,
+    /// How a node dials the other nodes of its cluster: a node that is
+    /// gone must be noticed in seconds, not in the minute agents get, or
+    /// a forwarded WatchScript stalls until keepalive gives up.
+    pub peer_dial: DialSettings,
     pub accept: AcceptSettings,
     /// How long a new tunnel may take to send its hello.
     pub tunnel_setup_timeout: Duration,
@@ -79,6 +83,7 @@ impl Default for HubSettings {
             heartbeat: HeartbeatSettings::default(),
             drain_grace: Duration::from_secs(30),
             dial: DialSettings::default(),
+            peer_dial: peer_dial_settings(),
             accept: AcceptSettings::default(),
             tunnel_setup_timeout: Duration::from_secs(30),
             rotation_overlap: Duration::from_secs(10 * 60),
@@ -92,6 +97,18 @@ impl Default for HubSettings {
             max_message_bytes: 4 * 1024 * 1024,
         }
     }
+}
+
+/// [`HubSettings::peer_dial`]'s default: 5 s to connect, a ping every 5 s
+/// answered within 5 s.
+fn peer_dial_settings() -> DialSettings {
+    let mut settings = DialSettings {
+        connect_timeout: Duration::from_secs(5),
+        ..DialSettings::default()
+    };
+    settings.http2.keepalive_interval = Some(Duration::from_secs(5));
+    settings.http2.keepalive_timeout = Duration::from_secs(5);
+    settings
 }
 
 /// Seconds since the Unix epoch.

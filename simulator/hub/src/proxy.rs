@@ -88,7 +88,7 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(hub: Arc<Hub>) -> Self {
-        let peers = Peers::new(hub.identity().clone(), hub.settings().dial.clone());
+        let peers = Peers::new(hub.identity().clone(), hub.settings().peer_dial.clone());
         Self {
             hub,
             peers: Arc::new(peers),

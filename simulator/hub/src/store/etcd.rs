@@ -51,7 +51,8 @@ pub struct EtcdSettings {
     /// Client certificates for an etcd that serves TLS.
     pub tls: Option<EtcdTls>,
     /// How long one request may take before it counts as etcd not
-    /// answering.
+    /// answering. It covers an election after etcd's leader is lost, which
+    /// takes up to twice etcd's election timeout.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
 }
@@ -62,11 +63,14 @@ impl EtcdSettings {
             endpoints,
             prefix: "/tentacle/".into(),
             tls: None,
-            request_timeout: Duration::from_secs(5),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: Duration::from_secs(5),
         }
     }
 }
+
+/// [`EtcdSettings::request_timeout`]'s default (`--etcd-timeout`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// PEM files for TLS to etcd: the CA that signed etcd's certificates, and
 /// this hub's client certificate and key.
@@ -87,6 +91,8 @@ pub enum OpenError {
     },
     #[error("could not reach etcd at {endpoints}: {reason}")]
     Connect { endpoints: String, reason: String },
+    #[error("TLS to etcd takes --etcd-ca, --etcd-cert and --etcd-key together; also give {0}")]
+    IncompleteTls(String),
 }
 
 /// The registry in etcd.
@@ -103,6 +109,18 @@ impl std::fmt::Debug for EtcdStore {
             .field("endpoints", &self.endpoints)
             .field("keys", &self.keys)
             .finish_non_exhaustive()
+    }
+}
+
+/// Whether `error` means the request never reached a member (so it can be
+/// sent again without doing anything twice).
+fn not_sent(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable && status.message().contains("connect")
+        }
+        _ => false,
     }
 }
 
@@ -201,6 +219,48 @@ impl EtcdStore {
         serde_json::from_slice(value).map_err(|e| self.corrupt(key, e))
     }
 
+    /// Runs one request, again (up to 3 times, 200 ms apart) when it did
+    /// not reach any member: the client's balancer learns that a member is
+    /// down from the first request that picks it, and that request must
+    /// not fail for it. A request that reached etcd is never repeated.
+    async fn request<T, F, Fut>(&self, mut call: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match call(self.client.clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(error) if attempt < 3 && not_sent(&error) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => return Err(self.unavailable(error)),
+            }
+        }
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        self.request(|mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        })
+        .await
+    }
+
+    async fn get(
+        &self,
+        key: Vec<u8>,
+        options: GetOptions,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        self.request(|mut client| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { client.get(key, Some(options)).await }
+        })
+        .await
+    }
+
     /// The values of `keys`, read together (one revision), linearizably.
     async fn get_all(
         &self,
@@ -214,12 +274,7 @@ impl EtcdStore {
                 .map(|k| TxnOp::get(k.clone(), None))
                 .collect::<Vec<_>>(),
         );
-        let response = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let response = self.txn(txn).await?;
         Ok(response
             .op_responses()
             .into_iter()
@@ -286,12 +341,7 @@ impl EtcdStore {
                 return Ok((outcome, Synced::Unchanged));
             }
             let txn = self.guarded_write(&read, &before, &after)?;
-            let response = self
-                .client
-                .kv_client()
-                .txn(txn)
-                .await
-                .map_err(|e| self.unavailable(e))?;
+            let response = self.txn(txn).await?;
             if response.succeeded() {
                 let revision = response.header().map_or(0, |h| h.revision());
                 return Ok((outcome, Synced::Revision(revision)));
@@ -414,36 +464,31 @@ impl EtcdStore {
         let key = self.keys.credential(&credential.sha256);
         let value = serde_json::to_vec(credential)
             .map_err(|e| CredentialError::Shared(self.corrupt(&key, e)))?;
-        let mut client = self.client.clone();
         let options = match credential.expires_unix {
             None => None,
             Some(expires) => {
-                let ttl = expires.saturating_sub(unix_now()).max(1);
-                let lease = client
-                    .lease_grant(i64::try_from(ttl).unwrap_or(i64::MAX), None)
+                let ttl =
+                    i64::try_from(expires.saturating_sub(unix_now()).max(1)).unwrap_or(i64::MAX);
+                let lease = self
+                    .request(|mut client| async move { client.lease_grant(ttl, None).await })
                     .await
-                    .map_err(|e| CredentialError::Shared(self.unavailable(e)))?;
+                    .map_err(CredentialError::Shared)?;
                 Some(PutOptions::new().with_lease(lease.id()))
             }
         };
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value, options)]);
-        let response = client
-            .txn(txn)
-            .await
-            .map_err(|e| CredentialError::Shared(self.unavailable(e)))?;
+        let response = self.txn(txn).await.map_err(CredentialError::Shared)?;
         Ok(response.succeeded())
     }
 
     async fn pending(&self) -> Result<Vec<(PendingRotation, i64)>, PendingError> {
         let prefix = self.keys.rotations();
         let response = self
-            .client
-            .kv_client()
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .get(prefix.clone(), GetOptions::new().with_prefix())
             .await
-            .map_err(|e| PendingError::Shared(self.unavailable(e)))?;
+            .map_err(PendingError::Shared)?;
         let mut pending = Vec::new();
         for kv in response.kvs() {
             let rotation: PendingRotation = serde_json::from_slice(kv.value())
@@ -469,15 +514,13 @@ impl EtcdStore {
             revision => Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
         };
         let response = self
-            .client
-            .kv_client()
             .txn(
                 Txn::new()
                     .when([guard])
                     .and_then([TxnOp::put(key, value, None)]),
             )
             .await
-            .map_err(|e| PendingError::Shared(self.unavailable(e)))?;
+            .map_err(PendingError::Shared)?;
         Ok(response.succeeded())
     }
 }
@@ -652,12 +695,7 @@ impl RegistryStore for EtcdStore {
                     revision,
                 )])
                 .and_then([TxnOp::delete(key, None)]);
-            let response = self
-                .client
-                .kv_client()
-                .txn(txn)
-                .await
-                .map_err(|e| CredentialError::Shared(self.unavailable(e)))?;
+            let response = self.txn(txn).await.map_err(CredentialError::Shared)?;
             if !response.succeeded() {
                 return Err(CredentialError::Invalid);
             }
@@ -734,12 +772,7 @@ impl RegistryStore for EtcdStore {
                         revision,
                     )])
                     .and_then([TxnOp::delete(key, None)]);
-                let response = self
-                    .client
-                    .kv_client()
-                    .txn(txn)
-                    .await
-                    .map_err(|e| PendingError::Shared(self.unavailable(e)))?;
+                let response = self.txn(txn).await.map_err(PendingError::Shared)?;
                 if response.succeeded() {
                     taken.push(rotation);
                 }

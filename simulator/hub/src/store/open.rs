@@ -33,25 +33,19 @@ pub struct StoreArgs {
         global = true
     )]
     pub etcd_prefix: String,
+    /// How long one request to etcd may take before etcd counts as not
+    /// answering; it must cover an election after etcd loses its leader.
+    #[arg(long, env = "TENTACLE_HUB_ETCD_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub etcd_timeout: std::time::Duration,
     /// The CA certificate (PEM) that signed etcd's server certificates;
     /// with it, the hub speaks TLS to etcd.
-    #[arg(long, env = "TENTACLE_HUB_ETCD_CA", global = true, requires_all = ["etcd_cert", "etcd_key"])]
+    #[arg(long, env = "TENTACLE_HUB_ETCD_CA", global = true)]
     pub etcd_ca: Option<PathBuf>,
     /// The hub's client certificate for etcd (PEM).
-    #[arg(
-        long,
-        env = "TENTACLE_HUB_ETCD_CERT",
-        global = true,
-        requires = "etcd_ca"
-    )]
+    #[arg(long, env = "TENTACLE_HUB_ETCD_CERT", global = true)]
     pub etcd_cert: Option<PathBuf>,
     /// The key of `--etcd-cert` (PEM).
-    #[arg(
-        long,
-        env = "TENTACLE_HUB_ETCD_KEY",
-        global = true,
-        requires = "etcd_ca"
-    )]
+    #[arg(long, env = "TENTACLE_HUB_ETCD_KEY", global = true)]
     pub etcd_key: Option<PathBuf>,
 }
 
@@ -64,27 +58,38 @@ pub struct OpenStore {
 
 impl StoreArgs {
     /// etcd's settings, if the store is etcd.
-    pub fn etcd_settings(&self) -> Option<EtcdSettings> {
+    pub fn etcd_settings(&self) -> Result<Option<EtcdSettings>, OpenError> {
         let StoreUrl::Etcd(endpoints) = &self.store else {
-            return None;
+            return Ok(None);
         };
         let mut settings = EtcdSettings::new(endpoints.clone());
         settings.prefix = self.etcd_prefix.clone();
-        if let (Some(ca), Some(certificate), Some(key)) =
-            (&self.etcd_ca, &self.etcd_cert, &self.etcd_key)
-        {
-            settings.tls = Some(EtcdTls {
+        settings.request_timeout = self.etcd_timeout;
+        settings.tls = match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
+            (None, None, None) => None,
+            (Some(ca), Some(certificate), Some(key)) => Some(EtcdTls {
                 ca: ca.clone(),
                 certificate: certificate.clone(),
                 key: key.clone(),
-            });
-        }
-        Some(settings)
+            }),
+            (ca, certificate, key) => {
+                let missing: Vec<&str> = [
+                    (ca.is_none(), "--etcd-ca"),
+                    (certificate.is_none(), "--etcd-cert"),
+                    (key.is_none(), "--etcd-key"),
+                ]
+                .into_iter()
+                .filter_map(|(missing, flag)| missing.then_some(flag))
+                .collect();
+                return Err(OpenError::IncompleteTls(missing.join(", ")));
+            }
+        };
+        Ok(Some(settings))
     }
 
     /// Opens the store: `home`'s files, or etcd.
     pub async fn open(&self, home: &HubHome) -> Result<OpenStore, OpenError> {
-        match self.etcd_settings() {
+        match self.etcd_settings()? {
             None => Ok(OpenStore {
                 store: Arc::new(FileRegistry::new(home.store())),
                 etcd: None,

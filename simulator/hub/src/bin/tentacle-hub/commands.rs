@@ -71,7 +71,7 @@ pub async fn dispatch(home: HubHome, command: Command) -> anyhow::Result<ExitCod
         }
         Command::Server(args) => crate::server::run(&home, *args).await,
         Command::Store(super::StoreCommand::Migrate { store }) => {
-            if store.etcd_settings().is_none() {
+            if store.etcd_settings()?.is_none() {
                 anyhow::bail!(
                     "give the store to copy into: --store etcd://HOST:PORT[,HOST:PORT...]; the files of --home are what is copied"
                 );
