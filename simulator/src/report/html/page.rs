@@ -37,6 +37,7 @@ pub(super) fn document(report: &Report) -> Markup {
                     (sections::latency(&report.calls))
                     (sections::errors(&report.errors, &report.error_examples))
                     (sections::hub(&report.timeline))
+                    (super::nodes::section(report))
                     (sections::totals(report))
                 }
                 footer {
