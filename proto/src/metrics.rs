@@ -59,6 +59,7 @@ pub struct Metrics {
     pub hub_registration_failures: Counter,
     pub hub_registrations_throttled: Counter,
     pub hub_certificate_rotations: Family<OutcomeLabels, Counter>,
+    pub hub_forwarded_calls: Family<OutcomeLabels, Counter>,
 }
 
 impl Metrics {
@@ -130,6 +131,12 @@ impl Metrics {
             "Agent certificate rotations, by outcome (announced, pending, approved, refused, retired)",
             hub_certificate_rotations.clone(),
         );
+        let hub_forwarded_calls = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "tentacle_hub_forwarded_calls",
+            "Calls for polling agents passed between hub nodes, by outcome: answered (the node took the call), stale (it holds no tunnel for the agent), unreachable (it could not be reached), refused (this node refused a call meant for another)",
+            hub_forwarded_calls.clone(),
+        );
         Self {
             registry,
             scripts_running,
@@ -143,6 +150,7 @@ impl Metrics {
             hub_registration_failures,
             hub_registrations_throttled,
             hub_certificate_rotations,
+            hub_forwarded_calls,
         }
     }
 
@@ -164,6 +172,15 @@ impl Metrics {
     /// Counts one certificate rotation event.
     pub fn certificate_rotation(&self, outcome: &str) {
         self.hub_certificate_rotations
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one call passed to (or refused from) another hub node.
+    pub fn forwarded_call(&self, outcome: &str) {
+        self.hub_forwarded_calls
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.to_owned(),
             })

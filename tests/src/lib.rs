@@ -15,8 +15,8 @@ use tentacle_hub::client::AgentClient;
 use tentacle_proto::dial::{DialSettings, ListeningAddress};
 use tentacle_proto::{Identity, Thumbprint};
 
-pub mod containers;
 pub mod cluster;
+pub mod containers;
 pub mod etcd;
 pub mod fault_proxy;
 pub mod registering;

@@ -234,14 +234,15 @@ impl HubRouted {
 
 pub use tentacle_proto::tunnel::grpc_timeout;
 
-/// A response body that keeps its call counted until it ends.
-struct ConnectionBody {
+/// A response body that keeps its call counted until it ends, and reports
+/// a stream that breaks as `UNAVAILABLE`.
+pub(crate) struct ConnectionBody {
     inner: Body,
     _guard: Option<CallGuard>,
 }
 
 impl ConnectionBody {
-    fn new(inner: Body, guard: Option<CallGuard>) -> Self {
+    pub(crate) fn new(inner: Body, guard: Option<CallGuard>) -> Self {
         Self {
             inner,
             _guard: guard,

@@ -9,7 +9,9 @@
 //! - `PERMISSION_DENIED`: the certificate or credential is not allowed to
 //!   do this; retrying will not help.
 //! - `ALREADY_EXISTS`: a name or thumbprint belongs to another agent.
-//! - `FAILED_PRECONDITION`: allowed, but not in the current state.
+//! - `FAILED_PRECONDITION`: allowed, but not in the current state; from a
+//!   hub node, marked `tentacle-presence-stale`, a call that reached a
+//!   node not holding the agent (the forwarding node tries the next).
 //! - `UNAVAILABLE`: the agent is not connected, the connection broke, or
 //!   the hub is going away: worth a retry.
 //! - `DEADLINE_EXCEEDED`: the caller's own deadline ran out.
@@ -25,6 +27,7 @@ use tonic::Status;
 use crate::channel::CallError;
 use crate::credentials::CredentialError;
 use crate::hub::{HubError, RegisterError, RotateError};
+use crate::peers::STALE_PRESENCE_HEADER;
 use crate::proxy::ForwardError;
 use crate::registration::RegistrationError;
 use crate::rotation::PendingError;
@@ -141,7 +144,7 @@ impl From<TunnelError> for Status {
         let message = error.to_string();
         match error {
             TunnelError::NoClientCertificate(error) => error.into(),
-            TunnelError::Closing => Status::unavailable(message),
+            TunnelError::Closing | TunnelError::Fenced => Status::unavailable(message),
             TunnelError::NoHello => Status::deadline_exceeded(message),
             TunnelError::Protocol { .. } => Status::failed_precondition(message),
             TunnelError::Stream(status) => status,
@@ -172,6 +175,17 @@ impl From<ForwardError> for Status {
             ForwardError::Unreachable { .. } | ForwardError::CallFailed { .. } => {
                 Status::unavailable(message)
             }
+            // Marked, so the node that forwarded the call tells it from an
+            // agent's own FAILED_PRECONDITION and offers it elsewhere.
+            ForwardError::NotThisNode { node, .. } | ForwardError::NotHeld { node, .. } => {
+                let mut status = Status::failed_precondition(message);
+                if let Ok(value) = node.as_str().parse() {
+                    status.metadata_mut().insert(STALE_PRESENCE_HEADER, value);
+                }
+                status
+            }
+            ForwardError::Pickup(error) => error.into(),
+            ForwardError::Peer(_) => Status::unavailable(message),
         }
     }
 }

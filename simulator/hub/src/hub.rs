@@ -7,7 +7,7 @@
 //! [`crate::serve`]) serves it on a listener.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 
 use crate::channel::{AgentChannel, DEFAULT_PICKUP_TIMEOUT, PollingChannel};
 use crate::client::AgentClient;
+use crate::cluster::Cluster;
 use crate::registry::Registry;
 pub use crate::rotation::RotationApproval;
 use crate::rotation::{PendingRotation, PendingRotationFile, RotationOutcome, audit};
@@ -222,8 +223,11 @@ pub struct Hub {
     pool: Mutex<HashMap<(ListeningAddress, Thumbprint), Pooled>>,
     /// Registrations waiting to be stored together.
     grouped: Arc<grouped::GroupedRegistrations<Result<(), RegisterError>>>,
-    /// This node and its peers, for a hub that is one node of several.
-    cluster: std::sync::OnceLock<crate::cluster::Cluster>,
+    /// The cluster this hub is a node of, once it joined one.
+    cluster: OnceLock<Cluster>,
+    /// Whether this node fenced itself off: cut off from etcd and from
+    /// most of its peers, it drained its tunnels and takes no new ones.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 /// A pooled connection to a listening agent and the thumbprints it accepts.
@@ -371,8 +375,21 @@ impl Hub {
             memory_write: Mutex::new(()),
             pool: Mutex::new(HashMap::new()),
             grouped: Arc::default(),
-            cluster: std::sync::OnceLock::new(),
+            cluster: OnceLock::new(),
+            fenced: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Makes this hub a node of `cluster`: calls for polling agents whose
+    /// tunnels are on other nodes are forwarded there (`crate::peers`).
+    /// A hub joins once; a second cluster is handed back.
+    pub fn join_cluster(&self, cluster: Cluster) -> Result<(), Cluster> {
+        self.cluster.set(cluster)
+    }
+
+    /// The cluster this hub is a node of, if it joined one.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.get()
     }
 
     pub fn identity(&self) -> &Identity {
@@ -381,16 +398,6 @@ impl Hub {
 
     pub fn settings(&self) -> &HubSettings {
         &self.settings
-    }
-
-    /// Makes this hub a node of `cluster`.
-    pub fn join_cluster(&self, cluster: crate::cluster::Cluster) {
-        let _ = self.cluster.set(cluster);
-    }
-
-    /// The cluster this hub is a node of, if any.
-    pub fn cluster(&self) -> Option<&crate::cluster::Cluster> {
-        self.cluster.get()
     }
 
     /// Thumbprints allowed to finish a TLS handshake with this hub.
@@ -955,6 +962,35 @@ impl Hub {
         }
     }
 
+    /// Whether this node is fenced off ([`Self::fence`]).
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Fences this node off: every tunnel is told to go (its agent moves
+    /// to a node that still holds the cluster) and new ones are refused
+    /// until [`Self::unfence`]. Calls running on the tunnels finish.
+    pub async fn fence(&self, reason: &str) {
+        if self.fenced.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let tunnels = self.registry.tunnels();
+        tracing::warn!(
+            tunnels = tunnels.len(),
+            reason,
+            "fencing this node off: its agents move to other nodes"
+        );
+        self.drain_tunnels(&tunnels, &format!("this hub node is fenced off: {reason}"))
+            .await;
+    }
+
+    /// Takes tunnels again after [`Self::fence`].
+    pub fn unfence(&self) {
+        if self.fenced.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            tracing::info!("this node reaches etcd again; taking tunnels");
+        }
+    }
+
     /// Refuses new tunnels, tells every open one the hub is going away,
     /// waits for their calls, and closes them.
     pub async fn drain(&self) {
@@ -963,10 +999,16 @@ impl Hub {
         self.registry.close();
         let tunnels = self.registry.tunnels();
         tracing::info!(tunnels = tunnels.len(), "draining tunnels");
-        for tunnel in &tunnels {
+        self.drain_tunnels(&tunnels, "the hub is shutting down").await;
+    }
+
+    /// Tells each of `tunnels` to go, waits (up to the drain grace) for
+    /// their calls to finish, and closes them.
+    async fn drain_tunnels(&self, tunnels: &[Arc<crate::registry::Tunnel>], reason: &str) {
+        for tunnel in tunnels {
             tunnel.start_draining();
             tunnel.outbound.ordered_later(Kind::Drain(TunnelDrain {
-                reason: "the hub is shutting down".into(),
+                reason: reason.to_owned(),
             }));
         }
         let idle = async {
@@ -982,7 +1024,7 @@ impl Hub {
                 "calls still running after the drain grace period; closing their tunnels"
             );
         }
-        for tunnel in &tunnels {
+        for tunnel in tunnels {
             tunnel.stop.cancel();
         }
     }

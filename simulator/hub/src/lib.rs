@@ -16,6 +16,8 @@
 //! - [`channel`]: [`channel::AgentChannel`], one tower service for every
 //!   way of reaching an agent.
 //! - [`client`]: typed calls to one agent over any channel.
+//! - [`peers`]: channels to the other nodes of this hub's cluster, and a
+//!   call offered to one of them, streaming both ways.
 //! - [`hub`]: [`Hub`], the state: trusted agents and operators, the
 //!   listening pool, rotation and draining.
 //! - [`grouped`]: registrations that arrive together share one write.
@@ -39,6 +41,7 @@ pub mod grouped;
 pub mod home;
 pub mod hub;
 pub mod limits;
+pub mod peers;
 pub mod proxy;
 pub mod registration;
 pub mod registry;

@@ -133,6 +133,15 @@ impl Drop for SlotCleanup<'_> {
     }
 }
 
+/// What [`Registry::pick_or`] waited for.
+#[derive(Debug)]
+pub enum Waited<T> {
+    /// A tunnel here.
+    Tunnel(Picked),
+    /// The other future's output, which came first.
+    Other(T),
+}
+
 /// Why no tunnel could be picked.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PickError {
@@ -362,6 +371,15 @@ impl Registry {
         }
     }
 
+    /// Whether a call for `agent` with `thumbprint` would be answered here
+    /// now, without waiting: a usable tunnel is open, or only tunnels with
+    /// another certificate are (and the call is refused for that). A hub in
+    /// a cluster serves such a call itself rather than forwarding it.
+    pub fn serves_now(&self, agent: &AgentId, thumbprint: &Thumbprint) -> bool {
+        // The reservation is dropped at once: the call picks again.
+        !matches!(self.pick_now(agent, thumbprint), Ok(None))
+    }
+
     /// Waits up to `timeout` for a tunnel to `agent` with `thumbprint`.
     pub async fn pick(
         &self,
@@ -369,8 +387,25 @@ impl Registry {
         thumbprint: &Thumbprint,
         timeout: Duration,
     ) -> Result<Picked, PickError> {
+        let never = std::future::pending::<std::convert::Infallible>();
+        match self.pick_or(agent, thumbprint, timeout, never).await? {
+            Waited::Tunnel(picked) => Ok(picked),
+            Waited::Other(never) => match never {},
+        }
+    }
+
+    /// [`Self::pick`], or `other`'s output if it comes first: a hub in a
+    /// cluster waits for a tunnel here or for another node to hold one,
+    /// whichever comes first, without polling either.
+    pub async fn pick_or<T>(
+        &self,
+        agent: &AgentId,
+        thumbprint: &Thumbprint,
+        timeout: Duration,
+        other: impl Future<Output = T>,
+    ) -> Result<Waited<T>, PickError> {
         if let Some(tunnel) = self.pick_now(agent, thumbprint)? {
-            return Ok(tunnel);
+            return Ok(Waited::Tunnel(tunnel));
         }
         if self.is_closing() {
             return Err(PickError::Closing);
@@ -397,9 +432,10 @@ impl Registry {
         let result = tokio::select! {
             result = tokio::time::timeout(timeout, wait) => result,
             () = self.closing.cancelled() => return Err(PickError::Closing),
+            output = other => return Ok(Waited::Other(output)),
         };
         match result {
-            Ok(result) => result,
+            Ok(result) => result.map(Waited::Tunnel),
             Err(_) => Err(PickError::NotConnected {
                 agent: agent.to_string(),
                 waited: humantime::format_duration(timeout).to_string(),

@@ -1,7 +1,8 @@
 //! What the hub's unit tests share: agents and hubs to test with, requests
 //! that carry a peer the way the accept loop's connections do, in-memory
-//! connections to the hub's services, and a fake agent to reach through
-//! tunnels. No process, socket or certificate file is involved.
+//! connections to the hub's services, a fake agent to reach through
+//! tunnels, and presence for a cluster of hubs in one process. No process,
+//! socket or certificate file is involved.
 
 use std::io;
 use std::pin::Pin;
@@ -29,6 +30,7 @@ use tonic::service::Routes;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Server, Uri};
 
+use crate::cluster::{Node, NodeId, Presence};
 use crate::hub::{AgentMode, Hub, HubSettings, HubStore, TrustedAgent};
 use crate::registry::Tunnel;
 use crate::target::AgentId;
@@ -325,4 +327,78 @@ pub async fn open_tunnel_with(
         signals,
         stop: stop.drop_guard(),
     })
+}
+
+/// Presence shared by the hubs of a test cluster: which nodes hold which
+/// agents is whatever the test last said, and every change wakes waiters.
+#[derive(Debug)]
+pub struct StaticPresence {
+    holders: std::sync::Mutex<std::collections::HashMap<AgentId, Vec<Node>>>,
+    changes: tokio::sync::watch::Sender<u64>,
+    /// How many times a node asked who holds an agent: a node that polled
+    /// presence would ask again and again.
+    reads: tokio::sync::watch::Sender<usize>,
+}
+
+impl StaticPresence {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            holders: std::sync::Mutex::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+            reads: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Says `holders` hold tunnels from agent `name`, best first.
+    pub fn set(&self, name: &str, holders: &[&Node]) {
+        self.holders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                agent_id(name),
+                holders.iter().map(|n| (*n).clone()).collect(),
+            );
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// How many times nodes asked who holds an agent, so far and from now.
+    pub fn reads(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.reads.subscribe()
+    }
+
+    /// Presence as node `this` sees it: every holder but itself.
+    pub fn seen_by(self: &Arc<Self>, this: &NodeId) -> Arc<dyn Presence> {
+        Arc::new(SeenBy {
+            shared: self.clone(),
+            this: this.clone(),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct SeenBy {
+    shared: Arc<StaticPresence>,
+    this: NodeId,
+}
+
+impl Presence for SeenBy {
+    fn holders(&self, agent: &AgentId) -> Vec<Node> {
+        self.shared.reads.send_modify(|n| *n += 1);
+        let holders = self
+            .shared
+            .holders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        holders
+            .get(agent)
+            .into_iter()
+            .flatten()
+            .filter(|node| node.id != self.this)
+            .cloned()
+            .collect()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
 }

@@ -35,6 +35,10 @@ pub enum TunnelError {
     NoClientCertificate(#[from] NoClientCertificate),
     #[error("the hub is shutting down; reconnect later")]
     Closing,
+    #[error(
+        "this hub node is cut off from etcd and from most of its peers, so it takes no tunnels; connect to another node of the cluster"
+    )]
+    Fenced,
     #[error("no hello within the tunnel setup timeout; send a hello frame first")]
     NoHello,
     /// The agent's side of the stream failed; its status is passed on.
@@ -117,6 +121,9 @@ impl TunnelApi {
             .ok_or(NoClientCertificate)?;
         if self.hub.registry().is_closing() {
             return Err(TunnelError::Closing);
+        }
+        if self.hub.is_fenced() {
+            return Err(TunnelError::Fenced);
         }
         let mut incoming = request.into_inner();
         let first =

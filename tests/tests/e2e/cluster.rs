@@ -13,91 +13,8 @@ use std::time::{Duration, Instant};
 
 use tentacle_tests::cluster::HubCluster;
 use tentacle_tests::etcd::etcd_or_skip;
-use tentacle_tests::{AgentProcess, FAST_POLLING, bin, process_alive, stdout_of, tentacle_output};
-
-/// Registers `agent` as `name` (role web) through node `node` with
-/// `token`.
-fn register(
-    cluster: &HubCluster,
-    agent: &AgentProcess,
-    node: usize,
-    name: &str,
-    token: &str,
-) -> std::process::Output {
-    let url = cluster.url(node);
-    let thumbprint = cluster.thumbprint();
-    tentacle_output(
-        agent.home(),
-        &[
-            "register-with",
-            "--server",
-            &url,
-            "--server-thumbprint",
-            &thumbprint,
-            "--name",
-            name,
-            "--role",
-            "web",
-            "--mode",
-            "polling",
-            "--token",
-            token,
-        ],
-    )
-}
-
-/// A polling agent registered as `name` through node `node`, knowing
-/// every node of the cluster, and running.
-fn joined_agent(cluster: &HubCluster, node: usize, name: &str) -> AgentProcess {
-    let token = stdout_of(&cluster.run(&["server", "token", "create"]));
-    let mut agent = AgentProcess::prepare(&[], FAST_POLLING);
-    let joined = register(cluster, &agent, node, name, &token);
-    assert!(
-        joined.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&joined.stderr),
-        cluster.all_logs()
-    );
-    let mut flags = vec!["configure".to_owned()];
-    flags.extend(cluster.server_flags());
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    tentacle_output(agent.home(), &flags);
-    agent.spawn();
-    agent
-}
-
-/// `tentacle-hub exec` of `script` on `poll://name` through node `node`.
-fn exec(cluster: &HubCluster, node: usize, agent: &AgentProcess, name: &str, script: &str) -> Command {
-    let mut command = Command::new(bin("tentacle-hub"));
-    command
-        .arg("--home")
-        .arg(cluster.home.0.path())
-        .args(["exec", "--target", &format!("poll://{name}")])
-        .args(["--thumbprint", &agent.thumbprint.to_string()])
-        .args(["--hub", &cluster.url(node), "--pickup-timeout", "60s"])
-        .args(["--script", script])
-        .envs(cluster.home.1.iter().map(|(k, v)| (k, v)));
-    command
-}
-
-/// The node holding `name`'s tunnels, from presence in etcd.
-fn holder(cluster: &HubCluster, name: &str) -> Option<usize> {
-    let key = format!("/tentacle/presence/{name}/");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        let listed = cluster
-            .etcd
-            .etcdctl(&[0, 1, 2], &["get", "--prefix", "--keys-only", &key])
-            .unwrap_or_default();
-        for i in 0..cluster.len() {
-            if listed.contains(&format!("{key}{}/", cluster.node_id(i))) {
-                return Some(i);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
-}
+use tentacle_tests::cluster::{exec, holder, joined_agent, register};
+use tentacle_tests::{AgentProcess, bin, process_alive, stdout_of};
 
 #[test]
 fn an_agent_registered_on_one_node_is_reachable_through_every_node() {
@@ -147,7 +64,9 @@ fn one_token_used_at_once_on_two_nodes_registers_one_agent() {
                     })
                 })
                 .collect();
-            runs.into_iter().map(|r| r.join().expect("thread")).collect()
+            runs.into_iter()
+                .map(|r| r.join().expect("thread"))
+                .collect()
         });
         let won: Vec<usize> = (0..2).filter(|&i| outcomes[i].status.success()).collect();
         assert_eq!(
@@ -194,7 +113,10 @@ fn an_exec_through_another_node_streams_and_ctrl_c_kills_the_script() {
         let line = lines.next().expect("a line").expect("utf-8");
         assert_eq!(line, format!("line {expected}"));
     }
-    assert!(started.elapsed() < Duration::from_secs(50), "the script takes 60 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "the script takes 60 s"
+    );
     let script_pid: i32 = std::fs::read_to_string(&pid_file)
         .expect("pid file")
         .trim()
@@ -247,7 +169,12 @@ fn losing_the_node_that_holds_the_tunnel_mid_script_loses_no_line() {
     }
     let status = child.wait().expect("exec ends");
     let expected: Vec<String> = (1..=40).map(|i| format!("line {i}")).collect();
-    assert_eq!(seen, expected, "every line once, in order\n{}", cluster.all_logs());
+    assert_eq!(
+        seen,
+        expected,
+        "every line once, in order\n{}",
+        cluster.all_logs()
+    );
     assert_eq!(status.code(), Some(7), "the script's own exit code");
     let moved = holder(&cluster, "web-01").expect("the agent is present again");
     assert_ne!(moved, at, "the agent moved to a node that is up");
@@ -255,8 +182,9 @@ fn losing_the_node_that_holds_the_tunnel_mid_script_loses_no_line() {
 
 #[test]
 fn a_deploy_in_progress_when_the_holding_node_dies_runs_its_script_once() {
-    if !etcd_or_skip("cluster::a_deploy_in_progress_when_the_holding_node_dies_runs_its_script_once")
-    {
+    if !etcd_or_skip(
+        "cluster::a_deploy_in_progress_when_the_holding_node_dies_runs_its_script_once",
+    ) {
         return;
     }
     let mut cluster = HubCluster::start(3, 3);
@@ -278,7 +206,15 @@ fn a_deploy_in_progress_when_the_holding_node_dies_runs_its_script_once() {
     let deploy = Command::new(bin("tentacle-hub"))
         .arg("--home")
         .arg(cluster.home.0.path())
-        .args(["deploy", "--role", "web", "--script", &script_path, "--hub", &hub])
+        .args([
+            "deploy",
+            "--role",
+            "web",
+            "--script",
+            &script_path,
+            "--hub",
+            &hub,
+        ])
         .envs(cluster.home.1.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -322,7 +258,9 @@ fn the_hubs_keep_working_without_one_etcd_member_and_refuse_changes_without_a_qu
     cluster.etcd.kill(0);
     let second = joined_agent(&cluster, 1, "web-02");
     for (who, name) in [(&agent, "web-01"), (&second, "web-02")] {
-        let out = exec(&cluster, 2, who, name, "echo still").output().expect("exec");
+        let out = exec(&cluster, 2, who, name, "echo still")
+            .output()
+            .expect("exec");
         assert!(
             out.status.success(),
             "{name}: {}\n{}",
@@ -368,7 +306,9 @@ fn the_hubs_keep_working_without_one_etcd_member_and_refuse_changes_without_a_qu
         .wait_healthy(&[0, 1, 2], Duration::from_secs(30))
         .expect("etcd is back");
     let third = joined_agent(&cluster, 2, "web-03");
-    let out = exec(&cluster, 0, &third, "web-03", "echo back").output().expect("exec");
+    let out = exec(&cluster, 0, &third, "web-03", "echo back")
+        .output()
+        .expect("exec");
     assert!(
         out.status.success(),
         "{}\n{}",

@@ -7,7 +7,10 @@
 
 mod bench;
 mod cancel;
+mod cluster;
 mod cluster_failover;
+mod cluster_fencing;
+mod cluster_store;
 mod container_start;
 mod containers;
 mod deploy;

@@ -182,6 +182,39 @@ fn each_error_has_the_status_its_caller_can_act_on() {
             Code::InvalidArgument,
         ),
         (ForwardError::Channel(tls_failed()).into(), Code::Internal),
+        (
+            ForwardError::NotThisNode {
+                named: "hub-2".into(),
+                node: node("hub-1"),
+            }
+            .into(),
+            Code::FailedPrecondition,
+        ),
+        (
+            ForwardError::NotHeld {
+                node: node("hub-1"),
+                agent: crate::testing::agent_id("web-01"),
+            }
+            .into(),
+            Code::FailedPrecondition,
+        ),
+        (
+            ForwardError::Pickup(crate::channel::CallError::NoTunnel(
+                crate::registry::PickError::NotConnected {
+                    agent: "web-01".into(),
+                    waited: "2m".into(),
+                },
+            ))
+            .into(),
+            Code::Unavailable,
+        ),
+        (
+            ForwardError::Peer(crate::peers::PeerError::Spent {
+                node: node("hub-2"),
+            })
+            .into(),
+            Code::Unavailable,
+        ),
     ];
     for (status, code) in cases {
         assert_eq!(status.code(), code, "{status:?}");
@@ -190,6 +223,42 @@ fn each_error_has_the_status_its_caller_can_act_on() {
             "one line that says what was wrong: {status:?}"
         );
     }
+}
+
+fn node(id: &str) -> crate::cluster::NodeId {
+    id.parse().expect("node id")
+}
+
+/// A hub node's stale-presence refusals carry the marker the forwarding
+/// node tells them by; no other status does.
+#[test]
+fn stale_presence_refusals_are_marked_for_the_forwarding_node() {
+    use crate::peers::STALE_PRESENCE_HEADER;
+    let refusals: [Status; 2] = [
+        ForwardError::NotThisNode {
+            named: "hub-2".into(),
+            node: node("hub-1"),
+        }
+        .into(),
+        ForwardError::NotHeld {
+            node: node("hub-1"),
+            agent: crate::testing::agent_id("web-01"),
+        }
+        .into(),
+    ];
+    for status in refusals {
+        assert_eq!(
+            status
+                .metadata()
+                .get(STALE_PRESENCE_HEADER)
+                .map(|v| v.to_str().ok()),
+            Some(Some("hub-1")),
+            "{status:?}"
+        );
+    }
+    let other: Status = RotateError::AlreadyRotating(thumbprint("web-01")).into();
+    assert_eq!(other.code(), Code::FailedPrecondition);
+    assert!(other.metadata().get(STALE_PRESENCE_HEADER).is_none());
 }
 
 /// Callers retry `UNAVAILABLE`; a broken store or TLS configuration would

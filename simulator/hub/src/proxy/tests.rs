@@ -29,8 +29,13 @@ fn call_from(
     request
 }
 
+/// The channels to other nodes a hub's forwarder has.
+fn peers_of(hub: &Hub) -> Peers {
+    Peers::new(hub.identity().clone(), hub.settings().dial.clone())
+}
+
 async fn refusal(hub: &Arc<Hub>, request: http::Request<axum::body::Body>) -> Status {
-    match forward(hub.clone(), request).await {
+    match forward(hub.clone(), &peers_of(hub), request).await {
         Ok(response) => panic!("forwarded: {response:?}"),
         Err(error) => error.into(),
     }
@@ -169,9 +174,13 @@ async fn an_operators_pickup_timeout_is_clamped() {
             (PICKUP_TIMEOUT_HEADER, asked),
         ];
         let start = tokio::time::Instant::now();
-        let response = forward(hub.clone(), call_from(operator, CAPABILITIES, &headers))
-            .await
-            .expect("answered with a status");
+        let response = forward(
+            hub.clone(),
+            &peers_of(&hub),
+            call_from(operator, CAPABILITIES, &headers),
+        )
+        .await
+        .expect("answered with a status");
         assert_eq!(start.elapsed(), waited, "{asked}");
         let status = status_of(&response);
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");

@@ -238,3 +238,62 @@ async fn a_closed_tunnel_is_forgotten() {
             .is_err()
     );
 }
+
+/// A hub in a cluster asks without waiting whether it serves a call here.
+#[tokio::test]
+async fn serves_now_says_whether_a_tunnel_answers_without_waiting() {
+    let registry = Registry::default();
+    let (agent, print) = (agent_id("web-01"), thumbprint("web-01"));
+    assert!(!registry.serves_now(&agent, &print));
+    let (tunnel, _frames) = idle_tunnel("web-01", print);
+    registry.add(tunnel.clone());
+    assert!(registry.serves_now(&agent, &print));
+    // Another certificate's tunnel answers too: with a refusal.
+    assert!(registry.serves_now(&agent, &thumbprint("stranger")));
+    tunnel.start_draining();
+    assert!(!registry.serves_now(&agent, &print), "a draining tunnel");
+    assert!(registry.pick(&agent, &print, Duration::ZERO).await.is_err());
+}
+
+/// `pick_or` ends with whichever comes first: a tunnel, or the other
+/// future; neither is polled for.
+#[tokio::test(start_paused = true)]
+async fn pick_or_ends_with_a_tunnel_or_the_other_future_whichever_is_first() {
+    let registry = Arc::new(Registry::default());
+    let (agent, print) = (agent_id("web-01"), thumbprint("web-01"));
+    let (tell, told) = tokio::sync::oneshot::channel::<&str>();
+    let waiting = tokio::spawn({
+        let (registry, agent) = (registry.clone(), agent.clone());
+        async move {
+            let other = async { told.await.unwrap_or("dropped") };
+            registry
+                .pick_or(&agent, &print, Duration::from_secs(60), other)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!waiting.is_finished());
+    tell.send("holder named").expect("send");
+    match waiting.await.expect("task") {
+        Ok(Waited::Other(said)) => assert_eq!(said, "holder named"),
+        other => panic!("expected the other future, got {other:?}"),
+    }
+    assert_eq!(registry.connected_agents(), 0);
+
+    let waiting = tokio::spawn({
+        let (registry, agent) = (registry.clone(), agent.clone());
+        async move {
+            let other = std::future::pending::<()>();
+            registry
+                .pick_or(&agent, &print, Duration::from_secs(60), other)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (tunnel, _frames) = idle_tunnel("web-01", print);
+    registry.add(tunnel.clone());
+    match waiting.await.expect("task") {
+        Ok(Waited::Tunnel(picked)) => assert_eq!(picked.id, tunnel.id),
+        other => panic!("expected the tunnel, got {other:?}"),
+    }
+}

@@ -33,6 +33,7 @@ use crate::hub::{RotateError, TrustedAgent, unix_now};
 use crate::rotation::{self, PendingError, PendingRotation};
 use crate::trust;
 
+pub mod fence;
 pub mod keys;
 pub mod node;
 pub mod presence;

@@ -40,10 +40,17 @@ impl ClusterNode {
         let presence =
             EtcdPresence::start(etcd, node.clone(), presence_ttl, stop.child_token()).await?;
         hub.registry().announce_to(presence.clone());
-        hub.join_cluster(Cluster {
+        // A hub made a moment ago has joined no cluster: this cannot be
+        // refused.
+        let _ = hub.join_cluster(Cluster {
             node,
             presence: presence.clone(),
         });
+        tokio::spawn(super::fence::guard(
+            hub.clone(),
+            presence.clone(),
+            stop.child_token(),
+        ));
         Ok(Self {
             hub,
             presence,

@@ -92,6 +92,8 @@ pub struct EtcdPresence {
     writes: mpsc::UnboundedSender<(Vec<u8>, Change)>,
     /// The tunnels this node holds now, written again under a new lease.
     mine: Mutex<HashSet<Vec<u8>>>,
+    /// When etcd last renewed this node's lease.
+    renewed: Mutex<std::time::Instant>,
     stop: CancellationToken,
 }
 
@@ -114,6 +116,7 @@ impl EtcdPresence {
             changes: watch::Sender::new(0),
             writes,
             mine: Mutex::default(),
+            renewed: Mutex::new(std::time::Instant::now()),
             stop,
         });
         presence.take_lease().await?;
@@ -193,7 +196,10 @@ impl EtcdPresence {
                 loop {
                     keeper.keep_alive().await?;
                     match answers.message().await? {
-                        Some(answer) if answer.ttl() > 0 => {}
+                        Some(answer) if answer.ttl() > 0 => {
+                            *self.renewed.lock().unwrap_or_else(PoisonError::into_inner) =
+                                std::time::Instant::now();
+                        }
                         _ => return Ok::<bool, etcd_client::Error>(false),
                     }
                     if outage {
@@ -361,6 +367,35 @@ impl EtcdPresence {
         if let Err(error) = self.store.client().lease_revoke(self.lease()).await {
             tracing::warn!(%error, "could not revoke this node's presence lease; its entries expire with the TTL");
         }
+    }
+
+    /// How long since etcd last renewed this node's lease: how long this
+    /// node has been cut off from etcd's quorum, if it is.
+    pub fn etcd_silent_for(&self) -> Duration {
+        self.renewed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+    }
+
+    /// This node's TTL.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The other nodes this node last heard of, with their addresses.
+    pub fn peers(&self) -> Vec<Node> {
+        let view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
+        view.nodes
+            .iter()
+            .filter(|(id, _)| id.as_str() != self.node.id.as_str())
+            .filter_map(|(id, address)| {
+                Some(Node {
+                    id: id.parse::<NodeId>().ok()?,
+                    address: address.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Whether `agent` holds a tunnel on any node, this one included.

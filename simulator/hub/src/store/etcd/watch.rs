@@ -120,13 +120,19 @@ pub async fn follow(
     );
     apply_whole(&hub, agents);
     hub.set_watched_revision(revision);
+    resume(store, hub, revision, stop);
+    Ok(())
+}
+
+/// Follows etcd's changes into `hub` from just after `revision` until
+/// `stop`, reading everything again if etcd compacted past it.
+pub fn resume(store: EtcdStore, hub: Arc<Hub>, revision: i64, stop: CancellationToken) {
     tokio::spawn(async move {
         tokio::select! {
             () = watch_from(&store, &hub, revision) => {}
             () = stop.cancelled() => {}
         }
     });
-    Ok(())
 }
 
 /// Why a watch ended.
