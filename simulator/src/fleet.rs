@@ -95,11 +95,11 @@ pub struct FleetSettings {
 pub const FAKE_FREE_BYTES: u64 = 1 << 50;
 
 impl FleetSettings {
-    /// `agents` polling agents for the hub at `hubs` (one address, or every
-    /// node of a cluster), with the defaults of `tentacle-sim fleet`.
+    /// `agents` polling agents for the hub at `hub`, with the defaults of
+    /// `tentacle-sim fleet`; set `hubs` for the nodes of a cluster.
     pub fn new(
         agents: usize,
-        hubs: Vec<ListeningAddress>,
+        hub: ListeningAddress,
         hub_thumbprint: Thumbprint,
         api_key: String,
         work_dir: PathBuf,
@@ -109,8 +109,8 @@ impl FleetSettings {
             name_prefix: "virtual".into(),
             first_index: 0,
             listening: 0,
-            node_links: Arc::new(NodeLinks::new(&hubs)),
-            hubs,
+            node_links: Arc::new(NodeLinks::new(std::slice::from_ref(&hub))),
+            hubs: vec![hub],
             hub_thumbprint,
             api_key,
             roles: vec!["sim".into()],

@@ -75,11 +75,15 @@ pub async fn run(home: &HubHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut settings = FleetSettings::new(
         args.agents,
-        args.hub.clone(),
+        args.hub
+            .first()
+            .cloned()
+            .unwrap_or_else(tentacle_hub::args::default_hub),
         hub_thumbprint,
         args.api_key.clone(),
         work_dir,
     );
+    settings.hubs = args.hub.clone();
     settings.name_prefix = args.name_prefix.clone();
     settings.roles = args.roles.clone();
     settings.seed = seed;

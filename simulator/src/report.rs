@@ -73,6 +73,12 @@ pub struct HubNodeInfo {
     /// Times chaos killed it, and started it again.
     pub kills: u64,
     pub restarts: u64,
+    /// When it was killed, and when it accepted connections again:
+    /// milliseconds since the run started, like a sample's `t_ms`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub killed_at_ms: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub back_at_ms: Vec<u64>,
 }
 
 /// One hub node at one second.
@@ -393,6 +399,8 @@ impl Report {
                 Some(mine) => {
                     mine.kills += node.kills;
                     mine.restarts += node.restarts;
+                    mine.killed_at_ms.extend(node.killed_at_ms);
+                    mine.back_at_ms.extend(node.back_at_ms);
                     mine.pid = mine.pid.or(node.pid);
                 }
                 None => self.hub_nodes.push(node),
@@ -701,6 +709,8 @@ mod tests {
                 pid: Some(100 + node as u32),
                 kills: u64::from(node == 2),
                 restarts: u64::from(node == 2),
+                killed_at_ms: if node == 2 { vec![1_000] } else { vec![] },
+                back_at_ms: if node == 2 { vec![2_000] } else { vec![] },
             })
             .collect();
         for (i, sample) in report.timeline.iter_mut().enumerate() {

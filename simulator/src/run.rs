@@ -260,7 +260,7 @@ async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, Run
             let addresses: Vec<_> = nodes.iter().map(|n| n.address.clone()).collect();
             let hub =
                 HubAccess::connect_external(&addresses, *thumbprint, operator, *routing).await?;
-            let nodes = Arc::new(HubNodes::new(nodes.clone(), log_dir.clone()));
+            let nodes = Arc::new(HubNodes::new(nodes.clone(), log_dir.clone(), started));
             (hub, api_key.clone(), None, Some(nodes))
         }
     };
@@ -297,13 +297,20 @@ async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, Run
     // Connect: register and start this shard's agents over the ramp.
     live.set_stage("connect");
     live.agents.store(mine.len(), Ordering::Relaxed);
+    let Some(first_hub) = hub_addresses.first().cloned() else {
+        return Err(RunError::Hub(HubAccessError::Connect {
+            address: "(none)".into(),
+            reason: "no hub address".into(),
+        }));
+    };
     let mut fleet_settings = FleetSettings::new(
         mine.len(),
-        hub_addresses,
+        first_hub,
         hub_thumbprint,
         api_key,
         settings.work_dir.join("agents"),
     );
+    fleet_settings.hubs = hub_addresses;
     fleet_settings.node_links = links;
     fleet_settings.first_index = mine.start;
     fleet_settings.listening = listening_total.saturating_sub(mine.start).min(mine.len());

@@ -16,7 +16,7 @@ use super::*;
 fn one_agent(work: &Path, hub: &Identity, listening: bool) -> FleetSettings {
     let mut settings = FleetSettings::new(
         1,
-        vec![ListeningAddress::new("127.0.0.1", 9)],
+        ListeningAddress::new("127.0.0.1", 9),
         hub.thumbprint(),
         "unused: these agents do not register".into(),
         work.to_owned(),

@@ -14,9 +14,8 @@
 //! node it restarted; the node outlives the run, as the cluster would.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tentacle_proto::dial::ListeningAddress;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,8 +66,9 @@ pub enum NodeChaosError {
 struct Node {
     spec: NodeSpec,
     pid: Mutex<Option<u32>>,
-    kills: AtomicU64,
-    restarts: AtomicU64,
+    /// Milliseconds since the run started.
+    killed_at_ms: Mutex<Vec<u64>>,
+    back_at_ms: Mutex<Vec<u64>>,
 }
 
 /// The external hub's nodes, in the order of `--hub`.
@@ -77,20 +77,30 @@ pub struct HubNodes {
     nodes: Vec<Node>,
     /// Where restarted nodes write their output.
     log_dir: PathBuf,
+    /// The run's start, which kill and restart times count from.
+    started: Instant,
 }
 
 impl HubNodes {
-    pub fn new(specs: Vec<NodeSpec>, log_dir: PathBuf) -> Self {
+    pub fn new(specs: Vec<NodeSpec>, log_dir: PathBuf, started: Instant) -> Self {
         let nodes = specs
             .into_iter()
             .map(|spec| Node {
                 pid: Mutex::new(spec.pid),
                 spec,
-                kills: AtomicU64::default(),
-                restarts: AtomicU64::default(),
+                killed_at_ms: Mutex::default(),
+                back_at_ms: Mutex::default(),
             })
             .collect();
-        Self { nodes, log_dir }
+        Self {
+            nodes,
+            log_dir,
+            started,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     pub fn len(&self) -> usize {
@@ -140,7 +150,8 @@ impl HubNodes {
             reason: e.to_string(),
         })?;
         *node.pid.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        node.kills.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        lock(&node.killed_at_ms).push(now);
         Ok(())
     }
 
@@ -200,7 +211,8 @@ impl HubNodes {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        node.restarts.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        lock(&node.back_at_ms).push(now);
         Ok(())
     }
 
@@ -209,15 +221,25 @@ impl HubNodes {
         self.nodes
             .iter()
             .enumerate()
-            .map(|(i, node)| HubNodeInfo {
-                node: i + 1,
-                address: node.spec.address.to_string(),
-                pid: self.pid(i),
-                kills: node.kills.load(Ordering::Relaxed),
-                restarts: node.restarts.load(Ordering::Relaxed),
+            .map(|(i, node)| {
+                let killed_at_ms = lock(&node.killed_at_ms).clone();
+                let back_at_ms = lock(&node.back_at_ms).clone();
+                HubNodeInfo {
+                    node: i + 1,
+                    address: node.spec.address.to_string(),
+                    pid: self.pid(i),
+                    kills: killed_at_ms.len() as u64,
+                    restarts: back_at_ms.len() as u64,
+                    killed_at_ms,
+                    back_at_ms,
+                }
             })
             .collect()
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Reads every node's figures once a second.
@@ -340,7 +362,7 @@ mod tests {
         let mut node = spec(port);
         node.pid = Some(first.id());
         node.restart_command = Some("echo restarting; exec sleep 30".into());
-        let nodes = HubNodes::new(vec![node, spec(1)], dir.path().to_owned());
+        let nodes = HubNodes::new(vec![node, spec(1)], dir.path().to_owned(), Instant::now());
         assert!(nodes.can_kill(0).is_ok());
         assert!(matches!(nodes.can_kill(1), Err(NodeChaosError::NoPid(2))));
         assert!(matches!(nodes.can_kill(2), Err(NodeChaosError::NoPid(3))));
@@ -352,6 +374,7 @@ mod tests {
         nodes.restart(0).await.expect("restart");
         let info = nodes.info();
         assert_eq!((info[0].kills, info[0].restarts), (1, 1));
+        assert!(info[0].killed_at_ms[0] <= info[0].back_at_ms[0], "{info:?}");
         let new_pid = info[0].pid.expect("the restarted node's pid");
         assert_ne!(new_pid, first.id());
 

@@ -5,7 +5,7 @@
 
 use maud::{Markup, html};
 
-use super::charts::{line_chart, series};
+use super::charts::{marked_line_chart, series};
 use super::format::{MIB, bytes, count};
 use crate::report::{NodeSample, Report};
 
@@ -38,6 +38,10 @@ pub(super) fn section(report: &Report) -> Markup {
         .any(|(_, points)| points.iter().any(|(_, y)| y.is_finite()));
     let cpu = per_node(&|n| Some(n.cpu_percent));
     let rss = per_node(&|n| Some(n.rss_bytes as f64 / MIB));
+    let marks = marks(report);
+    let chart = |title: &str, series: &[(&str, Vec<(f64, f64)>)], y_label: &str| {
+        marked_line_chart(title, series, y_label, &marks)
+    };
     html! {
         section #nodes {
             h2 { "Hub nodes" }
@@ -45,6 +49,14 @@ pub(super) fn section(report: &Report) -> Markup {
                 "Connected agents are counted from the agents' side: each holds its tunnel on one node "
                 "and moves to the next when that node is lost. CPU and memory read 0 while a node is down, "
                 "and after a restart only if its restart command execs the server."
+            }
+            div.charts {
+                (chart("Connected agents by node", &connected, "agents"))
+                @if any_hub_count {
+                    (chart("Connected agents by node, as each node counts them", &hub_counted, "agents"))
+                }
+                (chart("CPU by node", &cpu, "% of one core"))
+                (chart("Resident memory by node", &rss, "MiB"))
             }
             table.spaced {
                 tr {
@@ -66,16 +78,22 @@ pub(super) fn section(report: &Report) -> Markup {
                     }
                 }
             }
-            div.charts {
-                (line_chart("Connected agents by node", &connected, "agents"))
-                @if any_hub_count {
-                    (line_chart("Connected agents by node, as each node counts them", &hub_counted, "agents"))
-                }
-                (line_chart("CPU by node", &cpu, "% of one core"))
-                (line_chart("Resident memory by node", &rss, "MiB"))
-            }
         }
     }
+}
+
+/// A dashed line where each node was killed and where it was back.
+fn marks(report: &Report) -> Vec<(f64, String)> {
+    let mut marks = Vec::new();
+    for node in &report.hub_nodes {
+        for at in &node.killed_at_ms {
+            marks.push((*at as f64 / 1000.0, format!("node {} killed", node.node)));
+        }
+        for at in &node.back_at_ms {
+            marks.push((*at as f64 / 1000.0, format!("node {} back", node.node)));
+        }
+    }
+    marks
 }
 
 #[cfg(test)]
@@ -102,6 +120,9 @@ mod tests {
         assert_eq!(html.matches("<polyline").count(), 2 + 1 + 2 + 2, "{html}");
         assert!(html.contains(">node 1</text>") && html.contains(">node 2</text>"));
         assert!(html.contains("https://127.0.0.1:7002"));
+        // Node 2's kill and return are marked on each of the four charts.
+        assert_eq!(html.matches(">node 2 killed</text>").count(), 4, "{html}");
+        assert_eq!(html.matches(">node 2 back</text>").count(), 4, "{html}");
         assert!(!html.contains("NaN"));
     }
 
