@@ -334,4 +334,3 @@ pub fn holder(cluster: &HubCluster, name: &str) -> Option<usize> {
     }
     None
 }
-

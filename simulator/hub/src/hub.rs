@@ -999,7 +999,8 @@ impl Hub {
         self.registry.close();
         let tunnels = self.registry.tunnels();
         tracing::info!(tunnels = tunnels.len(), "draining tunnels");
-        self.drain_tunnels(&tunnels, "the hub is shutting down").await;
+        self.drain_tunnels(&tunnels, "the hub is shutting down")
+            .await;
     }
 
     /// Tells each of `tunnels` to go, waits (up to the drain grace) for

@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tentacle_tests::cluster::HubCluster;
-use tentacle_tests::etcd::etcd_or_skip;
 use tentacle_tests::cluster::{exec, holder, joined_agent, register};
+use tentacle_tests::etcd::etcd_or_skip;
 use tentacle_tests::{AgentProcess, bin, process_alive, stdout_of};
 
 #[test]

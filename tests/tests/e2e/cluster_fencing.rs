@@ -71,7 +71,9 @@ fn partitionable() -> Partitionable {
 
 #[test]
 fn a_node_cut_off_from_etcd_and_its_peers_drains_and_its_agent_moves() {
-    if !etcd_or_skip("cluster_fencing::a_node_cut_off_from_etcd_and_its_peers_drains_and_its_agent_moves") {
+    if !etcd_or_skip(
+        "cluster_fencing::a_node_cut_off_from_etcd_and_its_peers_drains_and_its_agent_moves",
+    ) {
         return;
     }
     let rig = partitionable();
@@ -119,14 +121,20 @@ fn a_node_cut_off_from_etcd_and_its_peers_drains_and_its_agent_moves() {
     );
     for node in 0..cluster.len() {
         if node != cut {
-            assert!(!cluster.log(node).contains("fencing this node off"), "{}", cluster.log(node));
+            assert!(
+                !cluster.log(node).contains("fencing this node off"),
+                "{}",
+                cluster.log(node)
+            );
         }
     }
 }
 
 #[test]
 fn nodes_that_lose_etcd_but_reach_each_other_keep_their_tunnels() {
-    if !etcd_or_skip("cluster_fencing::nodes_that_lose_etcd_but_reach_each_other_keep_their_tunnels") {
+    if !etcd_or_skip(
+        "cluster_fencing::nodes_that_lose_etcd_but_reach_each_other_keep_their_tunnels",
+    ) {
         return;
     }
     let rig = partitionable();

@@ -8,6 +8,7 @@
 mod bench;
 mod cancel;
 mod cluster;
+mod cluster_cli;
 mod cluster_failover;
 mod cluster_fencing;
 mod cluster_store;

@@ -69,7 +69,7 @@ pub async fn dispatch(home: HubHome, command: Command) -> anyhow::Result<ExitCod
             println!("features:      {}", caps.features.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Server(args) => crate::server::run(&home, args).await,
+        Command::Server(args) => crate::server::run(&home, *args).await,
         Command::Store(super::StoreCommand::Migrate { store }) => {
             if store.etcd_settings().is_none() {
                 anyhow::bail!(

@@ -92,7 +92,7 @@ enum Command {
     #[command(subcommand)]
     Tooling(ToolingCommand),
     /// Runs the hub (default port 10943), or manages the agents it trusts.
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// The hub's registry store.
     #[command(subcommand)]
     Store(StoreCommand),

@@ -82,7 +82,10 @@ async fn reaches(identity: &Identity, address: &ListeningAddress) -> bool {
         TlsConnector::from(tls).connect(name, tcp).await?;
         Ok::<(), std::io::Error>(())
     };
-    matches!(tokio::time::timeout(PEER_TIMEOUT, connect).await, Ok(Ok(())))
+    matches!(
+        tokio::time::timeout(PEER_TIMEOUT, connect).await,
+        Ok(Ok(()))
+    )
 }
 
 #[cfg(test)]

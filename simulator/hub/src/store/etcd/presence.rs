@@ -450,7 +450,7 @@ impl Presence for EtcdPresence {
             }
         }
         let mut nodes: Vec<(&str, usize)> = counts.into_iter().collect();
-        nodes.sort_by(|a, b| b.1.cmp(&a.1));
+        nodes.sort_by_key(|&(_, count)| std::cmp::Reverse(count));
         nodes
             .into_iter()
             .filter_map(|(id, _)| {
