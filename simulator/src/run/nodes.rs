@@ -349,6 +349,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_gauge_is_fetched_from_a_metrics_endpoint() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let server = tokio::spawn(async move {
+            for body in ["tentacle_hub_connected_agents 12\n", "nothing here\n"] {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                let mut request = [0u8; 1024];
+                let n = stream.read(&mut request).await.expect("read");
+                let request = String::from_utf8_lossy(&request[..n]).into_owned();
+                let reply = format!("HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\n{body}");
+                stream.write_all(reply.as_bytes()).await.expect("write");
+                assert!(request.starts_with("GET /metrics HTTP/1.0"), "{request}");
+            }
+        });
+        let url = format!("http://127.0.0.1:{port}");
+        assert_eq!(connected_gauge(&url).await, Some(12));
+        assert_eq!(connected_gauge(&format!("{url}/metrics")).await, None);
+        server.await.expect("server");
+        // Nothing listens there any more, and https is not a metrics URL.
+        assert_eq!(connected_gauge(&url).await, None);
+        assert_eq!(connected_gauge("https://127.0.0.1:1/metrics").await, None);
+    }
+
+    #[tokio::test]
     async fn a_node_is_killed_restarted_and_sampled_under_its_new_pid() {
         let dir = tempfile::tempdir().expect("tempdir");
         // The node's port stays open here, so the restarted node counts as
