@@ -13,6 +13,7 @@
 
 pub mod executor;
 pub mod faults;
+pub mod nodes;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -36,6 +37,7 @@ use tentacle_hub::target::{AgentId, Target};
 
 pub use executor::{ExecutionLedger, ScriptModel, SimulatedExecutor};
 pub use faults::{FaultDialer, Faults, FaultyStream};
+pub use nodes::{LastNode, NodeLinks};
 
 /// How to build a fleet.
 #[derive(Debug, Clone)]
@@ -47,7 +49,11 @@ pub struct FleetSettings {
     pub first_index: usize,
     /// How many of the agents listen instead of polling (the first ones).
     pub listening: usize,
-    pub hub: ListeningAddress,
+    /// The hub's addresses: one hub, or every node of a hub cluster. All
+    /// share `hub_thumbprint`, so a polling agent treats several as one
+    /// cluster and holds its tunnel on one node at a time, failing over to
+    /// the next when that node is lost.
+    pub hubs: Vec<ListeningAddress>,
     pub hub_thumbprint: Thumbprint,
     /// Registers every agent (`tentacle-hub server api-key create`).
     pub api_key: String,
@@ -79,13 +85,18 @@ pub struct FleetSettings {
     pub free_space: Arc<FakeFreeSpace>,
     /// Counts every script start, if given.
     pub ledger: Option<Arc<ExecutionLedger>>,
+    /// Open connections per hub node, in the order of `hubs`; made by
+    /// [`FleetSettings::new`], and again by [`Fleet::start`] if `hubs`
+    /// changed since.
+    pub node_links: Arc<NodeLinks>,
 }
 
 /// What the fleet's fake disk reports unless told otherwise: plenty.
 pub const FAKE_FREE_BYTES: u64 = 1 << 50;
 
 impl FleetSettings {
-    /// `agents` polling agents for `hub`, with the defaults of `tentacle-sim fleet`.
+    /// `agents` polling agents for the hub at `hub`, with the defaults of
+    /// `tentacle-sim fleet`; set `hubs` for the nodes of a cluster.
     pub fn new(
         agents: usize,
         hub: ListeningAddress,
@@ -98,7 +109,8 @@ impl FleetSettings {
             name_prefix: "virtual".into(),
             first_index: 0,
             listening: 0,
-            hub,
+            node_links: Arc::new(NodeLinks::new(std::slice::from_ref(&hub))),
+            hubs: vec![hub],
             hub_thumbprint,
             api_key,
             roles: vec!["sim".into()],
@@ -158,7 +170,11 @@ pub struct VirtualAgent {
     /// Where the hub reaches this agent.
     pub target: Target,
     pub faults: Arc<Faults>,
+    /// The hub node this polling agent last dialed.
+    pub hub_node: Arc<LastNode>,
     identity: Identity,
+    /// The agent's global index.
+    index: usize,
     source: Option<std::net::IpAddr>,
     dir: PathBuf,
     running: Mutex<Option<Running>>,
@@ -258,6 +274,11 @@ impl Fleet {
         settings: FleetSettings,
         mut started: impl FnMut(&Arc<VirtualAgent>),
     ) -> Result<Self, FleetError> {
+        let mut settings = settings;
+        // Keep links a caller shares (to watch them) if they fit the hubs.
+        if !settings.node_links.is_for(&settings.hubs) {
+            settings.node_links = Arc::new(NodeLinks::new(&settings.hubs));
+        }
         let settings = Arc::new(settings);
         let mut agents = Vec::with_capacity(settings.agents);
         let began = tokio::time::Instant::now();
@@ -343,6 +364,8 @@ fn prepare(settings: &FleetSettings, slot: usize) -> Result<VirtualAgent, FleetE
         thumbprint: identity.thumbprint(),
         target,
         faults: Arc::default(),
+        hub_node: Arc::default(),
+        index,
         source: faults::spread_source(index, settings.source_addresses),
         name,
         port,
@@ -366,10 +389,14 @@ fn agent_config(settings: &FleetSettings, agent: &VirtualAgent) -> AgentConfig {
     let polling = &mut config.polling;
     polling.enabled = agent.port.is_none();
     polling.agent_id = agent.name.clone();
-    polling.servers = vec![PollingServer {
-        url: settings.hub.to_string(),
-        thumbprint: settings.hub_thumbprint,
-    }];
+    polling.servers = settings
+        .hubs
+        .iter()
+        .map(|hub| PollingServer {
+            url: hub.to_string(),
+            thumbprint: settings.hub_thumbprint,
+        })
+        .collect();
     polling.tunnels = 1;
     polling.heartbeat_interval = settings.heartbeat.interval;
     polling.heartbeat_timeout = settings.heartbeat.timeout;
@@ -405,6 +432,7 @@ async fn launch(settings: &FleetSettings, agent: &VirtualAgent) -> Result<Runnin
         .dialer(Arc::new(FaultDialer {
             faults: agent.faults.clone(),
             source: agent.source,
+            nodes: Some((settings.node_links.clone(), agent.hub_node.clone())),
         }))
         .stream_layer(layer)
         .free_space(settings.free_space.clone())
@@ -447,12 +475,37 @@ async fn bind(agent: &Agent) -> Result<tokio::net::TcpListener, AgentError> {
     }
 }
 
+/// Registers `agent` with the hub. With several nodes, agent `i` starts
+/// at node `i % n` (so registrations spread over the cluster, which shares
+/// one registry) and tries the others in turn if that node cannot be dialed.
 async fn register(settings: &FleetSettings, agent: &VirtualAgent) -> Result<(), FleetError> {
     let tls = tentacle_proto::tls::client_config(
         &agent.identity,
         TrustStore::new([settings.hub_thumbprint]),
     )?;
-    let channel = dial::channel(&settings.hub, tls, &DialSettings::default()).await?;
+    let nodes = settings.hubs.len().max(1);
+    let first = agent.index % nodes;
+    let mut last_error = None;
+    let mut channel = None;
+    for hub in (0..nodes).filter_map(|k| settings.hubs.get((first + k) % nodes)) {
+        match dial::channel(hub, tls.clone(), &DialSettings::default()).await {
+            Ok(dialed) => {
+                channel = Some(dialed);
+                break;
+            }
+            Err(error) => last_error = Some(error),
+        }
+    }
+    let channel = match (channel, last_error) {
+        (Some(channel), _) => channel,
+        (None, Some(error)) => return Err(error.into()),
+        (None, None) => {
+            return Err(FleetError::Register {
+                name: agent.name.clone(),
+                reason: "the fleet was given no hub address".into(),
+            });
+        }
+    };
     let mode = match agent.port {
         Some(_) => pb::AgentMode::Listening,
         None => pb::AgentMode::Polling,

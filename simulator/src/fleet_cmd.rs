@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tentacle_hub::args::HubEndpointArgs;
 use tentacle_hub::home::HubHome;
+use tentacle_proto::Thumbprint;
+use tentacle_proto::dial::ListeningAddress;
 use tentacle_sim::fleet::{self, Fleet, FleetSettings};
 
 #[derive(Debug, clap::Args)]
@@ -15,9 +16,17 @@ pub struct FleetArgs {
     /// How many virtual tentacles.
     #[arg(long, default_value_t = 1000)]
     agents: usize,
-    /// The hub they poll and register with.
-    #[command(flatten)]
-    hub: HubEndpointArgs,
+    /// The hub they poll and register with. Repeat it, or separate
+    /// addresses with commas, for the nodes of a hub cluster: every agent
+    /// gets them all as servers pinned to the one thumbprint, holds its
+    /// tunnel on one node (spread by the agent's own hash of its id) and
+    /// fails over to the next; registrations spread over the nodes.
+    #[arg(long, value_delimiter = ',', default_values_t = [tentacle_hub::args::default_hub()])]
+    hub: Vec<ListeningAddress>,
+    /// The hub's certificate thumbprint (one for all nodes of a cluster);
+    /// by default the thumbprint of this home's certificate.
+    #[arg(long)]
+    hub_thumbprint: Option<Thumbprint>,
     /// An API key of the hub (`tentacle-hub server api-key create`).
     #[arg(long)]
     api_key: String,
@@ -54,7 +63,7 @@ pub async fn run(home: &HubHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
     let limit = fleet::raise_open_file_limit().context("raising the open-file limit")?;
     let seed = args.seed.unwrap_or_else(rand::random);
     eprintln!("open-file limit {limit}; seed {seed} (replay with --seed {seed})");
-    let hub_thumbprint = match args.hub.hub_thumbprint {
+    let hub_thumbprint = match args.hub_thumbprint {
         Some(thumbprint) => thumbprint,
         None => home.identity()?.thumbprint(),
     };
@@ -66,11 +75,15 @@ pub async fn run(home: &HubHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut settings = FleetSettings::new(
         args.agents,
-        args.hub.hub.clone(),
+        args.hub
+            .first()
+            .cloned()
+            .unwrap_or_else(tentacle_hub::args::default_hub),
         hub_thumbprint,
         args.api_key.clone(),
         work_dir,
     );
+    settings.hubs = args.hub.clone();
     settings.name_prefix = args.name_prefix.clone();
     settings.roles = args.roles.clone();
     settings.seed = seed;
@@ -98,4 +111,39 @@ pub async fn run(home: &HubHome, args: FleetArgs) -> anyhow::Result<ExitCode> {
     }
     fleet.stop();
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        fleet: FleetArgs,
+    }
+
+    fn hubs(args: &[&str]) -> Vec<String> {
+        let cli = Cli::try_parse_from(["fleet", "--api-key", "k"].iter().chain(args).copied())
+            .expect("arguments parse");
+        cli.fleet.hub.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn hub_takes_one_address_several_or_a_list() {
+        assert_eq!(
+            hubs(&[]),
+            vec![tentacle_hub::args::default_hub().to_string()]
+        );
+        assert_eq!(hubs(&["--hub", "https://a:1"]), vec!["https://a:1"]);
+        let both = vec!["https://a:1", "https://b:2"];
+        assert_eq!(
+            hubs(&["--hub", "https://a:1", "--hub", "https://b:2"]),
+            both
+        );
+        assert_eq!(hubs(&["--hub", "https://a:1,https://b:2"]), both);
+        assert!(Cli::try_parse_from(["fleet", "--api-key", "k", "--hub", "not a url"]).is_err());
+    }
 }

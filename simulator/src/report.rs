@@ -55,6 +55,46 @@ pub struct Report {
     pub scripts: ScriptTotals,
     pub uploads: UploadTotals,
     pub invariants: Vec<InvariantResult>,
+    /// The nodes of an external hub (one, or each node of a cluster), in
+    /// the order of `--hub`; their figures are in each sample's `nodes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hub_nodes: Vec<HubNodeInfo>,
+}
+
+/// One node of an external hub.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HubNodeInfo {
+    /// 1-based, as in `[[chaos.hub_node_kill]]`.
+    pub node: usize,
+    pub address: String,
+    /// Its process id at the end of the run (a restart gives a new one),
+    /// if known.
+    pub pid: Option<u32>,
+    /// Times chaos killed it, and started it again.
+    pub kills: u64,
+    pub restarts: u64,
+    /// When it was killed, and when it accepted connections again:
+    /// milliseconds since the run started, like a sample's `t_ms`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub killed_at_ms: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub back_at_ms: Vec<u64>,
+}
+
+/// One hub node at one second.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeSample {
+    /// Polling agents with a connection open to this node, as the agents
+    /// see it (each holds its tunnel on one node of a cluster).
+    pub connected: u64,
+    /// `tentacle_hub_connected_agents` from the node's own metrics, when
+    /// `--hub-metrics` names them and the node answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_connected: Option<u64>,
+    /// CPU use (100 = one core) and resident memory, when its pid is known
+    /// and it runs; zero while it is down.
+    pub cpu_percent: f64,
+    pub rss_bytes: u64,
 }
 
 /// Which slice of the fleet a process ran.
@@ -102,6 +142,10 @@ pub struct Sample {
     /// resident memory. With an in-process hub this is the whole simulator.
     pub hub_cpu_percent: f64,
     pub hub_rss_bytes: u64,
+    /// Per hub node, in the order of [`Report::hub_nodes`]; the hub figures
+    /// above are then their sums.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeSample>,
 }
 
 /// Latency and outcome of one call type.
@@ -308,6 +352,19 @@ impl Report {
                     // Shards of an external hub all watch the same process.
                     mine.hub_cpu_percent = mine.hub_cpu_percent.max(sample.hub_cpu_percent);
                     mine.hub_rss_bytes = mine.hub_rss_bytes.max(sample.hub_rss_bytes);
+                    for (k, node) in sample.nodes.into_iter().enumerate() {
+                        match mine.nodes.get_mut(k) {
+                            Some(m) => {
+                                // Each shard counts its own agents; the
+                                // node's process and metrics are shared.
+                                m.connected += node.connected;
+                                m.hub_connected = m.hub_connected.max(node.hub_connected);
+                                m.cpu_percent = m.cpu_percent.max(node.cpu_percent);
+                                m.rss_bytes = m.rss_bytes.max(node.rss_bytes);
+                            }
+                            None => mine.nodes.push(node),
+                        }
+                    }
                 }
                 None => self.timeline.push(sample),
             }
@@ -337,6 +394,18 @@ impl Report {
         self.uploads.attempted += other.uploads.attempted;
         self.uploads.verified += other.uploads.verified;
         self.uploads.bytes += other.uploads.bytes;
+        for node in other.hub_nodes {
+            match self.hub_nodes.iter_mut().find(|n| n.node == node.node) {
+                Some(mine) => {
+                    mine.kills += node.kills;
+                    mine.restarts += node.restarts;
+                    mine.killed_at_ms.extend(node.killed_at_ms);
+                    mine.back_at_ms.extend(node.back_at_ms);
+                    mine.pid = mine.pid.or(node.pid);
+                }
+                None => self.hub_nodes.push(node),
+            }
+        }
         for invariant in other.invariants {
             match self
                 .invariants
@@ -403,6 +472,20 @@ impl Report {
             self.uploads.attempted,
             self.uploads.bytes as f64 / (1024.0 * 1024.0)
         );
+        for node in &self.hub_nodes {
+            let figures = self.node_figures(node.node);
+            let _ = writeln!(
+                out,
+                "hub node {} {}: at most {} agents connected, CPU at most {:.0}%, memory at most {:.1} MiB; killed {}, restarted {}",
+                node.node,
+                node.address,
+                figures.most_connected,
+                figures.most_cpu_percent,
+                figures.most_rss_bytes as f64 / (1024.0 * 1024.0),
+                node.kills,
+                node.restarts
+            );
+        }
         if !self.chaos.is_empty() {
             let chaos = self
                 .chaos
@@ -462,6 +545,31 @@ impl Report {
     }
 }
 
+/// The peaks of one hub node over the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NodeFigures {
+    pub most_connected: u64,
+    pub most_cpu_percent: f64,
+    pub most_rss_bytes: u64,
+}
+
+impl Report {
+    /// The peaks of hub node `node` (1-based) over the timeline.
+    pub fn node_figures(&self, node: usize) -> NodeFigures {
+        let samples = self
+            .timeline
+            .iter()
+            .filter_map(|s| s.nodes.get(node.wrapping_sub(1)));
+        let mut figures = NodeFigures::default();
+        for s in samples {
+            figures.most_connected = figures.most_connected.max(s.connected);
+            figures.most_cpu_percent = figures.most_cpu_percent.max(s.cpu_percent);
+            figures.most_rss_bytes = figures.most_rss_bytes.max(s.rss_bytes);
+        }
+        figures
+    }
+}
+
 fn add_counts(mine: &mut BTreeMap<String, u64>, theirs: BTreeMap<String, u64>) {
     for (key, value) in theirs {
         *mine.entry(key).or_default() += value;
@@ -512,6 +620,7 @@ mod tests {
                     errors: 1,
                     hub_cpu_percent: 50.0,
                     hub_rss_bytes: 1 << 20,
+                    nodes: Vec::new(),
                 })
                 .collect(),
             calls: BTreeMap::from([("StartScript".into(), latencies.stats())]),
@@ -535,6 +644,7 @@ mod tests {
                 violations: 0,
                 examples: vec![],
             }],
+            hub_nodes: Vec::new(),
         }
     }
 
@@ -586,5 +696,71 @@ mod tests {
             Report::parse("d.json", &text),
             Err(ReportError::Schema(_, 99))
         ));
+    }
+
+    /// A report of a run against a two-node cluster: node 2 was killed at
+    /// the second sample.
+    pub(crate) fn cluster_report(shard: &str) -> Report {
+        let mut report = sample_report(shard, &[1, 2]);
+        report.hub_nodes = (1..=2)
+            .map(|node| HubNodeInfo {
+                node,
+                address: format!("https://127.0.0.1:{}", 7000 + node),
+                pid: Some(100 + node as u32),
+                kills: u64::from(node == 2),
+                restarts: u64::from(node == 2),
+                killed_at_ms: if node == 2 { vec![1_000] } else { vec![] },
+                back_at_ms: if node == 2 { vec![2_000] } else { vec![] },
+            })
+            .collect();
+        for (i, sample) in report.timeline.iter_mut().enumerate() {
+            let down = i == 1;
+            sample.nodes = vec![
+                NodeSample {
+                    connected: if down { 10 } else { 5 },
+                    hub_connected: Some(if down { 10 } else { 5 }),
+                    cpu_percent: 20.0,
+                    rss_bytes: 30 << 20,
+                },
+                NodeSample {
+                    connected: if down { 0 } else { 5 },
+                    hub_connected: None,
+                    cpu_percent: if down { 0.0 } else { 10.0 },
+                    rss_bytes: if down { 0 } else { 20 << 20 },
+                },
+            ];
+        }
+        report
+    }
+
+    #[test]
+    fn per_node_figures_round_trip_merge_and_summarise() {
+        let a = cluster_report("1/2");
+        let text = serde_json::to_string(&a).expect("serialise");
+        assert!(text.contains("\"hub_nodes\""), "{text}");
+        assert_eq!(Report::parse("a.json", &text).expect("parse"), a);
+        let figures = a.node_figures(1);
+        assert_eq!(figures.most_connected, 10);
+        assert_eq!(a.node_figures(2).most_rss_bytes, 20 << 20);
+        assert_eq!(a.node_figures(3), NodeFigures::default());
+
+        let mut b = cluster_report("2/2");
+        b.hub_nodes.iter_mut().for_each(|n| n.kills = 0);
+        let merged = Report::merge(vec![a, b]).expect("merge");
+        assert_eq!(merged.hub_nodes.len(), 2);
+        assert_eq!(merged.hub_nodes[1].kills, 1, "only one shard kills");
+        // Agents add up over shards; the node's own figures do not.
+        assert_eq!(merged.timeline[1].nodes[0].connected, 20);
+        assert_eq!(merged.timeline[1].nodes[0].hub_connected, Some(10));
+        assert_eq!(merged.timeline[0].nodes[1].rss_bytes, 20 << 20);
+        let summary = merged.summary();
+        assert!(
+            summary.contains("hub node 2 https://127.0.0.1:7002: at most 10 agents connected"),
+            "{summary}"
+        );
+
+        // A report without nodes writes no node fields, as before.
+        let plain = serde_json::to_string(&sample_report("1/1", &[1])).expect("serialise");
+        assert!(!plain.contains("hub_nodes") && !plain.contains("\"nodes\""));
     }
 }

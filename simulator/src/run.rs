@@ -3,12 +3,16 @@
 //! chaos schedule plays, samples the hub every second, then checks the
 //! invariants and builds the [`Report`].
 //!
-//! - `hub_access`: the in-process or external hub, behind one API.
+//! - `hub_access`: the in-process or external hub (one, or the nodes of a
+//!   cluster), behind one API.
+//! - `nodes`: an external hub's nodes: their pids, the chaos that kills
+//!   and restarts them, and their per-second figures.
 //! - `stages`: the operations on one agent, timed and retried.
 //! - `recorder`: what the control plane observed.
 //! - `sampler`: the hub process's CPU and memory.
 
 pub mod hub_access;
+pub mod nodes;
 pub mod recorder;
 pub mod sampler;
 pub mod stages;
@@ -24,13 +28,17 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::{ExecutionLedger, Fleet, FleetError, FleetSettings, ScriptModel, VirtualAgent};
+use crate::fleet::{
+    ExecutionLedger, Fleet, FleetError, FleetSettings, NodeLinks, ScriptModel, VirtualAgent,
+};
 use crate::invariants::{self, ScriptEnd};
 use crate::report::{
     AgentCounts, Report, SCHEMA_VERSION, Sample, ScriptTotals, ShardInfo, StageResult, UploadTotals,
 };
 use crate::scenario::{ChaosKind, ChaosSchedule, Scenario, Stage};
-pub use hub_access::{HubAccess, HubAccessError};
+pub use hub_access::{CallRouting, HubAccess, HubAccessError};
+use nodes::NodeSampler;
+pub use nodes::{HubNodes, NodeChaosError, NodeSpec};
 use recorder::Recorder;
 use sampler::ProcessSampler;
 
@@ -119,16 +127,20 @@ impl std::fmt::Display for Shard {
 pub enum HubChoice {
     /// Start one in this process.
     InProcess,
-    /// Load-test a running hub.
+    /// Load-test a running hub: one, or the nodes of a cluster.
     External {
-        address: tentacle_proto::dial::ListeningAddress,
+        /// One per node, in the order of `--hub`.
+        nodes: Vec<NodeSpec>,
+        /// Every node presents it.
         thumbprint: tentacle_proto::Thumbprint,
         /// Registers the virtual agents.
         api_key: String,
         /// The operator identity the hub trusts.
         operator: tentacle_proto::Identity,
-        /// The hub's process id, for its CPU and memory chart.
-        pid: Option<u32>,
+        /// Which node an operator call goes to.
+        routing: CallRouting,
+        /// Where restarted nodes write their output.
+        log_dir: PathBuf,
     },
 }
 
@@ -182,6 +194,8 @@ pub enum RunError {
     Fleet(#[from] FleetError),
     #[error("the run passed its time limit of {0:?}")]
     TimeLimit(Duration),
+    #[error("the scenario kills hub node {node}: {reason}")]
+    NodeKill { node: usize, reason: String },
 }
 
 /// What a progress display reads while the run goes on.
@@ -230,24 +244,29 @@ async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, Run
     let mine = settings.shard.slice(total);
     let listening_total = (total as f64 * scenario.fleet.listening_fraction).round() as usize;
 
-    let (hub, api_key, hub_pid) = match &settings.hub {
+    let (hub, api_key, hub_pid, hub_nodes) = match &settings.hub {
         HubChoice::InProcess => {
             let (hub, key) = HubAccess::start_local(settings.work_dir.join("hub")).await?;
-            (hub, key, Some(std::process::id()))
+            (hub, key, Some(std::process::id()), None)
         }
         HubChoice::External {
-            address,
+            nodes,
             thumbprint,
             api_key,
             operator,
-            pid,
-        } => (
-            HubAccess::connect_external(address.clone(), *thumbprint, operator).await?,
-            api_key.clone(),
-            *pid,
-        ),
+            routing,
+            log_dir,
+        } => {
+            let addresses: Vec<_> = nodes.iter().map(|n| n.address.clone()).collect();
+            let hub =
+                HubAccess::connect_external(&addresses, *thumbprint, operator, *routing).await?;
+            let nodes = Arc::new(HubNodes::new(nodes.clone(), log_dir.clone(), started));
+            (hub, api_key.clone(), None, Some(nodes))
+        }
     };
-    let (hub_address, hub_thumbprint) = hub.endpoint();
+    check_node_kills(&settings, hub_nodes.as_deref())?;
+    let (hub_addresses, hub_thumbprint) = hub.endpoint();
+    let links = Arc::new(NodeLinks::new(&hub_addresses));
     let names: Vec<String> = mine.clone().map(|i| format!("virtual-{i}")).collect();
     let ctx = Arc::new(Context {
         hub,
@@ -266,7 +285,11 @@ async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, Run
         live.clone(),
         fleet_slot.clone(),
         timeline.clone(),
-        hub_pid,
+        HubWatch {
+            pid: hub_pid,
+            nodes: hub_nodes.clone(),
+            links: links.clone(),
+        },
         started,
         stop_sampling.clone(),
     ));
@@ -274,13 +297,21 @@ async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, Run
     // Connect: register and start this shard's agents over the ramp.
     live.set_stage("connect");
     live.agents.store(mine.len(), Ordering::Relaxed);
+    let Some(first_hub) = hub_addresses.first().cloned() else {
+        return Err(RunError::Hub(HubAccessError::Connect {
+            address: "(none)".into(),
+            reason: "no hub address".into(),
+        }));
+    };
     let mut fleet_settings = FleetSettings::new(
         mine.len(),
-        hub_address,
+        first_hub,
         hub_thumbprint,
         api_key,
         settings.work_dir.join("agents"),
     );
+    fleet_settings.hubs = hub_addresses;
+    fleet_settings.node_links = links;
     fleet_settings.first_index = mine.start;
     fleet_settings.listening = listening_total.saturating_sub(mine.start).min(mine.len());
     fleet_settings.model = scenario.fleet.scripts.clone();
@@ -320,12 +351,15 @@ async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, Run
     let chaos_applied = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let stop_chaos = CancellationToken::new();
     let chaos = tokio::spawn(play_chaos(
-        ctx.clone(),
-        fleet.clone(),
+        Chaos {
+            ctx: ctx.clone(),
+            fleet: fleet.clone(),
+            nodes: hub_nodes.clone(),
+            settings: settings.clone(),
+            applied: chaos_applied.clone(),
+            live: live.clone(),
+        },
         schedule.clone(),
-        settings.clone(),
-        chaos_applied.clone(),
-        live.clone(),
         stop_chaos.clone(),
     ));
 
@@ -413,7 +447,39 @@ async fn run_inner(settings: RunSettings, live: Arc<Live>) -> Result<Report, Run
         scripts,
         uploads: upload_totals,
         invariants,
+        hub_nodes: hub_nodes.map(|n| n.info()).unwrap_or_default(),
     })
+}
+
+/// Refuses, before anything starts, a scenario whose hub node kills this
+/// run cannot carry out: no external hub, a node that is not given, or one
+/// without the pid to kill and the command to restart it. Only the first
+/// shard kills nodes, so only it needs them.
+fn check_node_kills(settings: &RunSettings, nodes: Option<&HubNodes>) -> Result<(), RunError> {
+    if settings.shard.index != 0 {
+        return Ok(());
+    }
+    for kill in &settings.scenario.chaos.hub_node_kills {
+        let refuse = |reason: String| RunError::NodeKill {
+            node: kill.node,
+            reason,
+        };
+        let Some(nodes) = nodes else {
+            return Err(refuse(
+                "only a run against an external hub (--hub) kills hub nodes".into(),
+            ));
+        };
+        if kill.node == 0 || kill.node > nodes.len() {
+            return Err(refuse(format!(
+                "there are {} --hub address(es)",
+                nodes.len()
+            )));
+        }
+        nodes
+            .can_kill(kill.node - 1)
+            .map_err(|e| refuse(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Agents that are connected now: polling agents with an open tunnel, and
@@ -438,16 +504,27 @@ async fn wait_connected(fleet: &Fleet, timeout: Duration) -> bool {
     false
 }
 
+/// What the sampler reads about the hub besides the run's own counters.
+struct HubWatch {
+    /// The in-process hub's process (this one).
+    pid: Option<u32>,
+    /// An external hub's nodes.
+    nodes: Option<Arc<HubNodes>>,
+    /// The fleet's open connections per node.
+    links: Arc<NodeLinks>,
+}
+
 async fn sample(
     ctx: Arc<Context>,
     live: Arc<Live>,
     agents: Arc<Mutex<Vec<Arc<VirtualAgent>>>>,
     timeline: Arc<Mutex<Vec<Sample>>>,
-    pid: Option<u32>,
+    watch: HubWatch,
     started: Instant,
     stop: CancellationToken,
 ) {
-    let mut process = pid.map(ProcessSampler::new);
+    let mut process = watch.pid.map(ProcessSampler::new);
+    let mut node_sampler = NodeSampler::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -455,19 +532,32 @@ async fn sample(
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
+        let t_ms = started.elapsed().as_millis() as u64;
         let connected = {
             let agents = agents.lock().unwrap_or_else(PoisonError::into_inner);
             connected(&agents)
         };
-        let (cpu, rss) = process.as_mut().map_or((0.0, 0), ProcessSampler::sample);
+        let nodes = match &watch.nodes {
+            Some(nodes) => node_sampler.sample(nodes, &watch.links.open()).await,
+            None => Vec::new(),
+        };
+        let (cpu, rss) = match process.as_mut() {
+            Some(process) => process.sample(),
+            // A cluster's figures are its nodes' sums.
+            None => (
+                nodes.iter().map(|n| n.cpu_percent).sum(),
+                nodes.iter().map(|n| n.rss_bytes).sum(),
+            ),
+        };
         let r = &ctx.recorder;
         let sample = Sample {
-            t_ms: started.elapsed().as_millis() as u64,
+            t_ms,
             connected,
             calls: r.window_calls.swap(0, Ordering::Relaxed),
             errors: r.window_errors.swap(0, Ordering::Relaxed),
             hub_cpu_percent: cpu,
             hub_rss_bytes: rss,
+            nodes,
         };
         live.connected.store(connected, Ordering::Relaxed);
         live.calls
@@ -616,25 +706,65 @@ fn script_totals(
     totals
 }
 
-/// Applies this shard's part of the schedule until `stop`.
-async fn play_chaos(
+/// What the chaos acts on and where it counts what it did.
+struct Chaos {
     ctx: Arc<Context>,
     fleet: Arc<Fleet>,
-    schedule: ChaosSchedule,
+    nodes: Option<Arc<HubNodes>>,
     settings: RunSettings,
     applied: Arc<Mutex<BTreeMap<String, u64>>>,
     live: Arc<Live>,
-    stop: CancellationToken,
+}
+
+impl Chaos {
+    fn count(&self, kind: &str) {
+        count_chaos(&self.applied, &self.live, kind);
+    }
+}
+
+fn count_chaos(applied: &Mutex<BTreeMap<String, u64>>, live: &Live, kind: &str) {
+    live.chaos_events.fetch_add(1, Ordering::Relaxed);
+    *applied
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(kind.to_owned())
+        .or_default() += 1;
+}
+
+/// Counted when a killed hub node accepts connections again.
+const NODE_RESTART: &str = "hub_node_restart";
+
+/// Applies this shard's part of the schedule until `stop`; a killed hub
+/// node is always started again before this returns, so the run heals.
+async fn play_chaos(chaos: Chaos, schedule: ChaosSchedule, stop: CancellationToken) {
+    let mut restarts = Vec::new();
+    apply_schedule(&chaos, schedule, &stop, &mut restarts).await;
+    for restart in restarts {
+        let _ = restart.await;
+    }
+}
+
+async fn apply_schedule(
+    chaos: &Chaos,
+    schedule: ChaosSchedule,
+    stop: &CancellationToken,
+    restarts: &mut Vec<tokio::task::JoinHandle<()>>,
 ) {
+    let Chaos {
+        ctx,
+        fleet,
+        settings,
+        ..
+    } = chaos;
     let spec = settings.scenario.chaos.clone();
     let origin = tokio::time::Instant::now() + spec.start_after;
     let first = fleet.settings().first_index;
     let mine = settings.shard.slice(settings.scenario.fleet.agents);
     for event in schedule.events {
-        // Hub restarts belong to the first shard; agent faults to the shard
-        // that runs the agent.
+        // Hub restarts and node kills belong to the first shard; agent
+        // faults to the shard that runs the agent.
         let ours = match event.kind {
-            ChaosKind::HubRestart => settings.shard.index == 0,
+            ChaosKind::HubRestart | ChaosKind::HubNodeKill => settings.shard.index == 0,
             _ => mine.contains(&event.agent),
         };
         if !ours {
@@ -655,6 +785,39 @@ async fn play_chaos(
                     tracing::warn!(%error, "the hub did not come back");
                     false
                 }
+            },
+            (ChaosKind::HubNodeKill, _) => match &chaos.nodes {
+                Some(nodes) => {
+                    let down_for = spec
+                        .hub_node_kills
+                        .iter()
+                        .find(|k| k.node == event.agent + 1 && k.at == event.at)
+                        .map_or(crate::scenario::chaos::DEFAULT_NODE_DOWN_FOR, |k| {
+                            k.down_for
+                        });
+                    match nodes.kill(event.agent) {
+                        Ok(()) => {
+                            let (nodes, applied, live) =
+                                (nodes.clone(), chaos.applied.clone(), chaos.live.clone());
+                            let node = event.agent;
+                            restarts.push(tokio::spawn(async move {
+                                tokio::time::sleep(down_for).await;
+                                match nodes.restart(node).await {
+                                    Ok(()) => count_chaos(&applied, &live, NODE_RESTART),
+                                    Err(error) => {
+                                        tracing::error!(%error, "a killed hub node did not come back");
+                                    }
+                                }
+                            }));
+                            true
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "could not kill a hub node");
+                            false
+                        }
+                    }
+                }
+                None => false,
             },
             (_, None) => false,
             (ChaosKind::Disconnect, Some(agent)) => {
@@ -688,12 +851,7 @@ async fn play_chaos(
             }
         };
         if done {
-            live.chaos_events.fetch_add(1, Ordering::Relaxed);
-            *applied
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(event.kind.name().to_owned())
-                .or_default() += 1;
+            chaos.count(event.kind.name());
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::ScriptModel;
-pub use chaos::{ChaosEvent, ChaosKind, ChaosSchedule};
+pub use chaos::{ChaosEvent, ChaosKind, ChaosSchedule, HubNodeKill};
 
 /// A whole scenario.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -166,6 +166,10 @@ pub struct ChaosSpec {
     /// No chaos before this long into the stages.
     #[serde(with = "humantime_serde")]
     pub start_after: Duration,
+    /// Hub nodes killed (SIGKILL) and started again at set times, for a
+    /// run against an external hub cluster: `[[chaos.hub_node_kill]]`.
+    #[serde(rename = "hub_node_kill")]
+    pub hub_node_kills: Vec<HubNodeKill>,
 }
 
 impl Default for ChaosSpec {
@@ -180,6 +184,7 @@ impl Default for ChaosSpec {
             hub_down_for: Duration::from_secs(1),
             max_hub_restarts: 1,
             start_after: Duration::ZERO,
+            hub_node_kills: Vec::new(),
         }
     }
 }
@@ -317,6 +322,22 @@ impl Scenario {
         if rate > 0.0 && w.disconnect + w.latency + w.crash + w.hub_restart == 0 {
             return Err("chaos is on but every chaos weight is 0".into());
         }
+        for (i, kill) in self.chaos.hub_node_kills.iter().enumerate() {
+            let at = format!("chaos.hub_node_kill {}", i + 1);
+            if kill.node == 0 {
+                return Err(
+                    format!("{at} node is 0; nodes count from 1, in the order of --hub").into(),
+                );
+            }
+            if self.chaos.start_after + kill.at + kill.down_for >= self.time_limit {
+                return Err(format!(
+                    "{at} brings node {} back after the run's time_limit of {}; kill it earlier or raise time_limit",
+                    kill.node,
+                    humantime::format_duration(self.time_limit)
+                )
+                .into());
+            }
+        }
         Ok(())
     }
 }
@@ -378,5 +399,43 @@ mod tests {
         assert!(error.contains("listening_fraction"), "{error}");
         let stage = format!("{base}[[stage]]\nkind = \"dance\"\n");
         assert!(Scenario::parse("t", &stage).is_err());
+    }
+
+    #[test]
+    fn hub_node_kills_parse_and_are_checked() {
+        let base = "name = \"x\"\ntime_limit = \"1m\"\n[fleet]\nagents = 10\n";
+        let kills = format!(
+            "{base}[[chaos.hub_node_kill]]\nnode = 2\nat = \"5s\"\ndown_for = \"3s\"\n\
+             [[chaos.hub_node_kill]]\nnode = 1\nat = \"20s\"\n"
+        );
+        let scenario = Scenario::parse("t", &kills).expect("parses");
+        assert_eq!(
+            scenario.chaos.hub_node_kills,
+            vec![
+                HubNodeKill {
+                    node: 2,
+                    at: Duration::from_secs(5),
+                    down_for: Duration::from_secs(3),
+                },
+                HubNodeKill {
+                    node: 1,
+                    at: Duration::from_secs(20),
+                    down_for: chaos::DEFAULT_NODE_DOWN_FOR,
+                },
+            ]
+        );
+        let zero = format!("{base}[[chaos.hub_node_kill]]\nnode = 0\nat = \"5s\"\n");
+        let error = Scenario::parse("t", &zero).expect_err("node 0").to_string();
+        assert!(error.contains("nodes count from 1"), "{error}");
+        let late = format!("{base}[[chaos.hub_node_kill]]\nnode = 1\nat = \"58s\"\n");
+        let error = Scenario::parse("t", &late)
+            .expect_err("too late")
+            .to_string();
+        assert!(error.contains("time_limit"), "{error}");
+        let typo = format!("{base}[[chaos.hub_node_kill]]\nnode = 1\nat = \"5s\"\ndown = \"1s\"\n");
+        assert!(
+            Scenario::parse("t", &typo).is_err(),
+            "unknown keys are refused"
+        );
     }
 }

@@ -26,6 +26,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::nodes::{LastNode, NodeLinks, OpenLink};
+
 /// The faults currently applied to one agent's connections.
 #[derive(Debug, Default)]
 pub struct Faults {
@@ -85,6 +87,9 @@ pub struct FaultDialer {
     pub faults: std::sync::Arc<Faults>,
     /// Bind to this local address first (port 0), if set.
     pub source: Option<IpAddr>,
+    /// Counts each connection against the hub node it goes to, and notes
+    /// that node as the agent's, if set.
+    pub nodes: Option<(std::sync::Arc<NodeLinks>, std::sync::Arc<LastNode>)>,
 }
 
 /// The source address for agent `index` when spreading over `count`
@@ -124,7 +129,13 @@ impl Dialer for FaultDialer {
                 _ => connect_with_timeout(TcpStream::connect(remote), timeout).await?,
             };
             tcp.set_nodelay(true)?;
-            let stream = FaultyStream::new(tcp, self.faults.clone());
+            let mut stream = FaultyStream::new(tcp, self.faults.clone());
+            if let Some((links, last)) = &self.nodes
+                && let Some(node) = links.index_of(hub)
+            {
+                last.set(node);
+                stream.link = Some(links.opened(node));
+            }
             Ok(Dialed {
                 remote_addr: Some(remote),
                 stream: Box::new(stream),
@@ -140,6 +151,8 @@ pub struct FaultyStream<S> {
     faults: std::sync::Arc<Faults>,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
     delay: Option<Pin<Box<Sleep>>>,
+    /// Counts this connection against its hub node while it is open.
+    link: Option<OpenLink>,
 }
 
 impl<S> std::fmt::Debug for FaultyStream<S> {
@@ -156,6 +169,7 @@ impl<S> FaultyStream<S> {
             faults,
             cut,
             delay: None,
+            link: None,
         }
     }
 

@@ -11,11 +11,13 @@
 //! - `page`: the document skeleton, its Content-Security-Policy and CSS.
 //! - `sections`: the header and verdict, tables, invariant results and
 //!   errors, in page order.
+//! - `nodes`: the per-node figures of a run against a hub cluster.
 //! - `charts`: the inline SVG charts and their axes.
 //! - `format`: numbers, sizes, durations and dates as text.
 
 mod charts;
 mod format;
+mod nodes;
 mod page;
 mod sections;
 #[cfg(test)]

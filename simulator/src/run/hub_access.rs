@@ -1,10 +1,16 @@
 //! The hub a run talks through: one started in this process (which chaos
-//! may restart), or an external one reached as an operator. Either way a
+//! may restart), or an external one reached as an operator: one hub, or
+//! the nodes of a hub cluster, each with its own channel. Either way a
 //! virtual agent is reached through the same [`AgentChannel`] API.
+//!
+//! Calls to a cluster go to the nodes in turn (any node reaches any agent,
+//! forwarding to the node that holds the agent's tunnel), or, with
+//! [`CallRouting::Holder`], to the node the agent last dialed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -41,14 +47,36 @@ pub struct LocalHub {
     serving: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
 }
 
+/// Which node of an external hub cluster an operator call goes to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CallRouting {
+    /// The nodes in turn: most calls reach an agent through a node that
+    /// forwards them to the node holding its tunnel, as behind a load
+    /// balancer.
+    #[default]
+    RoundRobin,
+    /// The node the agent last dialed (where its tunnel is), else the next
+    /// in turn: no forwarding hop while the agent stays put.
+    Holder,
+}
+
+/// One node of an external hub and the operator channel to it.
+#[derive(Debug)]
+pub struct ExternalNode {
+    pub address: ListeningAddress,
+    channel: Channel,
+}
+
 /// How the run reaches agents.
 #[derive(Debug)]
 pub enum HubAccess {
     Local(Box<LocalHub>),
     External {
-        address: ListeningAddress,
+        nodes: Vec<ExternalNode>,
         thumbprint: Thumbprint,
-        channel: Channel,
+        routing: CallRouting,
+        /// The next node in turn.
+        turn: AtomicUsize,
     },
 }
 
@@ -88,40 +116,62 @@ impl HubAccess {
         Ok((Self::Local(Box::new(local)), api_key))
     }
 
-    /// Reaches the hub at `address` as the operator `identity`.
+    /// Reaches the hub at `addresses` (one hub, or every node of a
+    /// cluster, all presenting `thumbprint`) as the operator `identity`.
+    /// Every node must answer now; channels reconnect by themselves later.
     pub async fn connect_external(
-        address: ListeningAddress,
+        addresses: &[ListeningAddress],
         thumbprint: Thumbprint,
         identity: &Identity,
+        routing: CallRouting,
     ) -> Result<Self, HubAccessError> {
-        let connect = |reason: String| HubAccessError::Connect {
-            address: address.to_string(),
-            reason,
-        };
-        let tls = tentacle_proto::tls::client_config(identity, TrustStore::new([thumbprint]))
-            .map_err(|e| connect(e.to_string()))?;
-        let channel = dial::channel(&address, tls, &DialSettings::default())
-            .await
-            .map_err(|e| connect(e.to_string()))?;
+        let mut nodes = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            let connect = |reason: String| HubAccessError::Connect {
+                address: address.to_string(),
+                reason,
+            };
+            let tls = tentacle_proto::tls::client_config(identity, TrustStore::new([thumbprint]))
+                .map_err(|e| connect(e.to_string()))?;
+            let channel = dial::channel(address, tls, &DialSettings::default())
+                .await
+                .map_err(|e| connect(e.to_string()))?;
+            nodes.push(ExternalNode {
+                address: address.clone(),
+                channel,
+            });
+        }
+        if nodes.is_empty() {
+            return Err(HubAccessError::Connect {
+                address: "(none)".into(),
+                reason: "no hub address was given".into(),
+            });
+        }
         Ok(Self::External {
-            address,
+            nodes,
             thumbprint,
-            channel,
+            routing,
+            turn: AtomicUsize::new(0),
         })
     }
 
-    /// Where agents find the hub, and its thumbprint.
-    pub fn endpoint(&self) -> (ListeningAddress, Thumbprint) {
+    /// Where agents find the hub (each node of a cluster), and its
+    /// thumbprint.
+    pub fn endpoint(&self) -> (Vec<ListeningAddress>, Thumbprint) {
         match self {
             Self::Local(local) => (
-                ListeningAddress::new(local.address.ip().to_string(), local.address.port()),
+                vec![ListeningAddress::new(
+                    local.address.ip().to_string(),
+                    local.address.port(),
+                )],
                 local.identity.thumbprint(),
             ),
             Self::External {
-                address,
-                thumbprint,
-                ..
-            } => (address.clone(), *thumbprint),
+                nodes, thumbprint, ..
+            } => (
+                nodes.iter().map(|n| n.address.clone()).collect(),
+                *thumbprint,
+            ),
         }
     }
 
@@ -129,15 +179,21 @@ impl HubAccess {
     pub fn describe(&self) -> String {
         match self {
             Self::Local(_) => "in-process".into(),
-            Self::External { address, .. } => address.to_string(),
+            Self::External { nodes, .. } => nodes
+                .iter()
+                .map(|n| n.address.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
         }
     }
 
-    /// A channel to one agent.
+    /// A channel to one agent; `holder` is the cluster node the agent last
+    /// dialed, if known.
     pub async fn channel(
         &self,
         target: &Target,
         thumbprint: Thumbprint,
+        holder: Option<usize>,
     ) -> Result<AgentChannel, tonic::Status> {
         match self {
             Self::Local(local) => local
@@ -146,8 +202,22 @@ impl HubAccess {
                 .channel(target, thumbprint)
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string())),
-            Self::External { channel, .. } => {
-                HubRouted::new(channel.clone(), target, thumbprint, None)
+            Self::External {
+                nodes,
+                routing,
+                turn,
+                ..
+            } => {
+                let next = || turn.fetch_add(1, Ordering::Relaxed) % nodes.len();
+                let node = match (routing, holder) {
+                    (CallRouting::Holder, Some(node)) if node < nodes.len() => node,
+                    _ => next(),
+                };
+                let channel = nodes
+                    .get(node)
+                    .map(|n| n.channel.clone())
+                    .ok_or_else(|| tonic::Status::unavailable("no hub node"))?;
+                HubRouted::new(channel, target, thumbprint, None)
                     .map(AgentChannel::ViaHub)
                     .map_err(|e| tonic::Status::invalid_argument(e.to_string()))
             }

@@ -28,6 +28,11 @@ impl ProcessSampler {
         }
     }
 
+    /// The process it reads.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// CPU use since the previous sample (100 = one core) and resident
     /// bytes now; zeros if the process cannot be read.
     pub fn sample(&mut self) -> (f64, u64) {

@@ -44,7 +44,11 @@ where
     let mut backoff = retry_backoff();
     loop {
         let started = Instant::now();
-        let result = match ctx.hub.channel(&agent.target, agent.thumbprint).await {
+        let result = match ctx
+            .hub
+            .channel(&agent.target, agent.thumbprint, agent.hub_node.get())
+            .await
+        {
             Ok(channel) => match tokio::time::timeout(CALL_TIMEOUT, f(channel)).await {
                 Ok(result) => result,
                 Err(_) => Err(Status::deadline_exceeded(format!(
@@ -250,7 +254,10 @@ async fn follow(
     loop {
         let started = Instant::now();
         let outcome: Result<Option<i32>, Status> = async {
-            let channel = ctx.hub.channel(&agent.target, agent.thumbprint).await?;
+            let channel = ctx
+                .hub
+                .channel(&agent.target, agent.thumbprint, agent.hub_node.get())
+                .await?;
             let mut stream = ScriptServiceClient::new(channel)
                 .watch_script(pb::WatchScriptRequest {
                     ticket: ticket.to_owned(),

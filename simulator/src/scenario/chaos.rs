@@ -28,6 +28,10 @@ pub enum ChaosKind {
     Crash,
     /// Restart the in-process hub.
     HubRestart,
+    /// Kill one node of an external hub cluster and start it again; the
+    /// event's `agent` is the node's 0-based index. Scheduled at set times
+    /// by `[[chaos.hub_node_kill]]`, not drawn.
+    HubNodeKill,
 }
 
 impl ChaosKind {
@@ -37,16 +41,39 @@ impl ChaosKind {
             ChaosKind::Latency => "latency",
             ChaosKind::Crash => "crash",
             ChaosKind::HubRestart => "hub_restart",
+            ChaosKind::HubNodeKill => "hub_node_kill",
         }
     }
 }
 
-/// A fault at a time after chaos starts, for the agent with a global index.
+/// A fault at a time after chaos starts, for the agent with a global index
+/// (or, for [`ChaosKind::HubNodeKill`], the hub node with this 0-based index).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChaosEvent {
     pub at: Duration,
     pub kind: ChaosKind,
     pub agent: usize,
+}
+
+/// How long a killed hub node stays down unless a scenario says.
+pub const DEFAULT_NODE_DOWN_FOR: Duration = Duration::from_secs(5);
+
+fn default_node_down_for() -> Duration {
+    DEFAULT_NODE_DOWN_FOR
+}
+
+/// One hub node killed with SIGKILL (no drain, no goodbye, as a lost
+/// machine) `at` after chaos starts, and started again `down_for` later
+/// with the run's `--hub-restart-command`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubNodeKill {
+    /// 1-based, in the order of `--hub`.
+    pub node: usize,
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    #[serde(with = "humantime_serde", default = "default_node_down_for")]
+    pub down_for: Duration,
 }
 
 /// Every event of a run, in time order.
@@ -56,8 +83,27 @@ pub struct ChaosSchedule {
 }
 
 impl ChaosSchedule {
-    /// The events for a fleet of `agents` over `window`, drawn from `seed`.
+    /// The events for a fleet of `agents` over `window`: the ones drawn
+    /// from `seed`, and the hub node kills at their set times.
     pub fn generate(spec: &ChaosSpec, agents: usize, seed: u64, window: Duration) -> Self {
+        let mut schedule = Self::draw(spec, agents, seed, window);
+        for kill in &spec.hub_node_kills {
+            if kill.at < window && kill.node > 0 {
+                schedule.events.push(ChaosEvent {
+                    at: kill.at,
+                    kind: ChaosKind::HubNodeKill,
+                    agent: kill.node - 1,
+                });
+            }
+        }
+        // Stable, so drawn events keep their order and a scenario without
+        // kills keeps its digest.
+        schedule.events.sort_by_key(|e| e.at);
+        schedule
+    }
+
+    /// The Poisson part of the schedule.
+    fn draw(spec: &ChaosSpec, agents: usize, seed: u64, window: Duration) -> Self {
         let per_second = spec.rate_per_agent_per_minute * agents as f64 / 60.0;
         let w = &spec.weights;
         let weights = [
@@ -158,10 +204,48 @@ mod tests {
         assert_eq!(count(ChaosKind::Latency) + count(ChaosKind::Crash), 0);
         assert!(count(ChaosKind::Disconnect) > 50);
         let off = ChaosSpec::default();
+        assert!(off.hub_node_kills.is_empty());
         assert!(
             ChaosSchedule::generate(&off, 100, 5, Duration::from_secs(60))
                 .events
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn hub_node_kills_land_at_their_times_without_moving_the_drawn_events() {
+        let window = Duration::from_secs(60);
+        let drawn = ChaosSchedule::generate(&spec(), 50, 3, window);
+        let mut with_kills = spec();
+        with_kills.hub_node_kills = vec![
+            HubNodeKill {
+                node: 3,
+                at: Duration::from_secs(10),
+                down_for: Duration::from_secs(2),
+            },
+            HubNodeKill {
+                node: 1,
+                at: Duration::from_secs(90),
+                down_for: Duration::from_secs(2),
+            },
+        ];
+        let s = ChaosSchedule::generate(&with_kills, 50, 3, window);
+        let kills: Vec<_> = s
+            .events
+            .iter()
+            .filter(|e| e.kind == ChaosKind::HubNodeKill)
+            .collect();
+        // The second kill is past the window.
+        assert_eq!(kills.len(), 1);
+        assert_eq!((kills[0].at, kills[0].agent), (Duration::from_secs(10), 2));
+        let others: Vec<_> = s
+            .events
+            .iter()
+            .filter(|e| e.kind != ChaosKind::HubNodeKill)
+            .copied()
+            .collect();
+        assert_eq!(others, drawn.events);
+        assert!(s.events.windows(2).all(|w| w[0].at <= w[1].at));
+        assert_ne!(s.sha256(), drawn.sha256());
     }
 }

@@ -37,6 +37,7 @@ mod rotation_approval;
 mod scenario_run;
 mod script_output;
 mod script_survival;
+mod sim_cluster;
 mod stock_grpc_tools;
 mod systemd;
 mod traces;

@@ -80,6 +80,18 @@ fn empty_note(message: &str, width: f64, height: f64) -> Markup {
 /// seconds since the start, with the y axis from zero so that heights
 /// compare honestly. Points that are not finite are skipped.
 pub(super) fn line_chart(title: &str, series: &[(&str, Vec<(f64, f64)>)], y_label: &str) -> Markup {
+    marked_line_chart(title, series, y_label, &[])
+}
+
+/// [`line_chart`] with dashed vertical marks at moments of the run (at
+/// seconds since the start, each labelled), e.g. a hub node killed and
+/// back. Marks outside the samples' span are clamped to its edges.
+pub(super) fn marked_line_chart(
+    title: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+    y_label: &str,
+    marks: &[(f64, String)],
+) -> Markup {
     let (left, right, top, bottom) = (64.0, 16.0, 34.0, 40.0);
     let (plot_w, plot_h) = (LINE_W - left - right, LINE_H - top - bottom);
 
@@ -148,6 +160,13 @@ pub(super) fn line_chart(title: &str, series: &[(&str, Vec<(f64, f64)>)], y_labe
                 polyline fill="none" stroke=(colour) stroke-width="1.8" stroke-linejoin="round"
                     points=(polyline(points)) {}
             }
+        }
+        @for (i, (at, label)) in marks.iter().filter(|(at, _)| at.is_finite()).enumerate() {
+            @let mx = px(*at);
+            // Alternate rows, so two marks close together stay legible.
+            @let my = top + 10.0 + (i % 2) as f64 * 12.0;
+            line class="mark" x1=(Px(mx)) x2=(Px(mx)) y1=(Px(top)) y2=(Px(base)) {}
+            text class="mark" x=(Px(mx + 3.0)) y=(Px(my)) { (label) }
         }
         @if series.len() > 1 {
             (legend(&names, &PALETTE, LINE_W - right))

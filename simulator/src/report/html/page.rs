@@ -37,6 +37,7 @@ pub(super) fn document(report: &Report) -> Markup {
                     (sections::latency(&report.calls))
                     (sections::errors(&report.errors, &report.error_examples))
                     (sections::hub(&report.timeline))
+                    (super::nodes::section(report))
                     (sections::totals(report))
                 }
                 footer {
@@ -91,6 +92,8 @@ svg.chart text.value { font-size: 10px; }
 svg.chart text.empty { font-size: 14px; fill: #64748b; }
 svg.chart .grid { stroke: #e2e8f0; }
 svg.chart .axis { stroke: #94a3b8; }
+svg.chart .mark { stroke: #64748b; stroke-dasharray: 4 3; }
+svg.chart text.mark { font-size: 10px; fill: #475569; stroke: #fff; stroke-width: 3px; stroke-dasharray: none; paint-order: stroke; }
 details summary { cursor: pointer; }
 footer { color: var(--muted); font-size: 12px; }
 ";

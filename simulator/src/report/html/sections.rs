@@ -261,7 +261,7 @@ pub(super) fn hub(timeline: &[Sample]) -> Markup {
     html! {
         section #hub {
             h2 { "Hub resources" }
-            p.muted { "With an in-process hub these are the whole simulator's." }
+            p.muted { "With an in-process hub these are the whole simulator's; for a hub cluster, the sums over its nodes." }
             div.charts {
                 (line_chart("Hub CPU", &[("cpu", cpu)], "% of one core"))
                 (line_chart("Hub resident memory", &[("rss", rss)], "MiB"))
