@@ -6,8 +6,10 @@
 #   deploy/docker/build.sh [--binaries DIR] [--tag TAG] [--no-strip]
 #
 # Debian packages (apt-get download, cached): bash-static, busybox-static,
-# tini (its tini-static), tinyproxy-bin.
-# Images: tentacle-agent, tentacle-hub, tentacle-sim, tentacle-test-proxy (all :TAG).
+# tini (its tini-static), tinyproxy-bin, and etcd-server unless it is
+# installed on this host.
+# Images: tentacle-agent, tentacle-hub, tentacle-sim, tentacle-test-proxy,
+# tentacle-test-etcd (all :TAG).
 # See deploy/docker/README.md.
 set -euo pipefail
 
@@ -15,7 +17,8 @@ usage() {
     cat <<'EOF'
 Usage: deploy/docker/build.sh [--binaries DIR] [--tag TAG] [--no-strip]
 
-Builds tentacle-agent, tentacle-hub, tentacle-sim and tentacle-test-proxy, all FROM scratch.
+Builds tentacle-agent, tentacle-hub, tentacle-sim, tentacle-test-proxy and
+tentacle-test-etcd, all FROM scratch.
 
   --binaries DIR  Use the static tentacle, tentacle-hub and tentacle-sim already in DIR
                   (e.g. target/x86_64-unknown-linux-gnu/debug). Without it, builds them:
@@ -30,6 +33,8 @@ Environment:
   TENTACLE_DEB_CACHE  Where downloaded .deb files are kept between runs
                       (default: ${XDG_CACHE_HOME:-~/.cache}/tentacle/debs).
   DOCKER              The docker client to run (default: docker).
+  ETCD_BINARY         The etcd for tentacle-test-etcd (default: /usr/bin/etcd when Debian's
+                      etcd-server package is installed, else that package is downloaded).
 EOF
 }
 
@@ -166,6 +171,19 @@ extract_deb bash-static "$WORK/pkg/bash-static"
 extract_deb busybox-static "$WORK/pkg/busybox-static"
 extract_deb tini "$WORK/pkg/tini"
 extract_deb tinyproxy-bin "$WORK/pkg/tinyproxy-bin"
+# etcd for the cluster tests: the host's own when Debian's package is
+# installed (the loopback etcd tests run that one too), else the package.
+ETCD_BINARY=${ETCD_BINARY:-}
+if [ -z "$ETCD_BINARY" ]; then
+    if dpkg-query -W -f '${Status}' etcd-server 2>/dev/null | grep -q 'install ok installed' \
+        && [ -x /usr/bin/etcd ]; then
+        ETCD_BINARY=/usr/bin/etcd
+    else
+        extract_deb etcd-server "$WORK/pkg/etcd-server"
+        ETCD_BINARY="$WORK/pkg/etcd-server/usr/bin/etcd"
+    fi
+fi
+[ -x "$ETCD_BINARY" ] || die "ETCD_BINARY=$ETCD_BINARY is not an executable"
 
 # --- build contexts -------------------------------------------------------------
 # Each context holds rootfs/ (copied to / as root:root) and home/ (copied to
@@ -241,6 +259,22 @@ ctx="$WORK/sim"
 base "$ctx" tentacle /var/lib/tentacle-sim /usr/sbin/nologin
 install_binary "$BINARIES/tentacle-sim" "$ctx/rootfs/usr/local/bin/tentacle-sim"
 
+# Copies the shared libraries `ldd` lists for binary $1 (and its program
+# interpreter) into rootfs $2 at their paths; prints them.
+copy_libraries() {
+    local binary=$1 rootfs=$2 libs lib
+    libs=$(LC_ALL=C ldd "$binary" | sed -n 's/.*=> \(\/[^ ]*\) (.*/\1/p; s/^[[:space:]]*\(\/[^ ]*\) (.*/\1/p' | sort -u)
+    [ -n "$libs" ] || die "ldd lists no libraries for $binary: $(ldd "$binary" 2>&1 | head -n 1)"
+    if LC_ALL=C ldd "$binary" | grep -q 'not found'; then
+        die "$binary needs libraries this host lacks: $(LC_ALL=C ldd "$binary" | grep 'not found' | tr -s ' \t\n' ' ')"
+    fi
+    for lib in $libs; do
+        mkdir -p "$rootfs$(dirname "$lib")"
+        cp -L "$lib" "$rootfs$lib"
+    done
+    echo "$libs" | tr '\n' ' '
+}
+
 # test proxy: Debian's tinyproxy, the shared libraries ldd lists, a config.
 ctx="$WORK/test-proxy"
 base "$ctx" tinyproxy /nonexistent /usr/sbin/nologin
@@ -249,19 +283,24 @@ mkdir -p "$ctx/rootfs/usr/bin" "$ctx/rootfs/etc/tinyproxy" "$ctx/rootfs/usr/shar
 install -m 0755 "$tinyproxy" "$ctx/rootfs/usr/bin/tinyproxy"
 cp -R "$WORK/pkg/tinyproxy-bin/usr/share/tinyproxy" "$ctx/rootfs/usr/share/tinyproxy"
 install -m 0644 "$DOCKERFILES/tinyproxy.conf" "$ctx/rootfs/etc/tinyproxy/tinyproxy.conf"
-libs=$(LC_ALL=C ldd "$tinyproxy" | sed -n 's/.*=> \(\/[^ ]*\) (.*/\1/p; s/^[[:space:]]*\(\/[^ ]*\) (.*/\1/p' | sort -u)
-[ -n "$libs" ] || die "ldd lists no libraries for tinyproxy: $(ldd "$tinyproxy" 2>&1 | head -n 1)"
-if LC_ALL=C ldd "$tinyproxy" | grep -q 'not found'; then
-    die "tinyproxy needs libraries this host lacks: $(LC_ALL=C ldd "$tinyproxy" | grep 'not found' | tr -s ' \t\n' ' ')"
+libs=$(copy_libraries "$tinyproxy" "$ctx/rootfs")
+say "test-proxy: tinyproxy with $libs"
+
+# test etcd: Debian's etcd, a Go binary built with cgo (so dynamically
+# linked: the libraries ldd lists come along), data in /var/lib/etcd.
+ctx="$WORK/test-etcd"
+base "$ctx" etcd /var/lib/etcd /usr/sbin/nologin
+mkdir -p "$ctx/rootfs/usr/bin"
+install -m 0755 "$ETCD_BINARY" "$ctx/rootfs/usr/bin/etcd"
+if is_static "$ETCD_BINARY"; then
+    say "test-etcd: $ETCD_BINARY (static)"
+else
+    libs=$(copy_libraries "$ETCD_BINARY" "$ctx/rootfs")
+    say "test-etcd: $ETCD_BINARY with $libs"
 fi
-for lib in $libs; do
-    mkdir -p "$ctx/rootfs$(dirname "$lib")"
-    cp -L "$lib" "$ctx/rootfs$lib"
-done
-say "test-proxy: tinyproxy with $(echo "$libs" | tr '\n' ' ')"
 
 # --- images ---------------------------------------------------------------------
-IMAGES=(agent hub sim test-proxy)
+IMAGES=(agent hub sim test-proxy test-etcd)
 # docker build, quiet, minus the legacy builder's deprecation notice (this
 # engine has no BuildKit/buildx; the Dockerfiles need neither). The image
 # this tag named before is removed when nothing else uses it, so rebuilding

@@ -26,8 +26,10 @@
 //! `skipped: <test>: <why>` and passes.
 
 mod api_adapter;
+pub mod cluster;
 mod docker;
 mod images;
+mod running;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -43,6 +45,7 @@ use testcontainers::{Container, GenericImage, Healthcheck, ImageExt};
 
 pub use docker::Network;
 use docker::{humanize, run_bounded};
+pub use running::Running;
 
 /// The tag the suite builds and runs its images under.
 pub const IMAGE_TAG: &str = "test";
@@ -50,7 +53,9 @@ pub const AGENT_IMAGE: &str = "tentacle-agent";
 pub const HUB_IMAGE: &str = "tentacle-hub";
 pub const SIM_IMAGE: &str = "tentacle-sim";
 pub const PROXY_IMAGE: &str = "tentacle-test-proxy";
-const IMAGES: [&str; 4] = [AGENT_IMAGE, HUB_IMAGE, SIM_IMAGE, PROXY_IMAGE];
+/// One etcd member, for the hub cluster's scenarios (`cluster`).
+pub const ETCD_IMAGE: &str = "tentacle-test-etcd";
+const IMAGES: [&str; 5] = [AGENT_IMAGE, HUB_IMAGE, SIM_IMAGE, PROXY_IMAGE, ETCD_IMAGE];
 
 /// The label every container and network of a test carries (value: the
 /// test's run id).

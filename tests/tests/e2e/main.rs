@@ -14,6 +14,7 @@ mod cluster_fencing;
 mod cluster_store;
 mod container_start;
 mod containers;
+mod containers_cluster;
 mod deploy;
 mod etcd_harness;
 mod fault_matrix;
