@@ -249,6 +249,19 @@ impl EtcdStore {
         .await
     }
 
+    /// Deletes `key` if it is still at `revision` (compare-and-delete);
+    /// returns whether this call deleted it.
+    async fn delete_at(&self, key: Vec<u8>, revision: i64) -> Result<bool, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        Ok(self.txn(txn).await?.succeeded())
+    }
+
     async fn get(
         &self,
         key: Vec<u8>,
@@ -688,15 +701,11 @@ impl RegistryStore for EtcdStore {
             // Used up by the one transaction that deletes it at the revision
             // it was read at: of two nodes redeeming it at once, one wins.
             let key = self.keys.credential(&sha256);
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    revision,
-                )])
-                .and_then([TxnOp::delete(key, None)]);
-            let response = self.txn(txn).await.map_err(CredentialError::Shared)?;
-            if !response.succeeded() {
+            if !self
+                .delete_at(key, revision)
+                .await
+                .map_err(CredentialError::Shared)?
+            {
                 return Err(CredentialError::Invalid);
             }
             Ok(Redeemed {
@@ -765,15 +774,11 @@ impl RegistryStore for EtcdStore {
                 }
                 // Taken by the node whose delete holds; the others skip it.
                 let key = self.keys.rotation(&rotation.agent);
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        revision,
-                    )])
-                    .and_then([TxnOp::delete(key, None)]);
-                let response = self.txn(txn).await.map_err(PendingError::Shared)?;
-                if response.succeeded() {
+                if self
+                    .delete_at(key, revision)
+                    .await
+                    .map_err(PendingError::Shared)?
+                {
                     taken.push(rotation);
                 }
             }
