@@ -416,27 +416,35 @@ impl http_body::Body for AttemptBody {
             state.drop_replayed();
             return Poll::Ready(Some(Ok(frame)));
         }
-        let Some(inner) = state.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let Poll::Ready(polled) = Pin::new(inner).poll_frame(cx) else {
-            state.waiting = Some(cx.waker().clone());
-            return Poll::Pending;
-        };
-        state.waiting = None;
-        match polled {
-            None => {
-                state.inner = None;
-                Poll::Ready(None)
-            }
-            Some(Ok(frame)) => {
-                state.keep(&frame);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Some(Err(status)) => {
-                state.spend();
-                Poll::Ready(Some(Err(status)))
-            }
+        loop {
+            let Some(inner) = state.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let Poll::Ready(polled) = Pin::new(inner).poll_frame(cx) else {
+                state.waiting = Some(cx.waker().clone());
+                return Poll::Pending;
+            };
+            state.waiting = None;
+            return match polled {
+                None => {
+                    state.inner = None;
+                    Poll::Ready(None)
+                }
+                // An empty chunk (the caller's end of stream, as the server
+                // read it) is not passed on: the receiving node's HTTP/2
+                // counts empty DATA frames over a connection's life and
+                // closes it after a hundred, which every node-to-node
+                // connection would reach.
+                Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => continue,
+                Some(Ok(frame)) => {
+                    state.keep(&frame);
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(status)) => {
+                    state.spend();
+                    Poll::Ready(Some(Err(status)))
+                }
+            };
         }
     }
 }

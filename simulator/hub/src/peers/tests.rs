@@ -450,6 +450,28 @@ async fn a_unary_call_through_one_node_reaches_an_agent_on_another() {
     assert!(metric("answered"));
 }
 
+/// The receiving node's HTTP/2 closes a connection that brings it more
+/// than a hundred empty DATA frames in its life; a forwarded call must not
+/// bring one each, or every node-to-node connection would die after a
+/// hundred calls.
+#[tokio::test]
+async fn hundreds_of_calls_share_one_connection_between_nodes() {
+    let (presence, nodes) = cluster(&["a", "b"], HubSettings::default()).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let agent = Agent::new();
+    let _tunnel = agent.attach(&a.hub, "web-01");
+    presence.set("web-01", &[&a.node]);
+    let mut client = capabilities(operator(&b.node).await, "web-01");
+    for call in 0..300 {
+        within(
+            "the call",
+            client.get_capabilities(GetCapabilitiesRequest {}),
+        )
+        .await
+        .unwrap_or_else(|status| panic!("call {call} failed: {status:?}"));
+    }
+}
+
 #[tokio::test]
 async fn a_server_stream_through_a_node_arrives_line_by_line() {
     let (presence, nodes) = cluster(&["a", "b"], HubSettings::default()).await;
