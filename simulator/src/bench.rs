@@ -10,8 +10,10 @@
 
 pub mod baselines;
 pub mod calls;
+pub mod etcd;
 pub mod fleet;
 pub mod local;
+pub mod nodes;
 pub mod processes;
 pub mod sshd;
 pub mod stats;
@@ -164,7 +166,8 @@ impl Machine {
 }
 
 /// The rows of this module, in the order the bench runs them; the call
-/// rows follow ([`calls::ROWS`]).
+/// rows follow ([`calls::ROWS`]), then those across hub nodes
+/// ([`nodes::ROWS`]) and the fleet's.
 pub const ROWS: [&str; 6] = [
     "disk-fsync",
     "rustls-copy",
@@ -176,7 +179,10 @@ pub const ROWS: [&str; 6] = [
 
 /// Every row `--only` accepts, in the order the bench runs them.
 pub fn all_rows() -> impl Iterator<Item = &'static str> {
-    ROWS.into_iter().chain(calls::ROWS).chain(fleet::ROWS)
+    ROWS.into_iter()
+        .chain(calls::ROWS)
+        .chain(nodes::ROWS)
+        .chain(fleet::ROWS)
 }
 
 /// Why a bench run stopped.
@@ -303,6 +309,7 @@ pub async fn run(settings: &Settings, quick: bool) -> Result<Report, BenchError>
     }
 
     rows.extend(calls::rows(settings).await);
+    rows.extend(nodes::rows(settings).await);
 
     let fleet_names: Vec<&'static str> = fleet::ROWS
         .into_iter()

@@ -52,14 +52,14 @@ pub const ROWS: [&str; 13] = [
 /// Callers for 64 concurrent callers.
 const CALLERS: usize = 64;
 /// Untimed calls before a side's first round.
-const WARM_UP: usize = 50;
+pub(super) const WARM_UP: usize = 50;
 /// Where the transfer rows put their file on each agent.
-const REMOTE_FILE: &str = "bench-transfer.bin";
+pub(super) const REMOTE_FILE: &str = "bench-transfer.bin";
 /// Chunk size of the bench's uploads (the CLI's default).
 const CHUNK: usize = 256 * 1024;
 
 /// One side of a comparison: called once per round, returns its figure.
-type Side<'a, T> = Box<dyn FnMut() -> BoxFuture<'a, Result<T, String>> + Send + 'a>;
+pub(super) type Side<'a, T> = Box<dyn FnMut() -> BoxFuture<'a, Result<T, String>> + Send + 'a>;
 
 /// Runs every side once per round, round `r` starting with side `r mod n`,
 /// so no side always runs first or right after the same neighbour (for two
@@ -79,7 +79,7 @@ pub async fn rotate<T>(rounds: usize, sides: &mut [Side<'_, T>]) -> Result<Vec<V
     Ok(all)
 }
 
-fn side<'a, T, F, Fut>(mut f: F) -> Side<'a, T>
+pub(super) fn side<'a, T, F, Fut>(mut f: F) -> Side<'a, T>
 where
     F: FnMut() -> Fut + Send + 'a,
     Fut: Future<Output = Result<T, String>> + Send + 'a,
@@ -103,7 +103,7 @@ fn process_failed(error: ProcessError) -> String {
     error.to_string()
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
     tokio::task::spawn_blocking(work)
@@ -191,7 +191,7 @@ impl Setup {
     }
 }
 
-fn thumbprint(text: &str) -> Result<Thumbprint, String> {
+pub(super) fn thumbprint(text: &str) -> Result<Thumbprint, String> {
     text.parse()
         .map_err(|error| format!("thumbprint `{text}`: {error}"))
 }
@@ -305,7 +305,7 @@ fn describe(name: &str, settings: &Settings) -> String {
 }
 
 /// Sorted microseconds of `calls` sequential `GetCapabilities` calls.
-async fn sequential(client: &AgentClient, calls: usize) -> Result<Vec<f64>, String> {
+pub(super) async fn sequential(client: &AgentClient, calls: usize) -> Result<Vec<f64>, String> {
     let mut micros = Vec::with_capacity(calls);
     for _ in 0..calls {
         let started = Instant::now();
@@ -352,7 +352,7 @@ fn compared(
     row
 }
 
-async fn warm_up(client: &AgentClient) -> Result<(), String> {
+pub(super) async fn warm_up(client: &AgentClient) -> Result<(), String> {
     sequential(client, WARM_UP).await.map(drop)
 }
 
@@ -724,7 +724,7 @@ async fn first_line_row(setup: &Setup, settings: &Settings) -> Row {
 }
 
 /// MB/s of one upload of `local` through `client`.
-async fn upload(client: &AgentClient, local: &Path, bytes: u64) -> Result<f64, String> {
+pub(super) async fn upload(client: &AgentClient, local: &Path, bytes: u64) -> Result<f64, String> {
     let started = Instant::now();
     let response = client
         .upload(local, REMOTE_FILE, CHUNK)
@@ -740,7 +740,11 @@ async fn upload(client: &AgentClient, local: &Path, bytes: u64) -> Result<f64, S
 }
 
 /// MB/s of one download of the uploaded file through `client`.
-async fn download(client: &AgentClient, local: &Path, bytes: u64) -> Result<f64, String> {
+pub(super) async fn download(
+    client: &AgentClient,
+    local: &Path,
+    bytes: u64,
+) -> Result<f64, String> {
     let started = Instant::now();
     let header = client
         .download(REMOTE_FILE, local, false)

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tentacle_tests::bin;
 
 /// Every row the performance issue names, by its bench name.
-const ROWS: [&str; 27] = [
+const ROWS: [&str; 30] = [
     "disk-fsync",
     "rustls-copy",
     "ssh-exec",
@@ -28,6 +28,9 @@ const ROWS: [&str; 27] = [
     "scp-download",
     "unary-during-upload",
     "agent-rss-during-upload",
+    "forwarded-p50",
+    "forwarded-p99",
+    "forwarded-download",
     "fleet-connect",
     "fleet-hub-memory",
     "fleet-sim-memory",
@@ -41,6 +44,11 @@ const ROWS: [&str; 27] = [
 /// Rows that need OpenSSH for their value (others only for their peer).
 fn needs_openssh(name: &str) -> bool {
     name.starts_with("ssh") || name.starts_with("scp")
+}
+
+/// Rows that need etcd for the hub nodes they call through.
+fn needs_etcd(name: &str) -> bool {
+    name.starts_with("forwarded-")
 }
 
 #[test]
@@ -86,9 +94,12 @@ fn the_quick_bench_runs_every_row_and_writes_its_schema() {
             (Some(value), None) if name == "fleet-wave-lost" => assert_eq!(value, 0.0, "{row}"),
             (Some(value), None) => assert!(value > 0.0, "{name}: {value}"),
             (None, Some(why)) => {
-                // Only the OpenSSH rows may be skipped, and only for a
-                // missing OpenSSH, which CI installs.
-                assert!(needs_openssh(name), "{name} was skipped: {why}");
+                // Only the OpenSSH and etcd rows may be skipped, and only
+                // for a missing OpenSSH or etcd, which CI installs.
+                assert!(
+                    needs_openssh(name) || needs_etcd(name),
+                    "{name} was skipped: {why}"
+                );
                 assert!(why.contains("apt-get install"), "{name}: {why}");
                 assert!(!in_ci, "{name} skipped while CI=true: {why}");
                 eprintln!("SKIPPED bench row {name}: {why}");
@@ -124,6 +135,17 @@ fn the_quick_bench_runs_every_row_and_writes_its_schema() {
     };
     // Polling is compared with listening in the same rounds.
     assert_eq!(by_name("unary-p50")["ratio_is"], "polling / listening");
+    // A call through a node that does not hold the tunnel is compared
+    // with the same call through the node that does.
+    for name in ["forwarded-p50", "forwarded-p99", "forwarded-download"] {
+        let row = by_name(name);
+        if row["value"].is_number() {
+            assert_eq!(
+                row["ratio_is"], "through the other node / through the owning node",
+                "{row}"
+            );
+        }
+    }
     // An upload is compared with the disk's own rate too.
     assert_eq!(
         by_name("upload-polling")["also"][0]["ratio_is"],
