@@ -185,30 +185,6 @@ impl HubCluster {
         }
     }
 
-    /// Whether node `i`'s process runs.
-    pub fn is_running(&mut self, i: usize) -> bool {
-        self.nodes[i]
-            .child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// `tentacle configure` flags naming every node, for an agent that
-    /// knows the cluster.
-    pub fn server_flags(&self) -> Vec<String> {
-        let thumbprint = self.thumbprint();
-        (0..self.len())
-            .flat_map(|i| {
-                [
-                    "--server".to_owned(),
-                    self.url(i),
-                    "--server-thumbprint".to_owned(),
-                    thumbprint.clone(),
-                ]
-            })
-            .collect()
-    }
-
     /// Every node's log, for a failed assertion's message.
     pub fn all_logs(&self) -> String {
         (0..self.len())

@@ -398,27 +398,6 @@ impl EtcdPresence {
             .collect()
     }
 
-    /// Whether `agent` holds a tunnel on any node, this one included.
-    pub fn is_connected_anywhere(&self, agent: &AgentId) -> bool {
-        self.view
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .tunnels
-            .contains_key(agent.as_str())
-    }
-
-    /// How many tunnels each node holds, as this node sees it.
-    pub fn tunnels_by_node(&self) -> BTreeMap<String, usize> {
-        let view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut counts = BTreeMap::new();
-        for held in view.tunnels.values() {
-            for (node, _) in held {
-                *counts.entry(node.clone()).or_insert(0) += 1;
-            }
-        }
-        counts
-    }
-
     fn send(&self, agent: &AgentId, tunnel: u64, change: Change) {
         let key = self
             .store
