@@ -112,13 +112,25 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
-/// Whether `error` means the request never reached a member (so it can be
-/// sent again without doing anything twice).
-fn not_sent(error: &etcd_client::Error) -> bool {
+/// Whether `error` is worth sending the request again for: it never
+/// reached a member, or etcd was between leaders ("request timed out",
+/// "leader changed", "no leader"), which a member that just lost its
+/// leader answers until the election ends. Every write here is guarded by
+/// the revisions it read, so one that did land the first time is refused
+/// the second time, never applied twice.
+fn worth_retrying(error: &etcd_client::Error) -> bool {
     match error {
         etcd_client::Error::TransportError(_) => true,
         etcd_client::Error::GRpcStatus(status) => {
-            status.code() == tonic::Code::Unavailable && status.message().contains("connect")
+            status.code() == tonic::Code::Unavailable
+                && [
+                    "connect",
+                    "request timed out",
+                    "leader changed",
+                    "no leader",
+                ]
+                .iter()
+                .any(|m| status.message().contains(m))
         }
         _ => false,
     }
@@ -219,10 +231,10 @@ impl EtcdStore {
         serde_json::from_slice(value).map_err(|e| self.corrupt(key, e))
     }
 
-    /// Runs one request, again (up to 3 times, 200 ms apart) when it did
-    /// not reach any member: the client's balancer learns that a member is
-    /// down from the first request that picks it, and that request must
-    /// not fail for it. A request that reached etcd is never repeated.
+    /// Runs one request, again (up to 4 times, 500 ms apart) when it did
+    /// not reach any member (the client's balancer learns that a member is
+    /// down from the first request that picks it) or etcd was electing a
+    /// leader ([`worth_retrying`]).
     async fn request<T, F, Fut>(&self, mut call: F) -> Result<T, StoreError>
     where
         F: FnMut(Client) -> Fut,
@@ -233,8 +245,8 @@ impl EtcdStore {
             attempt += 1;
             match call(self.client.clone()).await {
                 Ok(answer) => return Ok(answer),
-                Err(error) if attempt < 3 && not_sent(&error) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                Err(error) if attempt < 4 && worth_retrying(&error) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(error) => return Err(self.unavailable(error)),
             }
